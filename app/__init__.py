@@ -1,0 +1,1 @@
+"""An async session router for SQLAlchemy 2 + asyncpg + FastAPI on PostgreSQL."""

@@ -1,0 +1,33 @@
+"""Annotated dependencies for routes: sessions by intent, and the request's tenant.
+
+    async def handler(db: ReadSession, tenant: TenantId): ...
+
+`DbSession` picks the intent from the HTTP method (GET/HEAD/OPTIONS read); `ReadSession` and
+`WriteSession` declare it. The tenant comes from the `X-Tenant-ID` header; routers whose routes
+all need one add `dependencies=[Depends(require_tenant)]`, which fails fast with a 400 before
+any session is opened.
+"""
+
+from __future__ import annotations
+
+from typing import Annotated
+
+from fastapi import Depends, Request
+from sqlalchemy.ext.asyncio import AsyncSession
+
+from app.db.errors import TenantRequiredError
+from app.db.session import TENANT_HEADER, get_db, get_read_db, get_write_db
+
+DbSession = Annotated[AsyncSession, Depends(get_db)]
+ReadSession = Annotated[AsyncSession, Depends(get_read_db)]
+WriteSession = Annotated[AsyncSession, Depends(get_write_db)]
+
+
+def require_tenant(request: Request) -> str:
+    tenant = request.headers.get(TENANT_HEADER)
+    if tenant is None:
+        raise TenantRequiredError(f"this route needs a tenant: send the {TENANT_HEADER} header")
+    return tenant
+
+
+TenantId = Annotated[str, Depends(require_tenant)]

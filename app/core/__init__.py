@@ -1,0 +1,1 @@
+"""Configuration and other process-wide plumbing."""

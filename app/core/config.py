@@ -1,0 +1,215 @@
+"""Settings: what the router is told about clusters, pools and tenants.
+
+Sources, highest priority first: keyword arguments, environment (`APP_` prefix, `__` between
+levels), `.env`, the TOML file named by `APP_CONFIG_FILE` (default `config/settings.toml`),
+defaults. These objects only describe; `app.db.router.SessionRouter` builds the runtime objects
+(engines, pools) from them.
+
+Database URLs are kept as SQLAlchemy `URL` objects, whose repr hides the password, and validation
+errors are re-raised as `ConfigError` built from the error locations and messages only, so a bad
+configuration never prints the secret it contained.
+"""
+
+from __future__ import annotations
+
+import os
+import re
+import tomllib
+from pathlib import Path
+from typing import Annotated, Any, Literal
+
+from pydantic import (
+    BaseModel,
+    BeforeValidator,
+    ConfigDict,
+    Field,
+    NonNegativeInt,
+    PlainSerializer,
+    PositiveFloat,
+    PositiveInt,
+    ValidationError,
+)
+from pydantic_settings import (
+    BaseSettings,
+    PydanticBaseSettingsSource,
+    SettingsConfigDict,
+    TomlConfigSettingsSource,
+)
+from sqlalchemy.engine import URL, make_url
+from sqlalchemy.exc import ArgumentError
+
+from app.db.errors import ConfigError
+
+DEFAULT_CONFIG_FILE = Path("config/settings.toml")
+CONFIG_FILE_ENV = "APP_CONFIG_FILE"
+TENANT_ID_PATTERN = re.compile(r"^[a-z0-9][a-z0-9_-]{0,62}$")
+_SCHEMA_NAME_PATTERN = re.compile(r"^[a-z_][a-z0-9_]{0,62}$")
+_ASYNC_DRIVER = "postgresql+asyncpg"
+
+
+def _parse_database_url(value: object) -> URL:
+    """Accept `postgresql://` or `postgresql+asyncpg://` URLs; always use the asyncpg driver."""
+    if isinstance(value, URL):
+        url = value
+    elif isinstance(value, str):
+        try:
+            url = make_url(value)
+        except ArgumentError:
+            # The message of ArgumentError quotes the input, which may hold a password.
+            raise ValueError("not a valid URL") from None
+    else:
+        raise ValueError("not a valid URL")  # noqa: TRY004 - pydantic wants ValueError
+    if url.get_backend_name() != "postgresql":
+        raise ValueError("not a PostgreSQL URL (expected postgresql+asyncpg://...)")
+    if url.get_driver_name() not in ("asyncpg", "psycopg2"):
+        # `postgresql://` defaults to psycopg2 in SQLAlchemy; we always mean asyncpg.
+        raise ValueError("unsupported driver (expected postgresql+asyncpg://...)")
+    if not url.host or not url.database:
+        raise ValueError("a database URL needs a host and a database name")
+    return url.set(drivername=_ASYNC_DRIVER)
+
+
+DatabaseUrl = Annotated[
+    URL,
+    BeforeValidator(_parse_database_url),
+    PlainSerializer(lambda url: url.render_as_string(hide_password=True), return_type=str),
+]
+
+
+class _Section(BaseModel):
+    model_config = ConfigDict(extra="forbid", frozen=True, arbitrary_types_allowed=True)
+
+
+class PoolSettings(_Section):
+    """One connection pool; every node (primary, replica, tenant database) gets its own."""
+
+    size: PositiveInt = 5
+    max_overflow: NonNegativeInt = 5
+    #: Seconds a session waits for a pooled connection before giving up.
+    timeout: PositiveFloat = 10.0
+    #: Seconds after which a pooled connection is replaced (-1: never).
+    recycle: int = 1800
+    #: Ping every connection on checkout (a round trip per session; off by default).
+    pre_ping: bool = False
+
+
+class ClusterSettings(_Section):
+    """A primary and the streaming replicas that follow it."""
+
+    primary: DatabaseUrl
+    replicas: list[DatabaseUrl] = Field(default_factory=list)
+    pool: PoolSettings = PoolSettings()
+
+
+class TenantSettings(_Section):
+    """Where one tenant's data lives.
+
+    - `database`: either `url` (the tenant's own server, primary only), or `database` on
+      `cluster` (default: the default cluster; the tenant's reads then use that cluster's replicas),
+      or just `cluster` (a cluster of its own, its configured database).
+    - `schema`: schema `schema` (default: the tenant id) in `cluster`'s database.
+    - `row`: shared tables in `cluster`'s database, isolated by row-level security.
+    """
+
+    strategy: Literal["database", "schema", "row"]
+    url: DatabaseUrl | None = None
+    cluster: str | None = None
+    database: str | None = None
+    schema_name: str | None = Field(default=None, alias="schema")
+    active: bool = True
+
+
+class DatabaseSettings(_Section):
+    default_cluster: str = "main"
+    clusters: dict[str, ClusterSettings] = Field(default_factory=dict)
+    tenants: dict[str, TenantSettings] = Field(default_factory=dict)
+    #: Seconds to establish one connection (TCP + startup), so a silent server cannot hang us.
+    connect_timeout: PositiveFloat = 5.0
+
+
+class Settings(BaseSettings):
+    model_config = SettingsConfigDict(
+        env_prefix="APP_",
+        env_nested_delimiter="__",
+        env_file=".env",
+        extra="ignore",
+        frozen=True,
+    )
+
+    database: DatabaseSettings = DatabaseSettings()
+
+    @classmethod
+    def settings_customise_sources(
+        cls,
+        settings_cls: type[BaseSettings],
+        init_settings: PydanticBaseSettingsSource,
+        env_settings: PydanticBaseSettingsSource,
+        dotenv_settings: PydanticBaseSettingsSource,
+        file_secret_settings: PydanticBaseSettingsSource,
+    ) -> tuple[PydanticBaseSettingsSource, ...]:
+        toml = TomlConfigSettingsSource(settings_cls, toml_file=config_file_path())
+        return (init_settings, env_settings, dotenv_settings, toml)
+
+
+def config_file_path() -> Path:
+    return Path(os.environ.get(CONFIG_FILE_ENV) or DEFAULT_CONFIG_FILE)
+
+
+def load_settings(**overrides: Any) -> Settings:
+    """Build and check `Settings`; every problem becomes a `ConfigError` naming its key."""
+    path = config_file_path()
+    if CONFIG_FILE_ENV in os.environ and not path.is_file():
+        raise ConfigError(f"{CONFIG_FILE_ENV}: file not found: {path}")
+    try:
+        settings = Settings(**overrides)
+    except ValidationError as exc:
+        raise ConfigError(format_validation_error(exc)) from None
+    except tomllib.TOMLDecodeError as exc:
+        raise ConfigError(f"{path}: not valid TOML: {exc}") from None
+    check_database_settings(settings.database)
+    return settings
+
+
+def format_validation_error(exc: ValidationError, prefix: tuple[str | int, ...] = ()) -> str:
+    """`database.clusters.main.primary: not a valid URL`, one line per problem, no input values."""
+    lines = []
+    for error in exc.errors(include_input=False, include_url=False):
+        key = ".".join(str(part) for part in (*prefix, *error["loc"]))
+        message = error["msg"].removeprefix("Value error, ")
+        lines.append(f"{key}: {message}")
+    return "; ".join(lines)
+
+
+def check_database_settings(database: DatabaseSettings) -> None:
+    """Checks that span several keys (references between clusters and tenants)."""
+    if database.default_cluster not in database.clusters:
+        raise ConfigError(
+            f"database.default_cluster: no cluster named {database.default_cluster!r} "
+            f"(configure database.clusters.{database.default_cluster}.primary)"
+        )
+    for name in database.clusters:
+        if not _SCHEMA_NAME_PATTERN.match(name):
+            raise ConfigError(f"database.clusters.{name}: cluster names are [a-z_][a-z0-9_]*")
+    for tenant_id, tenant in database.tenants.items():
+        _check_tenant(database, tenant_id, tenant)
+
+
+def _check_tenant(database: DatabaseSettings, tenant_id: str, tenant: TenantSettings) -> None:
+    key = f"database.tenants.{tenant_id}"
+    if not TENANT_ID_PATTERN.match(tenant_id):
+        raise ConfigError(f"{key}: a tenant id is 1-63 of [a-z0-9_-], starting with [a-z0-9]")
+    if tenant.cluster is not None and tenant.cluster not in database.clusters:
+        raise ConfigError(f"{key}.cluster: no cluster named {tenant.cluster!r}")
+    if tenant.strategy == "database":
+        if tenant.url is not None and (tenant.cluster or tenant.database):
+            raise ConfigError(f"{key}.url: give either url, or cluster and/or database, not both")
+        if tenant.url is None and not (tenant.cluster or tenant.database):
+            raise ConfigError(f"{key}: strategy 'database' needs url, database or cluster")
+    elif tenant.url is not None or tenant.database is not None:
+        field = "url" if tenant.url is not None else "database"
+        raise ConfigError(f"{key}.{field}: only for strategy 'database'")
+    if tenant.schema_name is not None:
+        if tenant.strategy != "schema":
+            raise ConfigError(f"{key}.schema: only for strategy 'schema'")
+        if not _SCHEMA_NAME_PATTERN.match(tenant.schema_name):
+            raise ConfigError(f"{key}.schema: a schema name is [a-z_][a-z0-9_]*, 1-63 long")

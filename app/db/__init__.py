@@ -1,0 +1,1 @@
+"""The router: clusters, nodes, tenants and the sessions bound to them."""

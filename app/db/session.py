@@ -1,0 +1,138 @@
+"""The public face: `engine`, `async_session_maker`, `get_db`, `get_db_context`.
+
+    from app.db.session import get_db, get_db_context
+
+    @app.get("/things")
+    async def things(db: AsyncSession = Depends(get_db)): ...
+
+    async with get_db_context("replica") as session: ...
+
+Importing this module opens no connection and reads no file: the process's `SessionRouter` is
+built from `Settings` on first use (the FastAPI lifespan does that at startup, so a bad
+configuration fails there). `engine` and `async_session_maker` keep the seed's meaning, the
+default cluster's primary; they are resolved when accessed (PEP 562), so `from ... import engine`
+binds the engine of the router current at that moment.
+"""
+
+from __future__ import annotations
+
+from collections.abc import AsyncIterator
+from contextlib import AbstractAsyncContextManager
+from typing import Annotated, Any
+
+from fastapi import Depends, Request
+from sqlalchemy.ext.asyncio import AsyncSession
+
+from app.db.router import SessionRouter
+from app.db.targets import Intent, Target
+
+__all__ = [
+    "async_session_maker",
+    "dispose_router",
+    "engine",
+    "get_db",
+    "get_db_context",
+    "get_read_db",
+    "get_router",
+    "get_write_db",
+    "set_router",
+]
+
+TENANT_HEADER = "x-tenant-id"
+_SAFE_METHODS = frozenset({"GET", "HEAD", "OPTIONS"})
+
+
+class _RouterSlot:
+    """The process's router: the one piece of module state, built lazily and replaceable."""
+
+    router: SessionRouter | None = None
+
+
+_slot = _RouterSlot()
+
+
+def get_router() -> SessionRouter:
+    router = _slot.router
+    if router is None:
+        router = _slot.router = SessionRouter.from_settings()
+    return router
+
+
+def set_router(router: SessionRouter | None) -> None:
+    """Install a router (tests, reconfiguration); None means rebuild from settings on next use."""
+    _slot.router = router
+
+
+async def dispose_router() -> None:
+    """Close every pool of the current router and forget it."""
+    router, _slot.router = _slot.router, None
+    if router is not None:
+        await router.dispose()
+
+
+def get_db_context(
+    target: Target | str | None = None, *, tenant: str | None = None, read_only: bool = False
+) -> AbstractAsyncContextManager[AsyncSession]:
+    """A session for scripts and background work: commits on success, rolls back on error.
+
+    `target` is None (default cluster's primary), "primary", "replica", "<cluster>:replica",
+    a node name such as "main.replica1", or a `Target`.
+    """
+    return get_router().session(target, tenant=tenant, read_only=read_only)
+
+
+def request_target(request: Request, intent: Intent | None = None) -> Target:
+    """Tenant from the `X-Tenant-ID` header (if sent); intent declared, else by HTTP method."""
+    if intent is None:
+        intent = "read" if request.method in _SAFE_METHODS else "write"
+    return Target(tenant=request.headers.get(TENANT_HEADER), intent=intent)
+
+
+# FastAPI runs the exit of a yield dependency after the response has been sent unless the
+# dependency is function-scoped. The commit must happen before: a 2xx must mean "committed".
+# So the generators below are function-scoped, and the public dependencies are plain functions
+# over them, which lets users keep writing `Depends(get_db)` without knowing about scopes.
+
+
+async def _session_by_method(request: Request) -> AsyncIterator[AsyncSession]:
+    async with get_router().session(request_target(request)) as session:
+        yield session
+
+
+async def _read_session(request: Request) -> AsyncIterator[AsyncSession]:
+    async with get_router().session(request_target(request, "read")) as session:
+        yield session
+
+
+async def _write_session(request: Request) -> AsyncIterator[AsyncSession]:
+    async with get_router().session(request_target(request, "write")) as session:
+        yield session
+
+
+async def get_db(
+    session: Annotated[AsyncSession, Depends(_session_by_method, scope="function")],
+) -> AsyncSession:
+    """FastAPI dependency: a session for this request (GET/HEAD/OPTIONS read, others write)."""
+    return session
+
+
+async def get_read_db(
+    session: Annotated[AsyncSession, Depends(_read_session, scope="function")],
+) -> AsyncSession:
+    """FastAPI dependency: a read session (a replica, else the primary READ ONLY)."""
+    return session
+
+
+async def get_write_db(
+    session: Annotated[AsyncSession, Depends(_write_session, scope="function")],
+) -> AsyncSession:
+    """FastAPI dependency: a session on the primary."""
+    return session
+
+
+def __getattr__(name: str) -> Any:
+    if name == "engine":
+        return get_router().default_cluster.primary.engine
+    if name == "async_session_maker":
+        return get_router().default_cluster.primary.session_factory
+    raise AttributeError(f"module {__name__!r} has no attribute {name!r}")

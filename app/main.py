@@ -1,0 +1,36 @@
+"""The example FastAPI application, `app.main:app`.
+
+The lifespan builds the router at startup (so a bad configuration fails there, not at the first
+request) and disposes every engine at shutdown.
+"""
+
+from __future__ import annotations
+
+from collections.abc import AsyncIterator
+from contextlib import asynccontextmanager
+
+from fastapi import FastAPI
+
+from app.api.errors import install_error_handlers
+from app.api.routes import health, items
+from app.db.session import dispose_router, get_router
+
+
+@asynccontextmanager
+async def lifespan(app: FastAPI) -> AsyncIterator[None]:
+    get_router()
+    try:
+        yield
+    finally:
+        await dispose_router()
+
+
+def create_app() -> FastAPI:
+    app = FastAPI(title="session router example", lifespan=lifespan)
+    install_error_handlers(app)
+    app.include_router(items.router)
+    app.include_router(health.router)
+    return app
+
+
+app = create_app()
