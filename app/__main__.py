@@ -14,12 +14,14 @@ from app.db.errors import ConfigError
 def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(prog="python -m app", description=__doc__)
     commands = parser.add_subparsers(dest="command", required=True)
-    demo = commands.add_parser("demo", help="start a dev cluster, migrate it and serve the app")
-    demo.add_argument("--port", type=int, default=8000)
-    demo.add_argument("--replicas", type=int, default=2)
-    serve = commands.add_parser("serve", help="serve app.main:app with the configured databases")
-    serve.add_argument("--host", default="127.0.0.1")
-    serve.add_argument("--port", type=int, default=8000)
+    demo_cmd = commands.add_parser("demo", help="start a dev cluster, migrate it and serve the app")
+    demo_cmd.add_argument("--port", type=int, default=8000)
+    demo_cmd.add_argument("--replicas", type=int, default=2)
+    serve_cmd = commands.add_parser(
+        "serve", help="serve app.main:app with the configured databases"
+    )
+    serve_cmd.add_argument("--host", default="127.0.0.1")
+    serve_cmd.add_argument("--port", type=int, default=8000)
     commands.add_parser("migrate", help="create the example tables everywhere")
     commands.add_parser("check", help="validate the configuration and print it (no secrets)")
     args = parser.parse_args(argv)

@@ -10,6 +10,8 @@ from __future__ import annotations
 
 import asyncio
 import os
+import signal
+import sys
 
 from app.core.config import CONFIG_FILE_ENV
 from app.devcluster import DevCluster
@@ -56,6 +58,9 @@ def run_demo(*, port: int, replicas: int) -> int:
 
     from app.__main__ import migrate
 
+    # uvicorn re-raises SIGTERM after its graceful shutdown; make that an exception, so the
+    # `with` below still removes the cluster instead of the process dying on the spot.
+    signal.signal(signal.SIGTERM, lambda signum, frame: sys.exit(0))
     print(f"starting a PostgreSQL primary and {replicas} replicas ...", flush=True)
     with DevCluster(replicas) as cluster:
         prepare(cluster)

@@ -135,8 +135,9 @@ class DevCluster:
         self._torn_down = True
         for node in self.nodes.values():
             if (node.data_dir / "postmaster.pid").exists():
-                self._server("pg_ctl", "-D", str(node.data_dir), "-m", "immediate", "stop",
-                             check=False)
+                self._server(
+                    "pg_ctl", "-D", str(node.data_dir), "-m", "immediate", "stop", check=False
+                )
             node.running = False
         shutil.rmtree(self.base_dir, ignore_errors=True)
         atexit.unregister(self.teardown)
@@ -151,17 +152,41 @@ class DevCluster:
 
     def _init_primary(self) -> None:
         node = self.nodes["primary"]
-        self._server("initdb", "-D", str(node.data_dir), "-U", "postgres", "--auth=trust",
-                     "--no-sync", "--encoding=UTF8", "--locale=C", "--no-instructions")
+        self._server(
+            "initdb",
+            "-D",
+            str(node.data_dir),
+            "-U",
+            "postgres",
+            "--auth=trust",
+            "--no-sync",
+            "--encoding=UTF8",
+            "--locale=C",
+            "--no-instructions",
+        )
         with open(node.data_dir / "postgresql.conf", "a") as conf:
             conf.write(_SERVER_SETTINGS.format(port=node.port, socket_dir=self.base_dir))
         self.start_node("primary")
 
     def _clone_replica(self, node: PgNode) -> None:
         primary = self.nodes["primary"]
-        self._server("pg_basebackup", "-h", "127.0.0.1", "-p", str(primary.port), "-U",
-                     "postgres", "-D", str(node.data_dir), "-R", "-X", "stream",
-                     "-c", "fast", "--no-sync")
+        self._server(
+            "pg_basebackup",
+            "-h",
+            "127.0.0.1",
+            "-p",
+            str(primary.port),
+            "-U",
+            "postgres",
+            "-D",
+            str(node.data_dir),
+            "-R",
+            "-X",
+            "stream",
+            "-c",
+            "fast",
+            "--no-sync",
+        )
         with open(node.data_dir / "postgresql.auto.conf", "a") as conf:
             conf.write(f"\nport = {node.port}\n")
         self.start_node(node.name)
@@ -170,11 +195,22 @@ class DevCluster:
 
     def start_node(self, name: str) -> None:
         node = self.nodes[name]
-        self._server("pg_ctl", "-D", str(node.data_dir), "-l", str(self.base_dir / f"{name}.log"),
-                     "-w", "-t", "60", "start")
+        self._server(
+            "pg_ctl",
+            "-D",
+            str(node.data_dir),
+            "-l",
+            str(self.base_dir / f"{name}.log"),
+            "-w",
+            "-t",
+            "60",
+            "start",
+        )
         node.running = True
 
-    def stop_node(self, name: str, mode: Literal["immediate", "fast", "smart"] = "immediate") -> None:
+    def stop_node(
+        self, name: str, mode: Literal["immediate", "fast", "smart"] = "immediate"
+    ) -> None:
         node = self.nodes[name]
         self._server("pg_ctl", "-D", str(node.data_dir), "-m", mode, "-w", "stop")
         node.running = False
@@ -196,9 +232,25 @@ class DevCluster:
         """Run one statement with psql as the superuser; returns unaligned output."""
         node = self.nodes[name]
         result = subprocess.run(
-            [str(self.bindir / "psql"), "-h", "127.0.0.1", "-p", str(node.port), "-U", "postgres",
-             "-d", database, "-XAtq", "-v", "ON_ERROR_STOP=1", "-c", statement],
-            capture_output=True, text=True, timeout=60,
+            [
+                str(self.bindir / "psql"),
+                "-h",
+                "127.0.0.1",
+                "-p",
+                str(node.port),
+                "-U",
+                "postgres",
+                "-d",
+                database,
+                "-XAtq",
+                "-v",
+                "ON_ERROR_STOP=1",
+                "-c",
+                statement,
+            ],
+            capture_output=True,
+            text=True,
+            timeout=60,
         )
         if result.returncode != 0:
             raise DevClusterError(f"psql on {name} failed: {result.stderr.strip()}")
@@ -208,17 +260,24 @@ class DevCluster:
         """Until every running replica streams from the primary."""
         expected = sum(1 for node in self.replicas if node.running)
         query = "SELECT count(*) FROM pg_stat_replication WHERE state = 'streaming'"
-        self._wait(lambda: int(self.sql(self.primary.name, query)) >= expected, timeout,
-                   f"{expected} streaming replicas")
+        self._wait(
+            lambda: int(self.sql(self.primary.name, query)) >= expected,
+            timeout,
+            f"{expected} streaming replicas",
+        )
 
     def wait_replayed(self, *, timeout: float = 30) -> None:
         """Until every running replica has replayed the primary's current WAL position."""
-        lsn = self.sql(self.primary.name, "SELECT pg_current_wal_lsn()")
+        # insert, not write, position: with synchronous_commit off a commit may not be written yet.
+        lsn = self.sql(self.primary.name, "SELECT pg_current_wal_insert_lsn()")
+        query = f"SELECT pg_last_wal_replay_lsn() >= '{lsn}'::pg_lsn"
         for node in self.replicas:
             if node.running:
-                query = f"SELECT pg_last_wal_replay_lsn() >= '{lsn}'::pg_lsn"
-                self._wait(lambda n=node.name: self.sql(n, query) == "t", timeout,
-                           f"{node.name} replaying {lsn}")
+                self._wait(
+                    lambda n=node.name: self.sql(n, query) == "t",
+                    timeout,
+                    f"{node.name} replaying {lsn}",
+                )
 
     @staticmethod
     def _wait(condition: object, timeout: float, what: str) -> None:
@@ -235,7 +294,9 @@ class DevCluster:
 
     # -- addresses -----------------------------------------------------------------------
 
-    def url(self, name: str = "primary", *, database: str = "postgres", user: str = "postgres") -> str:
+    def url(
+        self, name: str = "primary", *, database: str = "postgres", user: str = "postgres"
+    ) -> str:
         return f"postgresql+asyncpg://{user}@127.0.0.1:{self.nodes[name].port}/{database}"
 
     def create_role(self, role: str) -> None:
@@ -253,7 +314,11 @@ class DevCluster:
     def _server(self, program: str, *args: str, check: bool = True) -> None:
         result = subprocess.run(
             [str(self.bindir / program), *args],
-            capture_output=True, text=True, user=self._run_as, cwd=self.base_dir, timeout=120,
+            capture_output=True,
+            text=True,
+            user=self._run_as,
+            cwd=self.base_dir,
+            timeout=120,
         )
         if check and result.returncode != 0:
             raise DevClusterError(

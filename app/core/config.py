@@ -31,6 +31,7 @@ from pydantic import (
 )
 from pydantic_settings import (
     BaseSettings,
+    NoDecode,
     PydanticBaseSettingsSource,
     SettingsConfigDict,
     TomlConfigSettingsSource,
@@ -58,19 +59,22 @@ def _parse_database_url(value: object) -> URL:
             # The message of ArgumentError quotes the input, which may hold a password.
             raise ValueError("not a valid URL") from None
     else:
-        raise ValueError("not a valid URL")  # noqa: TRY004 - pydantic wants ValueError
+        raise ValueError("not a valid URL")
     if url.get_backend_name() != "postgresql":
         raise ValueError("not a PostgreSQL URL (expected postgresql+asyncpg://...)")
-    if url.get_driver_name() not in ("asyncpg", "psycopg2"):
-        # `postgresql://` defaults to psycopg2 in SQLAlchemy; we always mean asyncpg.
+    if url.drivername not in ("postgresql", _ASYNC_DRIVER):
+        # A bare `postgresql://` is accepted and means asyncpg here.
         raise ValueError("unsupported driver (expected postgresql+asyncpg://...)")
     if not url.host or not url.database:
         raise ValueError("a database URL needs a host and a database name")
     return url.set(drivername=_ASYNC_DRIVER)
 
 
+# `NoDecode`: URL is a NamedTuple, which pydantic-settings would otherwise try to JSON-decode
+# when it comes from an environment variable.
 DatabaseUrl = Annotated[
     URL,
+    NoDecode,
     BeforeValidator(_parse_database_url),
     PlainSerializer(lambda url: url.render_as_string(hide_password=True), return_type=str),
 ]

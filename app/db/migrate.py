@@ -36,22 +36,30 @@ class MigrationTarget:
 
 def migration_targets(router: SessionRouter) -> list[MigrationTarget]:
     """The default cluster's primary, then each tenant's database or schema."""
-    targets = [MigrationTarget(f"cluster {router.default_cluster.name}",
-                               router.default_cluster.primary.engine)]
+    targets = [
+        MigrationTarget(
+            f"cluster {router.default_cluster.name}", router.default_cluster.primary.engine
+        )
+    ]
     seen = {router.default_cluster.primary.name}
     for placement in router.tenants:
         cluster = router.cluster(placement.cluster_key)
         if placement.strategy == "schema":
-            targets.append(MigrationTarget(
-                f"tenant {placement.tenant_id} (schema {placement.schema})",
-                cluster.primary.engine, placement.schema,
-            ))
+            targets.append(
+                MigrationTarget(
+                    f"tenant {placement.tenant_id} (schema {placement.schema})",
+                    cluster.primary.engine,
+                    placement.schema,
+                )
+            )
         elif cluster.primary.name not in seen:
             seen.add(cluster.primary.name)
-            targets.append(MigrationTarget(
-                f"tenant {placement.tenant_id} (database on {cluster.primary.name})",
-                cluster.primary.engine,
-            ))
+            targets.append(
+                MigrationTarget(
+                    f"tenant {placement.tenant_id} (database on {cluster.primary.name})",
+                    cluster.primary.engine,
+                )
+            )
     return targets
 
 
@@ -88,6 +96,8 @@ def _enable_row_security(conn: Connection, table: str, schema: str | None) -> No
     conn.execute(text(f"ALTER TABLE {name} ENABLE ROW LEVEL SECURITY"))
     conn.execute(text(f"ALTER TABLE {name} FORCE ROW LEVEL SECURITY"))
     conn.execute(text(f"DROP POLICY IF EXISTS tenant_isolation ON {name}"))
-    conn.execute(text(
-        f"CREATE POLICY tenant_isolation ON {name} USING ({condition}) WITH CHECK ({condition})"
-    ))
+    conn.execute(
+        text(
+            f"CREATE POLICY tenant_isolation ON {name} USING ({condition}) WITH CHECK ({condition})"
+        )
+    )

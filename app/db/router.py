@@ -10,7 +10,6 @@ bulk writes must never be sent to a replica.
 
 from __future__ import annotations
 
-import asyncio
 import logging
 from collections.abc import AsyncIterator
 from contextlib import asynccontextmanager
@@ -122,7 +121,10 @@ class SessionRouter:
 
     @asynccontextmanager
     async def session(
-        self, target: Target | str | None = None, *, tenant: str | None = None,
+        self,
+        target: Target | str | None = None,
+        *,
+        tenant: str | None = None,
         read_only: bool = False,
     ) -> AsyncIterator[AsyncSession]:
         """A session bound to one node: commits on success, rolls back on error, always closes."""
@@ -157,7 +159,7 @@ class SessionRouter:
         """Check out a connection (and run tenant setup) before handing the session out."""
         try:
             await session.connection()
-        except (OSError, asyncio.TimeoutError, PoolTimeoutError, DBAPIError) as exc:
+        except (TimeoutError, OSError, PoolTimeoutError, DBAPIError) as exc:
             if isinstance(exc, DBAPIError) and not _is_connection_failure(exc):
                 raise
             logger.warning("cannot connect to %s: %s", route.node.name, type(exc).__name__)

@@ -21,7 +21,7 @@ from contextlib import AbstractAsyncContextManager
 from typing import Annotated, Any
 
 from fastapi import Depends, Request
-from sqlalchemy.ext.asyncio import AsyncSession
+from sqlalchemy.ext.asyncio import AsyncEngine, AsyncSession, async_sessionmaker
 
 from app.db.router import SessionRouter
 from app.db.targets import Intent, Target
@@ -37,6 +37,10 @@ __all__ = [
     "get_write_db",
     "set_router",
 ]
+
+# Declared for type checkers and `__all__`; the values come from `__getattr__` below.
+engine: AsyncEngine
+async_session_maker: async_sessionmaker[AsyncSession]
 
 TENANT_HEADER = "x-tenant-id"
 _SAFE_METHODS = frozenset({"GET", "HEAD", "OPTIONS"})

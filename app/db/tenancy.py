@@ -12,10 +12,10 @@ from collections.abc import Callable, Mapping
 from dataclasses import dataclass
 from typing import Any
 
+from sqlalchemy import TextClause, text
+
 from app.core.config import TENANT_ID_PATTERN, TenantSettings
 from app.db.errors import InvalidTenantError, TenantInactiveError, UnknownTenantError
-
-from sqlalchemy import TextClause, text
 
 TransactionSetup = tuple[TextClause, dict[str, Any]]
 
@@ -109,4 +109,3 @@ class TenantRegistry:
 
     def __len__(self) -> int:
         return len(self._placements)
-

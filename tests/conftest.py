@@ -1,0 +1,101 @@
+"""Shared fixtures: one real PostgreSQL cluster (primary + 2 streaming replicas) per test run.
+
+The cluster is started once per session from the installed server binaries (`app.devcluster`).
+Tests that stop or pause nodes must leave them running and replaying when they finish. Each test
+gets a fresh `SessionRouter` over the cluster, installed as the process router and disposed
+afterwards, so no pool or state leaks from one test into the next.
+"""
+
+from __future__ import annotations
+
+from collections.abc import AsyncIterator, Iterator
+from typing import Any
+
+import pytest
+from sqlalchemy import text
+
+from app.core.config import DatabaseSettings
+from app.db.migrate import migrate
+from app.db.router import SessionRouter
+from app.db.session import set_router
+from app.devcluster import DevCluster
+
+APP_ROLE = "app"
+TENANT_DATABASES = ("acme", "umbrella")
+
+
+def tenants_config(pg: DevCluster) -> dict[str, Any]:
+    return {
+        "acme": {"strategy": "database", "database": "acme"},
+        "umbrella": {"strategy": "database", "url": pg.url(database="umbrella", user=APP_ROLE)},
+        "globex": {"strategy": "schema"},
+        "soylent-corp": {"strategy": "schema"},
+        "initech": {"strategy": "row"},
+        "hooli": {"strategy": "row"},
+        "oldco": {"strategy": "row", "active": False},
+    }
+
+
+def database_settings(
+    pg: DevCluster, *, replicas: bool = True, **overrides: Any
+) -> DatabaseSettings:
+    config: dict[str, Any] = {
+        "default_cluster": "main",
+        "connect_timeout": 2.0,
+        "clusters": {
+            "main": {
+                "primary": pg.url(database="app", user=APP_ROLE),
+                "replicas": [
+                    pg.url(node.name, database="app", user=APP_ROLE) for node in pg.replicas
+                ]
+                if replicas
+                else [],
+            }
+        },
+        "tenants": tenants_config(pg),
+    }
+    config.update(overrides)
+    return DatabaseSettings.model_validate(config)
+
+
+@pytest.fixture(scope="session")
+def pg() -> Iterator[DevCluster]:
+    with DevCluster(replicas=2) as cluster:
+        cluster.create_role(APP_ROLE)
+        for database in ("app", *TENANT_DATABASES):
+            cluster.create_database(database, owner=APP_ROLE)
+        yield cluster
+
+
+@pytest.fixture(scope="session")
+async def migrated(pg: DevCluster) -> DevCluster:
+    router = SessionRouter(database_settings(pg))
+    try:
+        await migrate(router)
+        async with router.default_cluster.primary.engine.begin() as conn:
+            await conn.execute(
+                text(
+                    "CREATE TABLE IF NOT EXISTS deferred_check (x int, CONSTRAINT deferred_unique "
+                    "UNIQUE (x) DEFERRABLE INITIALLY DEFERRED)"
+                )
+            )
+    finally:
+        await router.dispose()
+    pg.wait_replayed()
+    return pg
+
+
+@pytest.fixture
+async def router(migrated: DevCluster) -> AsyncIterator[SessionRouter]:
+    router = SessionRouter(database_settings(migrated))
+    set_router(router)
+    try:
+        yield router
+    finally:
+        set_router(None)
+        await router.dispose()
+
+
+async def scalar(router: SessionRouter, sql: str, **session_args: Any) -> Any:
+    async with router.session(**session_args) as session:
+        return (await session.execute(text(sql))).scalar_one()

@@ -1,0 +1,130 @@
+"""The seed's public face: `get_db_context`, `engine`, `async_session_maker`."""
+
+from __future__ import annotations
+
+import asyncio
+import os
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import pytest
+from sqlalchemy import func, select, text
+
+from app.db import session as public
+from app.db.errors import DatabaseUnavailableError
+from app.db.router import SessionRouter
+from app.db.session import get_db_context
+from app.devcluster import DevCluster, free_port
+from app.models import Item
+
+from .conftest import database_settings
+
+ROOT = Path(__file__).resolve().parent.parent
+
+
+async def count_items(name: str) -> int:
+    async with get_db_context() as session:
+        return (await session.scalar(select(func.count()).where(Item.name == name))) or 0
+
+
+def checked_out(router: SessionRouter) -> int:
+    return sum(node.pool_status()["in_use"] for node in router.clusters["main"].nodes)
+
+
+async def test_commits_on_success(router: SessionRouter) -> None:
+    async with get_db_context() as session:
+        session.add(Item(name="committed"))
+    assert await count_items("committed") == 1
+
+
+async def test_rolls_back_on_error_and_reraises(router: SessionRouter) -> None:
+    with pytest.raises(RuntimeError, match="boom"):
+        async with get_db_context() as session:
+            session.add(Item(name="rolled-back"))
+            await session.flush()
+            raise RuntimeError("boom")
+    assert await count_items("rolled-back") == 0
+
+
+async def test_failed_commit_raises_and_keeps_nothing(router: SessionRouter) -> None:
+    with pytest.raises(Exception, match="deferred_unique"):
+        async with get_db_context() as session:
+            await session.execute(text("INSERT INTO deferred_check VALUES (7), (7)"))
+    async with get_db_context() as session:
+        assert await session.scalar(text("SELECT count(*) FROM deferred_check")) == 0
+
+
+async def test_connection_is_returned_on_success_error_and_cancellation(
+    router: SessionRouter,
+) -> None:
+    async with get_db_context("replica") as session:
+        await session.execute(text("SELECT 1"))
+        assert checked_out(router) == 1
+    assert checked_out(router) == 0
+
+    with pytest.raises(ValueError, match="x"):
+        async with get_db_context() as session:
+            await session.execute(text("SELECT 1"))
+            raise ValueError("x")
+    assert checked_out(router) == 0
+
+    started = asyncio.Event()
+
+    async def slow_query() -> None:
+        async with get_db_context() as session:
+            started.set()
+            await session.execute(text("SELECT pg_sleep(10)"))
+
+    task = asyncio.create_task(slow_query())
+    await asyncio.wait_for(started.wait(), 5)
+    await asyncio.sleep(0.05)
+    task.cancel()
+    with pytest.raises(asyncio.CancelledError):
+        await task
+    assert checked_out(router) == 0
+
+
+async def test_engine_and_session_maker_are_the_default_primary(
+    router: SessionRouter, pg: DevCluster
+) -> None:
+    assert public.engine is router.default_cluster.primary.engine
+    async with public.async_session_maker() as session:
+        port = await session.scalar(text("SELECT inet_server_port()"))
+        assert port == pg.primary.port
+
+
+async def test_unreachable_server_fails_fast_with_database_unavailable(
+    migrated: DevCluster,
+) -> None:
+    closed = f"postgresql+asyncpg://app@127.0.0.1:{free_port()}/app"
+    settings = database_settings(migrated, clusters={"main": {"primary": closed}}, tenants={})
+    router = SessionRouter(settings)
+    started = time.monotonic()
+    try:
+        with pytest.raises(DatabaseUnavailableError, match=r"main\.primary"):
+            async with router.session():
+                pass
+    finally:
+        await router.dispose()
+    assert time.monotonic() - started < settings.connect_timeout + 1
+
+
+def test_import_opens_no_connection_and_reads_no_config(tmp_path: Path) -> None:
+    """Import with an unreachable server and a config file that does not exist."""
+    env = {
+        **os.environ,
+        "APP_CONFIG_FILE": str(tmp_path / "missing.toml"),
+        "APP_DATABASE__CLUSTERS__MAIN__PRIMARY": f"postgresql://x@127.0.0.1:{free_port()}/x",
+    }
+    code = (
+        "import app.db.session as s, app.main, sqlalchemy.pool as p\n"
+        "assert s._slot.router is None\n"
+        "print('imported')"
+    )
+    result = subprocess.run(
+        [sys.executable, "-c", code], env=env, cwd=ROOT, capture_output=True, text=True, timeout=60
+    )
+    assert result.returncode == 0, result.stderr
+    assert result.stdout.strip() == "imported"
