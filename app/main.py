@@ -18,7 +18,7 @@ from app.db.session import dispose_router, get_router
 
 @asynccontextmanager
 async def lifespan(app: FastAPI) -> AsyncIterator[None]:
-    get_router()
+    await get_router().start()  # builds the router (bad configuration fails here) and probes
     try:
         yield
     finally:

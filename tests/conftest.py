@@ -21,6 +21,7 @@ from app.db.session import set_router
 from app.devcluster import DevCluster
 
 APP_ROLE = "app"
+HEALTH_INTERVAL = 0.25
 TENANT_DATABASES = ("acme", "umbrella")
 
 
@@ -41,7 +42,9 @@ def database_settings(
 ) -> DatabaseSettings:
     config: dict[str, Any] = {
         "default_cluster": "main",
-        "connect_timeout": 2.0,
+        "connect_timeout": 1.0,
+        "health": {"interval": HEALTH_INTERVAL, "probe_timeout": 0.5},
+        "retry": {"deadline": 2.0},
         "clusters": {
             "main": {
                 "primary": pg.url(database="app", user=APP_ROLE),
@@ -88,6 +91,7 @@ async def migrated(pg: DevCluster) -> DevCluster:
 @pytest.fixture
 async def router(migrated: DevCluster) -> AsyncIterator[SessionRouter]:
     router = SessionRouter(database_settings(migrated))
+    await router.start()
     set_router(router)
     try:
         yield router

@@ -97,12 +97,62 @@ class PoolSettings(_Section):
     pre_ping: bool = False
 
 
-class ClusterSettings(_Section):
-    """A primary and the streaming replicas that follow it."""
+def _replica_entry(value: object) -> object:
+    """A replica is a URL, or a table `{ url = "...", weight = 2 }`."""
+    return {"url": value} if isinstance(value, str | URL) else value
 
-    primary: DatabaseUrl
-    replicas: list[DatabaseUrl] = Field(default_factory=list)
+
+class ReplicaSettings(_Section):
+    url: DatabaseUrl
+    #: Share of reads under the `weighted` policy (relative to the other replicas).
+    weight: PositiveInt = 1
+
+
+class ClusterSettings(_Section):
+    """A primary and the streaming replicas that follow it.
+
+    Either `primary` (and optionally `replicas`), or `nodes`: a list whose roles the health
+    monitor discovers by asking each server `pg_is_in_recovery()`.
+    """
+
+    primary: DatabaseUrl | None = None
+    replicas: list[Annotated[ReplicaSettings, BeforeValidator(_replica_entry)]] = Field(
+        default_factory=list
+    )
+    nodes: list[DatabaseUrl] = Field(default_factory=list)
     pool: PoolSettings = PoolSettings()
+
+
+class HealthSettings(_Section):
+    """The background monitor: one probe per server per interval, on its own connection."""
+
+    #: Seconds between probe rounds.
+    interval: PositiveFloat = 1.0
+    #: Seconds one probe (connect, or query) may take before the server counts as down.
+    probe_timeout: PositiveFloat = 1.0
+    #: Longest wait, in seconds, before re-trying a server that keeps failing.
+    max_backoff: PositiveFloat = 30.0
+
+
+class RoutingSettings(_Section):
+    #: How reads pick among eligible replicas.
+    policy: Literal["round_robin", "least_in_use", "weighted"] = "round_robin"
+    #: A replica further behind than this (seconds of replay delay) receives no reads.
+    max_replica_lag_seconds: PositiveFloat | None = 10.0
+    #: A replica further behind than this (bytes of WAL not yet replayed) receives no reads.
+    max_replica_lag_bytes: PositiveInt | None = 16 * 1024 * 1024
+    #: With no eligible replica, read from the primary (READ ONLY) instead of failing.
+    fallback_to_primary: bool = True
+
+
+class RetrySettings(_Section):
+    """Retrying what is safe: connecting, and read-only work (never an uncertain COMMIT)."""
+
+    #: Total seconds one unit of work may spend retrying before `DatabaseUnavailableError`.
+    deadline: PositiveFloat = 3.0
+    #: First backoff in seconds; doubles per attempt, with jitter, up to `max_backoff`.
+    initial_backoff: PositiveFloat = 0.05
+    max_backoff: PositiveFloat = 0.5
 
 
 class TenantSettings(_Section):
@@ -128,7 +178,10 @@ class DatabaseSettings(_Section):
     clusters: dict[str, ClusterSettings] = Field(default_factory=dict)
     tenants: dict[str, TenantSettings] = Field(default_factory=dict)
     #: Seconds to establish one connection (TCP + startup), so a silent server cannot hang us.
-    connect_timeout: PositiveFloat = 5.0
+    connect_timeout: PositiveFloat = 2.0
+    health: HealthSettings = HealthSettings()
+    routing: RoutingSettings = RoutingSettings()
+    retry: RetrySettings = RetrySettings()
 
 
 class Settings(BaseSettings):
@@ -191,9 +244,15 @@ def check_database_settings(database: DatabaseSettings) -> None:
             f"database.default_cluster: no cluster named {database.default_cluster!r} "
             f"(configure database.clusters.{database.default_cluster}.primary)"
         )
-    for name in database.clusters:
+    for name, cluster in database.clusters.items():
         if not _SCHEMA_NAME_PATTERN.match(name):
             raise ConfigError(f"database.clusters.{name}: cluster names are [a-z_][a-z0-9_]*")
+        if cluster.nodes and (cluster.primary or cluster.replicas):
+            raise ConfigError(
+                f"database.clusters.{name}.nodes: give either nodes, or primary and replicas"
+            )
+        if not cluster.nodes and cluster.primary is None:
+            raise ConfigError(f"database.clusters.{name}.primary: required (or give nodes)")
     for tenant_id, tenant in database.tenants.items():
         _check_tenant(database, tenant_id, tenant)
 

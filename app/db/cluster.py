@@ -1,19 +1,24 @@
 """`Node` and `Cluster`: the runtime objects behind a cluster's configuration.
 
-A node is one PostgreSQL endpoint with its own `AsyncEngine` (and so its own pool) and two
-session factories built once: read-write, and READ ONLY (used when a read falls back to a
-primary). Building them here, once, keeps the per-session path to a dictionary lookup and a
-constructor call.
+A node is one database on one server, with its own `AsyncEngine` (and so its own pool) and two
+session factories built once: read-write, and READ ONLY (used for every read, and so also when
+a read falls back to a primary). Building them here, once, keeps the per-session path to a few
+attribute reads and a constructor call.
+
+A cluster chooses nodes from what the health monitor knows: the writer is the node whose server
+is up and not in recovery (the configured primary until a probe says otherwise, so a promoted
+replica takes over without a restart); readers are replicas that are up and fresh enough,
+picked by the cluster's policy.
 """
 
 from __future__ import annotations
 
-import itertools
 from collections.abc import Sequence
 from typing import Any, Literal
 
 from sqlalchemy import Connection, TextClause, event
 from sqlalchemy.engine import URL
+from sqlalchemy.exc import InvalidatePoolError
 from sqlalchemy.ext.asyncio import (
     AsyncEngine,
     AsyncSession,
@@ -22,7 +27,9 @@ from sqlalchemy.ext.asyncio import (
 )
 from sqlalchemy.orm import Session, SessionTransaction
 
-from app.core.config import ClusterSettings, PoolSettings
+from app.core.config import ClusterSettings, PoolSettings, RoutingSettings
+from app.db.balancing import POLICIES, ReplicaPolicy
+from app.db.health import HealthMonitor, ServerHealth
 
 Role = Literal["primary", "replica"]
 
@@ -49,21 +56,39 @@ def _run_transaction_setup(
         connection.execute(setup[0], setup[1])
 
 
+def _discard_closed_connections(dbapi_connection: Any, record: Any, proxy: Any) -> None:
+    """Pool checkout hook: a connection the server already closed is never handed out.
+
+    When a server restarts or terminates our backends, it closes the sockets, and asyncpg marks
+    those connections closed as soon as the event loop reads the EOF. Checking that flag costs
+    nothing (no round trip, unlike pre-ping). Raising InvalidatePoolError makes SQLAlchemy
+    discard every connection pooled before now (after a restart they are all dead) and connect
+    afresh, exactly as its own pre-ping does on a failed ping.
+    """
+    driver = dbapi_connection.driver_connection
+    if driver is not None and driver.is_closed():
+        raise InvalidatePoolError("the server closed this pooled connection")
+
+
 class Node:
-    """One PostgreSQL endpoint: an engine, its pool, and the session factories over it."""
+    """One database on one server: an engine, its pool, and the session factories over it."""
 
     def __init__(
         self,
         name: str,
-        role: Role,
+        configured_role: Role | None,
         url: URL,
         pool: PoolSettings,
         *,
+        health: ServerHealth,
         connect_timeout: float,
+        weight: int = 1,
     ) -> None:
         self.name = name
-        self.role = role
+        self.configured_role = configured_role
         self.url = url
+        self.health = health
+        self.weight = weight
         self.engine: AsyncEngine = create_async_engine(
             url,
             pool_size=pool.size,
@@ -77,6 +102,7 @@ class Node:
                 "server_settings": {"application_name": f"session-router:{name}"},
             },
         )
+        event.listen(self.engine.sync_engine, "checkout", _discard_closed_connections)
         # Same pool; BEGIN becomes BEGIN READ ONLY. SQLAlchemy resets the flag on return.
         readonly_engine = self.engine.execution_options(postgresql_readonly=True)
         self.session_factory = async_sessionmaker(
@@ -86,17 +112,33 @@ class Node:
             readonly_engine, expire_on_commit=False, sync_session_class=RoutedSession
         )
 
+    @property
+    def role(self) -> Role | None:
+        """The role the server has now (from the last probe), else the configured one."""
+        in_recovery = self.health.in_recovery
+        if in_recovery is None:
+            return self.configured_role
+        return "replica" if in_recovery else "primary"
+
+    @property
+    def writable(self) -> bool:
+        return self.health.up and self.role == "primary"
+
+    @property
+    def readable_replica(self) -> bool:
+        health = self.health
+        return health.up and health.fresh and self.role == "replica"
+
     def factory(self, read_only: bool) -> async_sessionmaker[AsyncSession]:
         return self.readonly_session_factory if read_only else self.session_factory
 
+    def in_use(self) -> int:
+        checked_out = getattr(self.engine.pool, "checkedout", None)
+        return int(checked_out()) if callable(checked_out) else 0
+
     def pool_status(self) -> dict[str, int]:
-        pool = self.engine.pool
-        checked_out = getattr(pool, "checkedout", None)
-        size = getattr(pool, "size", None)
-        return {
-            "in_use": checked_out() if callable(checked_out) else 0,
-            "size": size() if callable(size) else 0,
-        }
+        size = getattr(self.engine.pool, "size", None)
+        return {"in_use": self.in_use(), "size": int(size()) if callable(size) else 0}
 
     async def dispose(self) -> None:
         await self.engine.dispose()
@@ -109,46 +151,79 @@ class Node:
 class Cluster:
     """A primary and its replicas. Chooses the node for a unit of work."""
 
-    def __init__(self, name: str, primary: Node, replicas: Sequence[Node]) -> None:
+    def __init__(
+        self, name: str, nodes: Sequence[Node], policy: ReplicaPolicy, *, fallback_to_primary: bool
+    ) -> None:
         self.name = name
-        self.primary = primary
-        self.replicas = tuple(replicas)
-        self._next_replica = itertools.count()
+        self.nodes = tuple(nodes)
+        self.policy = policy
+        self.fallback_to_primary = fallback_to_primary
 
     @classmethod
     def from_settings(
-        cls, name: str, settings: ClusterSettings, *, connect_timeout: float, database: str | None
+        cls,
+        name: str,
+        settings: ClusterSettings,
+        *,
+        monitor: HealthMonitor,
+        routing: RoutingSettings,
+        connect_timeout: float,
+        database: str | None = None,
     ) -> Cluster:
         """Build the cluster; `database` swaps the database name on every node (tenants)."""
 
-        def node(node_name: str, role: Role, url: URL) -> Node:
+        def node(node_name: str, role: Role | None, url: URL, weight: int = 1) -> Node:
             if database is not None:
                 url = url.set(database=database)
-            return Node(node_name, role, url, settings.pool, connect_timeout=connect_timeout)
+            return Node(
+                node_name,
+                role,
+                url,
+                settings.pool,
+                health=monitor.server(url),
+                connect_timeout=connect_timeout,
+                weight=weight,
+            )
 
-        primary = node(f"{name}.primary", "primary", settings.primary)
-        replicas = [
-            node(f"{name}.replica{i}", "replica", url)
-            for i, url in enumerate(settings.replicas, start=1)
-        ]
-        return cls(name, primary, replicas)
+        nodes: list[Node] = []
+        if settings.primary is not None:
+            nodes.append(node(f"{name}.primary", "primary", settings.primary))
+        for i, replica in enumerate(settings.replicas, start=1):
+            nodes.append(node(f"{name}.replica{i}", "replica", replica.url, replica.weight))
+        for i, url in enumerate(settings.nodes, start=1):
+            nodes.append(node(f"{name}.node{i}", None, url))
+        policy = POLICIES[routing.policy]()
+        return cls(name, nodes, policy, fallback_to_primary=routing.fallback_to_primary)
 
     @property
-    def nodes(self) -> tuple[Node, ...]:
-        return (self.primary, *self.replicas)
+    def primary(self) -> Node:
+        """The current writer, else the configured primary, else the first node."""
+        writer = self.writer()
+        if writer is not None:
+            return writer
+        configured = [node for node in self.nodes if node.configured_role == "primary"]
+        return (configured or list(self.nodes))[0]
+
+    @property
+    def replicas(self) -> tuple[Node, ...]:
+        return tuple(node for node in self.nodes if node.role == "replica")
+
+    def writer(self) -> Node | None:
+        for node in self.nodes:
+            if node.writable:
+                return node
+        return None
 
     def reader(self) -> Node | None:
-        """The replica for the next read, round-robin; None when the cluster has none.
-
-        The health issue replaces this with a policy over replicas that are up and fresh.
-        """
-        if not self.replicas:
-            return None
-        return self.replicas[next(self._next_replica) % len(self.replicas)]
+        """A fresh, healthy replica by the policy; else the writer if falling back is allowed."""
+        candidates = [node for node in self.nodes if node.readable_replica]
+        if candidates:
+            return self.policy.choose(candidates)
+        return self.writer() if self.fallback_to_primary else None
 
     async def dispose(self) -> None:
         for node in self.nodes:
             await node.dispose()
 
     def __repr__(self) -> str:
-        return f"<Cluster {self.name} primary={self.primary.name} replicas={len(self.replicas)}>"
+        return f"<Cluster {self.name} nodes={[node.name for node in self.nodes]}>"

@@ -67,12 +67,44 @@ class DatabaseUnavailableError(RouterError):
     status_code = 503
     code = "database_unavailable"
 
-    def __init__(self, message: str, *, retry_after: int = 1) -> None:
+    def __init__(
+        self, message: str, *, retry_after: int = 1, last_error: BaseException | None = None
+    ) -> None:
         super().__init__(message)
         self.retry_after = retry_after
+        #: The error of the last attempt, when retries were made (like tenacity's RetryError).
+        self.last_error = last_error
 
 
 class ReadOnlySessionError(RouterError):
     """A write was attempted through a session opened for reading."""
 
     code = "read_only_session"
+
+
+class NoNodeAvailableError(DatabaseUnavailableError):
+    """Routing found no eligible node right now (all ejected, lagging, or none writable)."""
+
+    code = "no_node_available"
+
+
+class ConnectionLostError(DatabaseUnavailableError):
+    """The connection died in the middle of a unit of work; the transaction was rolled back."""
+
+    code = "connection_lost"
+
+
+class TopologyChangedError(DatabaseUnavailableError):
+    """A write reached a node that is no longer a primary (failover); nothing was written."""
+
+    code = "topology_changed"
+
+
+class CommitOutcomeUnknownError(RouterError):
+    """The connection was lost during COMMIT: the transaction may or may not have committed.
+
+    Never retried automatically: replaying could apply the write twice. The caller must check
+    (for example by an idempotency key) before trying again.
+    """
+
+    code = "commit_outcome_unknown"

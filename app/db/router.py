@@ -1,8 +1,11 @@
 """`SessionRouter`: named clusters and nodes, target -> node, and the session lifecycle.
 
 One router per process holds every engine. `router.session(target)` resolves the target to a
-node (a dictionary lookup or two, no I/O), opens an `AsyncSession` bound to that node for the
-whole unit of work, checks out a connection, and on exit commits, or rolls back on error.
+node (attribute reads, no I/O), opens an `AsyncSession` bound to that node for the whole unit of
+work, checks out a live connection (retrying on the next eligible node while that is safe),
+and on exit commits, or rolls back on error. `router.run(fn, target)` also replays a unit of
+work that lost its connection midway, when replaying is safe (read-only work).
+
 Binding a whole session to one node, instead of routing statement by statement through
 `get_bind`, is deliberate: a unit of work that reads then writes must see its own writes, and
 bulk writes must never be sent to a replica.
@@ -10,25 +13,50 @@ bulk writes must never be sent to a replica.
 
 from __future__ import annotations
 
+import asyncio
 import logging
-from collections.abc import AsyncIterator
-from contextlib import asynccontextmanager
+from collections.abc import AsyncIterator, Awaitable, Callable, Iterator
+from contextlib import AbstractAsyncContextManager, asynccontextmanager
 from dataclasses import dataclass
-from typing import Any
+from typing import Any, TypeVar
 
 from sqlalchemy.exc import DBAPIError
-from sqlalchemy.exc import TimeoutError as PoolTimeoutError
 from sqlalchemy.ext.asyncio import AsyncSession
+from tenacity import RetryError
 
 from app.core.config import DatabaseSettings, Settings, check_database_settings, load_settings
 from app.db.cluster import Cluster, Node
-from app.db.errors import DatabaseUnavailableError, ReadOnlySessionError, TargetError
+from app.db.errors import (
+    CommitOutcomeUnknownError,
+    ConnectionLostError,
+    DatabaseUnavailableError,
+    NoNodeAvailableError,
+    ReadOnlySessionError,
+    TargetError,
+    TopologyChangedError,
+)
+from app.db.health import HealthMonitor, ServerHealth
+from app.db.retry import (
+    NO_EJECT_SQLSTATES,
+    RetryPolicy,
+    describe_error,
+    error_chain,
+    is_connect_failure,
+    is_connection_loss,
+    is_read_retryable,
+    is_write_retryable,
+    sqlstate,
+)
 from app.db.targets import Target
 from app.db.tenancy import Placement, TenantRegistry
 
 logger = logging.getLogger(__name__)
 
+T = TypeVar("T")
+
 READ_ONLY_SQLSTATE = "25006"  # read_only_sql_transaction
+# A server that refuses us at connect time (as opposed to a pooled connection that went stale).
+_REFUSED_SQLSTATES = frozenset({"57P03", "08001", "08004"})
 
 
 @dataclass(frozen=True, slots=True)
@@ -46,23 +74,36 @@ class SessionRouter:
     def __init__(self, settings: DatabaseSettings) -> None:
         check_database_settings(settings)
         self.settings = settings
-        self._clusters: dict[str, Cluster] = {
-            name: Cluster.from_settings(
-                name, cluster, connect_timeout=settings.connect_timeout, database=None
-            )
-            for name, cluster in settings.clusters.items()
-        }
+        self.monitor = HealthMonitor(settings.health, settings.routing, self._replica_groups)
+        self.retry_policy = RetryPolicy(settings.retry)
+        self._configured = frozenset(settings.clusters)
+        self._clusters: dict[str, Cluster] = {}
+        self._nodes: dict[str, Node] = {}
+        for name, cluster in settings.clusters.items():
+            self._add_cluster(name, self._build_cluster(name, cluster))
         self.default_cluster = self._clusters[settings.default_cluster]
-        self._nodes: dict[str, Node] = {
-            node.name: node for cluster in self._clusters.values() for node in cluster.nodes
-        }
         self.tenants = TenantRegistry(settings.tenants, settings.default_cluster)
 
     @classmethod
     def from_settings(cls, settings: Settings | None = None) -> SessionRouter:
         return cls((settings or load_settings()).database)
 
-    # -- routing -------------------------------------------------------------------------
+    # -- clusters and nodes --------------------------------------------------------------
+
+    def _build_cluster(self, key: str, settings: Any, database: str | None = None) -> Cluster:
+        return Cluster.from_settings(
+            key,
+            settings,
+            monitor=self.monitor,
+            routing=self.settings.routing,
+            connect_timeout=self.settings.connect_timeout,
+            database=database,
+        )
+
+    def _add_cluster(self, key: str, cluster: Cluster) -> Cluster:
+        self._clusters[key] = cluster
+        self._nodes.update((node.name, node) for node in cluster.nodes)
+        return cluster
 
     @property
     def clusters(self) -> dict[str, Cluster]:
@@ -72,32 +113,36 @@ class SessionRouter:
         """A configured cluster, or a tenant's database cluster, built on first use."""
         cluster = self._clusters.get(key)
         if cluster is None:
-            cluster = self._build_tenant_cluster(key)
-            self._clusters[key] = cluster
-            self._nodes.update((node.name, node) for node in cluster.nodes)
+            cluster = self._add_cluster(key, self._build_tenant_cluster(key))
         return cluster
 
     def _build_tenant_cluster(self, key: str) -> Cluster:
         base, sep, database = key.partition("@")
-        if not sep:
+        if not sep or (base and base not in self._configured):
             raise TargetError(f"no cluster named {key!r}")
-        timeout = self.settings.connect_timeout
         if not base:  # "@tenant": the tenant's own server, from its url
             tenant = self.tenants.settings(database)
-            assert tenant.url is not None
             own = self.settings.clusters[self.settings.default_cluster].model_copy(
-                update={"primary": tenant.url, "replicas": []}
+                update={"primary": tenant.url, "replicas": [], "nodes": []}
             )
-            return Cluster.from_settings(key, own, connect_timeout=timeout, database=None)
-        return Cluster.from_settings(
-            key, self.settings.clusters[base], connect_timeout=timeout, database=database
-        )
+            return self._build_cluster(key, own)
+        return self._build_cluster(key, self.settings.clusters[base], database)
 
     def node(self, name: str) -> Node:
         node = self._nodes.get(name)
         if node is None:
             raise TargetError(f"no node named {name!r}; known: {', '.join(sorted(self._nodes))}")
         return node
+
+    def _replica_groups(self) -> Iterator[tuple[ServerHealth, list[ServerHealth]]]:
+        """For lag: each configured cluster's writer and the servers that follow it."""
+        for name in self._configured:
+            cluster = self._clusters[name]
+            writer = cluster.writer()
+            if writer is not None:
+                yield writer.health, [n.health for n in cluster.nodes if n is not writer]
+
+    # -- routing -------------------------------------------------------------------------
 
     def route(self, target: Target) -> Route:
         placement = None
@@ -112,79 +157,217 @@ class SessionRouter:
             cluster = self._clusters.get(target.cluster) or self.cluster(target.cluster)
         else:
             cluster = self.default_cluster
-        if not target.read_only:
-            return Route(cluster.primary, False, placement)
-        reader = None if target.use_primary else cluster.reader()
-        return Route(reader or cluster.primary, True, placement)
+        node = cluster.reader() if target.read_only and not target.use_primary else cluster.writer()
+        if node is None:
+            raise NoNodeAvailableError(_why_unavailable(cluster, target))
+        return Route(node, target.read_only, placement)
 
     # -- sessions ------------------------------------------------------------------------
 
-    @asynccontextmanager
-    async def session(
+    def session(
         self,
         target: Target | str | None = None,
         *,
         tenant: str | None = None,
         read_only: bool = False,
-    ) -> AsyncIterator[AsyncSession]:
+    ) -> AbstractAsyncContextManager[AsyncSession]:
         """A session bound to one node: commits on success, rolls back on error, always closes."""
-        route = self.route(Target.coerce(target, tenant=tenant, read_only=read_only))
-        async with self.open(route) as session:
-            yield session
+        return self._session(Target.coerce(target, tenant=tenant, read_only=read_only), None)
+
+    async def run(
+        self,
+        work: Callable[[AsyncSession], Awaitable[T]],
+        target: Target | str | None = None,
+        *,
+        tenant: str | None = None,
+        read_only: bool = False,
+    ) -> T:
+        """Run `work(session)` in a unit of work, replaying it with a fresh session (on another
+        node when there is one) after a failure where replaying is safe: any failure for
+        read-only work; for writes, only failures that prove nothing was committed. `work` may
+        run more than once, so it should have no effects outside the database.
+        """
+        resolved = Target.coerce(target, tenant=tenant, read_only=read_only)
+        safe = is_read_retryable if resolved.read_only else is_write_retryable
+        deadline_at = self.retry_policy.deadline_at()
+
+        async def attempt_once() -> T:
+            async with self._session(resolved, deadline_at) as session:
+                return await work(session)
+
+        try:
+            return await attempt_once()
+        except Exception as exc:
+            if not safe(exc):
+                raise
+            logger.info("replaying a unit of work after %s", type(exc).__name__)
+        return await self._retry(attempt_once, safe, deadline_at, "run the unit of work")
 
     @asynccontextmanager
-    async def open(self, route: Route) -> AsyncIterator[AsyncSession]:
-        session = route.node.factory(route.read_only)()
-        if route.placement is not None:
-            session.info["tenant"] = route.placement.tenant_id
-            session.sync_session.transaction_setup = route.placement.transaction_setup  # type: ignore[attr-defined]
+    async def _session(
+        self, target: Target, deadline_at: float | None
+    ) -> AsyncIterator[AsyncSession]:
+        session, route = await self._open(target, deadline_at)
         # AsyncSession.__aexit__ shields close() from cancellation, so a cancelled request
         # still returns its connection to the pool instead of leaking it.
         async with session:
-            await self._connect(session, route)
             try:
                 yield session
-                await session.commit()
             except DBAPIError as exc:
                 await _rollback_quietly(session)
-                translated = _translate(exc, route)
+                translated = self._translate(exc, route)
                 if translated is exc:
                     raise
                 raise translated from exc
             except BaseException:
                 await _rollback_quietly(session)
                 raise
+            await self._commit(session, route)
 
-    async def _connect(self, session: AsyncSession, route: Route) -> None:
-        """Check out a connection (and run tenant setup) before handing the session out."""
-        try:
-            await session.connection()
-        except (TimeoutError, OSError, PoolTimeoutError, DBAPIError) as exc:
-            if isinstance(exc, DBAPIError) and not _is_connection_failure(exc):
+    async def _open(self, target: Target, deadline_at: float | None) -> tuple[AsyncSession, Route]:
+        if not self.monitor.running:
+            self.monitor.start_soon()
+        try:  # the common case: first attempt, no retry machinery allocated
+            return await self._open_once(target)
+        except Exception as exc:
+            if not is_connect_failure(exc):
                 raise
-            logger.warning("cannot connect to %s: %s", route.node.name, type(exc).__name__)
+        return await self._retry(
+            lambda: self._open_once(target),
+            is_connect_failure,
+            deadline_at or self.retry_policy.deadline_at(),
+            "open a session",
+        )
+
+    async def _retry(
+        self,
+        attempt_once: Callable[[], Awaitable[T]],
+        predicate: Callable[[BaseException], bool],
+        deadline_at: float,
+        what: str,
+    ) -> T:
+        try:
+            async for attempt in self.retry_policy.retrying(predicate, deadline_at):
+                with attempt:
+                    return await attempt_once()
+        except RetryError as exc:
+            last = exc.last_attempt.exception()
             raise DatabaseUnavailableError(
-                f"database node {route.node.name} is unavailable"
+                f"could not {what} within {self.settings.retry.deadline}s: {describe_error(last)}",
+                last_error=last,
+            ) from last
+        raise AssertionError("unreachable: tenacity either returns or raises")
+
+    async def _open_once(self, target: Target) -> tuple[AsyncSession, Route]:
+        route = self.route(target)
+        session = route.node.factory(route.read_only)()
+        if route.placement is not None:
+            session.info["tenant"] = route.placement.tenant_id
+            session.sync_session.transaction_setup = route.placement.transaction_setup  # type: ignore[attr-defined]
+        try:
+            # Checks out a connection (the pool discards ones the server closed) and runs the
+            # tenant setup, so a dead node shows up here, where retrying is always safe.
+            await session.connection()
+        except BaseException as exc:
+            await _close_quietly(session)
+            if isinstance(exc, Exception) and _server_refused(exc):
+                route.node.health.eject(f"connect failed: {describe_error(exc)}")
+            raise
+        return session, route
+
+    async def _commit(self, session: AsyncSession, route: Route) -> None:
+        try:
+            await session.commit()
+        except Exception as exc:
+            if not is_connection_loss(exc):
+                translated = self._translate(exc, route)
+                if translated is exc:
+                    raise
+                raise translated from exc
+            if route.read_only:
+                # A read's results were already delivered; a lost COMMIT of a read changes nothing.
+                logger.debug("connection lost while ending a read on %s", route.node.name)
+                return
+            raise CommitOutcomeUnknownError(
+                f"the connection to {route.node.name} was lost during COMMIT: the transaction "
+                "may or may not have been applied, and is not retried automatically"
             ) from exc
+
+    def _translate(self, exc: Exception, route: Route) -> Exception:
+        """Turn driver errors that mean something to the router into its own errors."""
+        if sqlstate(exc) == READ_ONLY_SQLSTATE:
+            if route.read_only:
+                return ReadOnlySessionError(
+                    f"write attempted in a read-only session on {route.node.name}; "
+                    "declare the route or target with write intent"
+                )
+            # A primary that turned read-only: a failover. Stop writing there now, and have the
+            # monitor look for the new primary at once instead of at the next interval.
+            route.node.health.in_recovery = True
+            self.monitor.wake()
+            return TopologyChangedError(
+                f"{route.node.name} is no longer a primary; nothing was written"
+            )
+        if is_connection_loss(exc):
+            return ConnectionLostError(
+                f"lost the connection to {route.node.name} mid-transaction; nothing was committed"
+            )
+        return exc
 
     # -- lifecycle and introspection -----------------------------------------------------
 
+    async def start(self) -> None:
+        """Probe every server once, then keep probing in the background."""
+        await self.monitor.start()
+
     def status(self) -> dict[str, Any]:
+        nodes = {
+            name: {
+                "role": node.role,
+                "configured_role": node.configured_role,
+                "weight": node.weight,
+                **node.health.snapshot(),
+                "pool": node.pool_status(),
+            }
+            for name, node in sorted(self._nodes.items())
+        }
         return {
             "default_cluster": self.default_cluster.name,
-            "nodes": {
-                name: {"role": node.role, "pool": node.pool_status()}
-                for name, node in sorted(self._nodes.items())
-            },
+            "monitor_running": self.monitor.running,
+            "health_interval": self.settings.health.interval,
+            "nodes": nodes,
         }
 
     async def dispose(self) -> None:
-        """Close every pool. The router can still be used; pools reopen on demand."""
+        """Stop the monitor and close every pool. Using the router again restarts both."""
+        await self.monitor.stop()
         for cluster in list(self._clusters.values()):
             await cluster.dispose()
 
     def __repr__(self) -> str:
         return f"<SessionRouter clusters={sorted(self._clusters)} tenants={len(self.tenants)}>"
+
+
+def _why_unavailable(cluster: Cluster, target: Target) -> str:
+    wanted = "a fresh replica or a primary" if target.read_only else "a writable primary"
+    states = []
+    for node in cluster.nodes:
+        health = node.health
+        state = health.reason if not health.up else None
+        if state is None and node.role == "replica" and not health.fresh:
+            state = f"lagging ({health.lag_bytes} bytes, {health.lag_seconds or 0.0:.1f}s)"
+        states.append(f"{node.name}: {state or node.role or 'role unknown'}")
+    return f"cluster {cluster.name} has no {wanted} available ({'; '.join(states)})"
+
+
+def _server_refused(exc: BaseException) -> bool:
+    """The server (not one stale connection) failed us: unreachable, timed out, or refusing."""
+    state = sqlstate(exc)
+    if state in NO_EJECT_SQLSTATES:
+        return False
+    if state in _REFUSED_SQLSTATES:
+        return True
+    return any(isinstance(error, OSError) for error in error_chain(exc))
 
 
 async def _rollback_quietly(session: AsyncSession) -> None:
@@ -196,18 +379,8 @@ async def _rollback_quietly(session: AsyncSession) -> None:
         logger.debug("rollback failed after an error", exc_info=True)
 
 
-def _sqlstate(exc: DBAPIError) -> str | None:
-    return getattr(exc.orig, "sqlstate", None)
-
-
-def _is_connection_failure(exc: DBAPIError) -> bool:
-    return exc.connection_invalidated or _sqlstate(exc) in {"57P03", "53300", "57P01", "08006"}
-
-
-def _translate(exc: DBAPIError, route: Route) -> Exception:
-    if route.read_only and _sqlstate(exc) == READ_ONLY_SQLSTATE:
-        return ReadOnlySessionError(
-            f"write attempted in a read-only session on {route.node.name}; "
-            "declare the route or target with write intent"
-        )
-    return exc
+async def _close_quietly(session: AsyncSession) -> None:
+    try:
+        await asyncio.shield(session.close())
+    except (DBAPIError, OSError):
+        logger.debug("close failed after a connect error", exc_info=True)
