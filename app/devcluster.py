@@ -38,6 +38,7 @@ wal_keep_size = 512MB
 hot_standby = on
 hot_standby_feedback = on
 wal_receiver_status_interval = 1s
+wal_retrieve_retry_interval = 200ms
 fsync = off
 full_page_writes = off
 synchronous_commit = off

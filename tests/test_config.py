@@ -44,7 +44,9 @@ def test_toml_file_is_read(config_file: Path) -> None:
     database = load_settings().database
     main = database.clusters["main"]
     assert main.primary.port == 5432 and main.primary.database == "app"
-    assert main.replicas[0].url.drivername == "postgresql+asyncpg"  # plain postgresql:// is accepted
+    assert (
+        main.replicas[0].url.drivername == "postgresql+asyncpg"
+    )  # plain postgresql:// is accepted
     assert main.pool.size == 3 and main.pool.max_overflow == 5  # unset keys keep defaults
     assert database.tenants["globex"].schema_name == "globex"
 

@@ -211,29 +211,43 @@ class HealthMonitor:
         self._update_lag()
 
     async def _probe(self, server: ServerHealth) -> None:
-        timeout = self.settings.probe_timeout
         try:
-            connection = self._connections.get(server.endpoint)
-            if connection is None or connection.is_closed():
-                connection = await asyncpg.connect(
-                    host=server.url.host,
-                    port=server.url.port,
-                    user=server.url.username,
-                    password=server.url.password,
-                    database=server.url.database,
-                    timeout=timeout,
-                    server_settings={"application_name": "session-router:health"},
-                )
-                self._connections[server.endpoint] = connection
-            row = await connection.fetchrow(PROBE_SQL, timeout=timeout)
-        except (OSError, asyncpg.PostgresError, asyncpg.InterfaceError) as exc:  # incl. timeouts
-            stale = self._connections.pop(server.endpoint, None)
-            if stale is not None:
-                stale.terminate()
-            server.eject(f"probe failed: {describe_error(exc)}")
-            return
+            row = await self._query(server, reuse=True)
+        except (OSError, asyncpg.PostgresError, asyncpg.InterfaceError):  # incl. timeouts
+            # The kept connection may simply be stale (backend terminated, server restarted
+            # since the last round): judge the server on a fresh connection, not on that.
+            try:
+                row = await self._query(server, reuse=False)
+            except (OSError, asyncpg.PostgresError, asyncpg.InterfaceError) as exc:
+                server.eject(f"probe failed: {describe_error(exc)}")
+                return
         server.record_probe(row)
         server.admit()
+
+    async def _query(self, server: ServerHealth, *, reuse: bool) -> Any:
+        timeout = self.settings.probe_timeout
+        connection = self._connections.pop(server.endpoint, None)
+        if connection is not None and (not reuse or connection.is_closed()):
+            connection.terminate()
+            connection = None
+        if connection is None:
+            url = server.url
+            connection = await asyncpg.connect(
+                host=url.host,
+                port=url.port,
+                user=url.username,
+                password=url.password,
+                database=url.database,
+                timeout=timeout,
+                server_settings={"application_name": "session-router:health"},
+            )
+        try:
+            row = await connection.fetchrow(PROBE_SQL, timeout=timeout)
+        except BaseException:
+            connection.terminate()
+            raise
+        self._connections[server.endpoint] = connection
+        return row
 
     def _update_lag(self) -> None:
         max_seconds = self.routing.max_replica_lag_seconds

@@ -115,8 +115,13 @@ def is_read_retryable(exc: BaseException) -> bool:
 
 
 def is_write_retryable(exc: BaseException) -> bool:
-    """A write unit may be replayed only when it provably never committed."""
-    return isinstance(exc, NoNodeAvailableError | TopologyChangedError)
+    """A write unit may be replayed only when it provably never committed.
+
+    `ConnectionLostError` is raised only for a loss *before* COMMIT was sent (the server then
+    rolls the transaction back); a loss during COMMIT is `CommitOutcomeUnknownError`, never
+    replayed.
+    """
+    return isinstance(exc, NoNodeAvailableError | TopologyChangedError | ConnectionLostError)
 
 
 class StopAtDeadline:

@@ -349,7 +349,12 @@ class SessionRouter:
 
 
 def _why_unavailable(cluster: Cluster, target: Target) -> str:
-    wanted = "a fresh replica or a primary" if target.read_only else "a writable primary"
+    if not target.read_only or target.use_primary:
+        wanted = "writable primary"
+    elif cluster.fallback_to_primary:
+        wanted = "fresh replica or primary"
+    else:
+        wanted = "fresh replica (routing.fallback_to_primary is off)"
     states = []
     for node in cluster.nodes:
         health = node.health

@@ -1,0 +1,333 @@
+"""Failover against real nodes that the tests stop, restart, pause and cut off.
+
+Every test leaves the shared cluster as it found it: all nodes running and streaming.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import time
+from collections.abc import AsyncIterator, Iterator
+from typing import Any
+
+import httpx
+import pytest
+from sqlalchemy import text
+
+from app.db.errors import (
+    CommitOutcomeUnknownError,
+    DatabaseUnavailableError,
+    TopologyChangedError,
+)
+from app.db.router import SessionRouter
+from app.db.targets import Target
+from app.devcluster import DevCluster
+from app.main import app
+
+from .conftest import APP_ROLE, HEALTH_INTERVAL, database_settings
+from .faults import BlackholeServer, CommitCutter, ReadLoad, eventually
+
+SLACK = 0.5  # scheduling and pg_ctl latency on a loaded 2-core machine
+
+
+@pytest.fixture(autouse=True)
+def restore_cluster(pg: DevCluster) -> Iterator[None]:
+    yield
+    for node in pg.nodes.values():
+        if not node.running:
+            pg.start_node(node.name)
+    for node in pg.replicas:
+        pg.resume_replay(node.name)
+    pg.wait_streaming(timeout=30)
+
+
+def state_of(router: SessionRouter, node: str) -> dict[str, Any]:
+    status: dict[str, Any] = router.status()["nodes"][node]
+    return status
+
+
+async def stop(pg: DevCluster, node: str) -> float:
+    """Crash a node (immediate shutdown) without blocking the event loop; returns the time."""
+    started = time.monotonic()
+    await asyncio.to_thread(pg.stop_node, node, "immediate")
+    return started
+
+
+async def test_a_replica_dying_under_load_fails_no_reads(
+    router: SessionRouter, pg: DevCluster
+) -> None:
+    replica1 = pg.nodes["replica1"].port
+    async with ReadLoad(router, tasks=20) as load:
+        await eventually(lambda: load.ports[replica1] > 20, within=5, what="reads on replica1")
+        stopped_at = await stop(pg, "replica1")
+        time_to_eject = await eventually(
+            lambda: state_of(router, "main.replica1")["state"] == "ejected",
+            within=HEALTH_INTERVAL + SLACK,
+            what="replica1 ejected",
+        )
+        reads_before = load.total
+        await eventually(lambda: load.total > reads_before + 200, within=5, what="more reads")
+        assert state_of(router, "main.replica1")["reason"]
+        await asyncio.to_thread(pg.start_node, "replica1")
+        restarted_at = time.monotonic()
+        await eventually(
+            lambda: load.served_by(replica1, after=restarted_at),
+            within=2 * HEALTH_INTERVAL + SLACK,
+            what="replica1 serving reads again",
+        )
+    assert load.failures == []
+    assert time.monotonic() - stopped_at > time_to_eject  # sanity: measured from the stop
+    assert state_of(router, "main.replica1")["state"] == "up"
+
+
+async def test_terminated_backends_fail_no_requests(router: SessionRouter, pg: DevCluster) -> None:
+    kill = (
+        "SELECT count(pg_terminate_backend(pid)) FROM pg_stat_activity "
+        "WHERE application_name LIKE 'session-router:%' AND pid <> pg_backend_pid()"
+    )
+    async with httpx.AsyncClient(
+        transport=httpx.ASGITransport(app=app), base_url="http://test"
+    ) as client:
+
+        async def burst() -> list[int]:
+            requests = [
+                client.post("/items", json={"name": "after-kill"}, headers={"X-Tenant-ID": tenant})
+                for tenant in ("acme", "globex", "initech")
+            ] * 4
+            requests += [
+                client.get("/items?limit=1", headers={"X-Tenant-ID": tenant})
+                for tenant in ("acme", "globex", "initech")
+            ] * 4
+            return [response.status_code for response in await asyncio.gather(*requests)]
+
+        assert set(await burst()) == {200, 201}  # pools now hold idle connections everywhere
+        killed = 0
+        for node in pg.nodes:
+            killed += int(await asyncio.to_thread(pg.sql, node, kill))
+        assert killed >= 3
+        assert set(await burst()) == {200, 201}
+
+        async with ReadLoad(router, tasks=20) as load:
+            await eventually(lambda: load.total > 100, within=5, what="read load")
+            for _ in range(3):
+                for node in pg.nodes:
+                    await asyncio.to_thread(pg.sql, node, kill)
+                before = load.total
+                await eventually(
+                    lambda b=before: load.total > b + 100,
+                    within=5,  # type: ignore[misc]
+                    what="reads after the kill",
+                )
+    assert load.failures == []
+
+
+async def test_a_replica_whose_replay_is_paused_stops_receiving_reads(
+    migrated: DevCluster,
+) -> None:
+    pg = migrated
+    settings = database_settings(
+        pg, routing={"max_replica_lag_bytes": 256 * 1024, "max_replica_lag_seconds": None}
+    )
+    router = SessionRouter(settings)
+    replica1 = pg.nodes["replica1"].port
+    try:
+        await router.start()
+        await asyncio.to_thread(pg.pause_replay, "replica1")
+        async with router.session() as session:  # about 3 MB of WAL
+            await session.execute(
+                text(
+                    "INSERT INTO items (name) SELECT 'lag-' || repeat('x', 150) "
+                    "FROM generate_series(1, 12000)"
+                )
+            )
+        await eventually(
+            lambda: not state_of(router, "main.replica1")["fresh"],
+            within=2 * HEALTH_INTERVAL + SLACK,
+            what="replica1 marked lagging",
+        )
+        async with ReadLoad(router, tasks=5) as load:
+            await eventually(lambda: load.total >= 100, within=5, what="reads")
+        assert load.ports[replica1] == 0
+        assert load.failures == []
+
+        await asyncio.to_thread(pg.resume_replay, "replica1")
+        await eventually(
+            lambda: state_of(router, "main.replica1")["fresh"], within=5, what="replica1 caught up"
+        )
+        async with ReadLoad(router, tasks=5) as load:
+            await eventually(lambda: load.ports[replica1] > 0, within=2, what="replica1 reads")
+        assert load.failures == []
+    finally:
+        async with router.session() as session:
+            await session.execute(text("DELETE FROM items WHERE name LIKE 'lag-%'"))
+        await router.dispose()
+
+
+async def test_without_fallback_no_fresh_replica_means_unavailable(
+    migrated: DevCluster,
+) -> None:
+    settings = database_settings(
+        migrated, replicas=False, routing={"fallback_to_primary": False}, retry={"deadline": 0.3}
+    )
+    router = SessionRouter(settings)
+    try:
+        with pytest.raises(DatabaseUnavailableError, match="no fresh replica"):
+            async with router.session("replica"):
+                pass
+        async with router.session("primary") as session:  # writes are unaffected
+            assert await session.scalar(text("SELECT 1")) == 1
+    finally:
+        await router.dispose()
+
+
+async def test_primary_down_writes_fail_fast_reads_continue_then_writes_recover(
+    router: SessionRouter, pg: DevCluster
+) -> None:
+    settings = router.settings
+    async with httpx.AsyncClient(
+        transport=httpx.ASGITransport(app=app), base_url="http://test"
+    ) as client:
+        await stop(pg, "primary")
+        started = time.monotonic()
+        with pytest.raises(DatabaseUnavailableError):
+            async with router.session() as session:
+                await session.execute(text("SELECT 1"))
+        assert (
+            time.monotonic() - started < settings.connect_timeout + settings.retry.deadline + SLACK
+        )
+
+        response = await client.post(
+            "/items", json={"name": "during-outage"}, headers={"X-Tenant-ID": "initech"}
+        )
+        assert response.status_code == 503
+        assert response.headers["Retry-After"].isdigit()
+        assert response.json()["error"] in {"database_unavailable", "no_node_available"}
+
+        async with ReadLoad(router, tasks=10) as load:
+            await eventually(lambda: load.total >= 200, within=5, what="reads during outage")
+        assert load.failures == []
+        reads = await client.get("/items?limit=1", headers={"X-Tenant-ID": "initech"})
+        assert reads.status_code == 200
+
+        await asyncio.to_thread(pg.start_node, "primary")
+        restarted = time.monotonic()
+
+        async def write_succeeds() -> bool:
+            response = await client.post(
+                "/items", json={"name": "after-outage"}, headers={"X-Tenant-ID": "initech"}
+            )
+            return response.status_code == 201
+
+        await eventually(
+            write_succeeds,
+            within=2 * HEALTH_INTERVAL + settings.retry.deadline,
+            what="writes after the primary restarts",
+        )
+        assert time.monotonic() - restarted < 2 * HEALTH_INTERVAL + settings.retry.deadline
+
+
+async def test_a_server_that_never_answers_cannot_hang_a_request(migrated: DevCluster) -> None:
+    async with BlackholeServer() as blackhole:
+        silent = f"postgresql+asyncpg://{APP_ROLE}@127.0.0.1:{blackhole.port}/app"
+        settings = database_settings(migrated, clusters={"main": {"primary": silent}}, tenants={})
+        router = SessionRouter(settings)
+        started = time.monotonic()
+        try:
+            with pytest.raises(DatabaseUnavailableError):
+                async with router.session():
+                    pass
+        finally:
+            await router.dispose()
+        elapsed = time.monotonic() - started
+        assert blackhole.accepted >= 1
+        assert elapsed < settings.connect_timeout + settings.retry.deadline + SLACK
+
+
+async def test_a_connection_lost_during_commit_is_an_unknown_outcome_never_replayed(
+    migrated: DevCluster,
+) -> None:
+    async with CommitCutter(migrated.primary.port) as cutter:
+        via_proxy = f"postgresql+asyncpg://{APP_ROLE}@127.0.0.1:{cutter.port}/app"
+        settings = database_settings(
+            migrated, clusters={"main": {"primary": via_proxy}}, tenants={}
+        )
+        router = SessionRouter(settings)
+        try:
+
+            async def insert(session: Any) -> None:
+                await session.execute(text("INSERT INTO items (name) VALUES ('cut-commit')"))
+                cutter.armed = True
+
+            with pytest.raises(CommitOutcomeUnknownError, match="may or may not"):
+                await router.run(insert)
+            assert cutter.cuts == 1  # run() did not replay it
+            cutter.armed = False
+            async with router.session() as session:
+                written = await session.scalar(
+                    text("SELECT count(*) FROM items WHERE name = 'cut-commit'")
+                )
+                await session.execute(text("DELETE FROM items WHERE name = 'cut-commit'"))
+            assert written is not None and written <= 1
+        finally:
+            await router.dispose()
+
+
+async def test_a_write_on_a_node_that_is_read_only_is_a_topology_change(
+    router: SessionRouter,
+) -> None:
+    with pytest.raises(TopologyChangedError, match="no longer a primary"):
+        async with router.session(Target(node="main.replica1", intent="write")) as session:
+            await session.execute(text("INSERT INTO items (name) VALUES ('misrouted')"))
+    assert state_of(router, "main.replica1")["role"] == "replica"
+
+
+@pytest.fixture
+def small_cluster() -> Iterator[DevCluster]:
+    """A cluster of its own: promotion is a one-way trip."""
+    with DevCluster(replicas=1) as cluster:
+        cluster.create_role(APP_ROLE)
+        cluster.create_database("app", owner=APP_ROLE)
+        cluster.sql("primary", "CREATE TABLE notes (body text)", database="app")
+        cluster.sql("primary", f"GRANT ALL ON notes TO {APP_ROLE}", database="app")
+        cluster.wait_replayed()  # replication is asynchronous: the replica must have the table
+        yield cluster
+
+
+@pytest.fixture
+async def discovering_router(small_cluster: DevCluster) -> AsyncIterator[SessionRouter]:
+    """Nodes listed without roles: the router finds the primary by probing."""
+    nodes = [
+        small_cluster.url(name, database="app", user=APP_ROLE) for name in ("replica1", "primary")
+    ]
+    settings = database_settings(small_cluster, clusters={"main": {"nodes": nodes}}, tenants={})
+    router = SessionRouter(settings)
+    await router.start()
+    try:
+        yield router
+    finally:
+        await router.dispose()
+
+
+async def test_roles_are_discovered_and_a_promoted_replica_takes_the_writes(
+    discovering_router: SessionRouter, small_cluster: DevCluster
+) -> None:
+    router = discovering_router
+    old_primary, replica = small_cluster.nodes["primary"].port, small_cluster.nodes["replica1"].port
+    where = text("SELECT inet_server_port()")
+    async with router.session() as session:
+        assert await session.scalar(where) == old_primary
+    async with router.session("replica") as session:
+        assert await session.scalar(where) == replica
+
+    await asyncio.to_thread(small_cluster.stop_node, "primary")
+    await asyncio.to_thread(small_cluster.promote, "replica1")
+    promoted_at = time.monotonic()
+
+    async def insert(session: Any) -> int:
+        await session.execute(text("INSERT INTO notes VALUES ('after promotion')"))
+        return int(await session.scalar(where))
+
+    port = await router.run(insert)
+    assert port == replica
+    assert time.monotonic() - promoted_at < 2 * HEALTH_INTERVAL + SLACK
+    assert state_of(router, "main.node1")["role"] == "primary"
