@@ -208,6 +208,8 @@ async def test_primary_down_writes_fail_fast_reads_continue_then_writes_recover(
         assert load.failures == []
         reads = await client.get("/items?limit=1", headers={"X-Tenant-ID": "initech"})
         assert reads.status_code == 200
+        health = await client.get("/health/db")
+        assert (health.status_code, health.json()["status"]) == (503, "down")
 
         await asyncio.to_thread(pg.start_node, "primary")
         restarted = time.monotonic()

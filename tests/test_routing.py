@@ -111,3 +111,14 @@ async def test_each_node_has_its_own_pool(router: SessionRouter) -> None:
     engines = {id(node.engine) for cluster in router.clusters.values() for node in cluster.nodes}
     pools = {id(node.engine.pool) for cluster in router.clusters.values() for node in cluster.nodes}
     assert len(engines) == len(pools) == 3
+
+
+async def test_orm_changes_in_a_read_session_are_refused_not_dropped(
+    router: SessionRouter,
+) -> None:
+    from app.models import Item
+
+    for target in ("replica", "primary"):
+        with pytest.raises(ReadOnlySessionError, match="unsaved changes"):
+            async with router.session(target, read_only=True) as session:
+                session.add(Item(name="would-be-lost"))

@@ -130,7 +130,12 @@ class Node:
         return health.up and health.fresh and self.role == "replica"
 
     def factory(self, read_only: bool) -> async_sessionmaker[AsyncSession]:
-        return self.readonly_session_factory if read_only else self.session_factory
+        """Writes: read-write. Reads on a replica: plain too, since a hot standby refuses
+        writes by itself (and BEGIN READ ONLY would cost a little on every read). Reads on a
+        primary: READ ONLY transactions."""
+        if read_only and self.role != "replica":
+            return self.readonly_session_factory
+        return self.session_factory
 
     def in_use(self) -> int:
         checked_out = getattr(self.engine.pool, "checkedout", None)

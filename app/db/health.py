@@ -69,6 +69,7 @@ class ServerHealth:
         #: Within `routing.max_replica_lag_*`; maintained by the monitor, read on every read.
         self.fresh = True
         self.last_probe_at: float | None = None
+        self.probes = 0
 
     def eject(self, reason: str) -> None:
         """Open the circuit now. Safe to call again while open (pushes the trial out)."""
@@ -102,6 +103,7 @@ class ServerHealth:
         return min(self.settings.interval * 2.0 ** (self.trips - 1), self.settings.max_backoff)
 
     def record_probe(self, row: Any) -> None:
+        self.probes += 1
         self.in_recovery = bool(row["in_recovery"])
         self.lsn = int(row["lsn"])
         self.replay_paused = bool(row["paused"])
@@ -122,6 +124,7 @@ class ServerHealth:
             "lag_seconds": self.lag_seconds,
             "fresh": self.fresh,
             "last_probe_at": self.last_probe_at,
+            "probes": self.probes,
         }
 
 

@@ -22,6 +22,7 @@ from typing import Any, TypeVar
 
 from sqlalchemy.exc import DBAPIError
 from sqlalchemy.ext.asyncio import AsyncSession
+from sqlalchemy.orm import Session
 from tenacity import RetryError
 
 from app.core.config import DatabaseSettings, Settings, check_database_settings, load_settings
@@ -222,7 +223,10 @@ class SessionRouter:
             except BaseException:
                 await _rollback_quietly(session)
                 raise
-            await self._commit(session, route)
+            if route.read_only:
+                _check_nothing_pending(session, route)  # then close() rolls back: no COMMIT
+            else:
+                await self._commit(session, route)
 
     async def _open(self, target: Target, deadline_at: float | None) -> tuple[AsyncSession, Route]:
         if not self.monitor.running:
@@ -267,7 +271,7 @@ class SessionRouter:
         try:
             # Checks out a connection (the pool discards ones the server closed) and runs the
             # tenant setup, so a dead node shows up here, where retrying is always safe.
-            await session.connection()
+            await session.run_sync(_check_out)
         except BaseException as exc:
             await _close_quietly(session)
             if isinstance(exc, Exception) and _server_refused(exc):
@@ -346,6 +350,20 @@ class SessionRouter:
 
     def __repr__(self) -> str:
         return f"<SessionRouter clusters={sorted(self._clusters)} tenants={len(self.tenants)}>"
+
+
+def _check_out(session: Session) -> None:
+    # Through run_sync: one greenlet hop, without building an AsyncConnection proxy.
+    session.connection()
+
+
+def _check_nothing_pending(session: AsyncSession, route: Route) -> None:
+    """A read session ends without COMMIT; refuse to drop ORM changes silently."""
+    if session.new or session.dirty or session.deleted:
+        raise ReadOnlySessionError(
+            f"a read-only session on {route.node.name} has unsaved changes; "
+            "declare the route or target with write intent"
+        )
 
 
 def _why_unavailable(cluster: Cluster, target: Target) -> str:

@@ -1,10 +1,17 @@
-"""`GET /health/db`: what the router knows about every node."""
+"""`GET /health/db`: what the router knows about every node.
+
+The body is `router.status()` plus an overall `status`: `ok` (every node up and fresh),
+`degraded` (some node ejected or lagging, but the default cluster can still read and write),
+or `down` (the default cluster has no writable primary), which answers 503 so that a load
+balancer can take this instance out of rotation.
+"""
 
 from __future__ import annotations
 
 from typing import Any
 
 from fastapi import APIRouter
+from fastapi.responses import JSONResponse
 
 from app.db.session import get_router
 
@@ -12,5 +19,15 @@ router = APIRouter(prefix="/health", tags=["health"])
 
 
 @router.get("/db")
-async def database_health() -> dict[str, Any]:
-    return get_router().status()
+async def database_health() -> JSONResponse:
+    db_router = get_router()
+    status: dict[str, Any] = db_router.status()
+    nodes = status["nodes"].values()
+    if db_router.default_cluster.writer() is None:
+        overall = "down"
+    elif all(node["state"] == "up" and node["fresh"] for node in nodes):
+        overall = "ok"
+    else:
+        overall = "degraded"
+    status["status"] = overall
+    return JSONResponse(status, status_code=503 if overall == "down" else 200)

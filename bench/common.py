@@ -1,0 +1,100 @@
+"""What every benchmark shares: a dev cluster with the example schema, settings, statistics,
+and the machine description printed next to the figures."""
+
+from __future__ import annotations
+
+import os
+import platform
+import statistics
+import subprocess
+from collections.abc import Iterator, Sequence
+from contextlib import contextmanager
+from dataclasses import dataclass, field
+from typing import Any
+
+from app.core.config import DatabaseSettings
+from app.devcluster import DevCluster, find_bindir
+
+APP_ROLE = "app"
+TENANT_DATABASES = ("acme",)
+
+
+@contextmanager
+def bench_cluster(replicas: int = 2) -> Iterator[DevCluster]:
+    """A dev cluster with the `app` role, the example databases, and migrated tables."""
+    import asyncio
+
+    from app.db.migrate import migrate
+    from app.db.router import SessionRouter
+
+    with DevCluster(replicas=replicas) as cluster:
+        cluster.create_role(APP_ROLE)
+        for database in ("app", *TENANT_DATABASES):
+            cluster.create_database(database, owner=APP_ROLE)
+
+        async def run_migrations() -> None:
+            router = SessionRouter(settings_for(cluster))
+            try:
+                await migrate(router)
+            finally:
+                await router.dispose()
+
+        asyncio.run(run_migrations())
+        cluster.wait_replayed()
+        yield cluster
+
+
+def settings_for(cluster: DevCluster, **overrides: Any) -> DatabaseSettings:
+    config: dict[str, Any] = {
+        "clusters": {
+            "main": {
+                "primary": cluster.url(database="app", user=APP_ROLE),
+                "replicas": [
+                    cluster.url(n.name, database="app", user=APP_ROLE) for n in cluster.replicas
+                ],
+            }
+        },
+        "tenants": {
+            "acme": {"strategy": "database", "database": "acme"},
+            "globex": {"strategy": "schema"},
+            "initech": {"strategy": "row"},
+        },
+    }
+    config.update(overrides)
+    return DatabaseSettings.model_validate(config)
+
+
+@dataclass
+class Series:
+    """Repeated measurements of one figure."""
+
+    name: str
+    values: list[float] = field(default_factory=list)
+
+    @property
+    def median(self) -> float:
+        return statistics.median(self.values) if self.values else float("nan")
+
+    @property
+    def spread(self) -> float:
+        """Half the range between the lowest and highest round, relative to the median."""
+        if len(self.values) < 2 or not self.median:
+            return 0.0
+        return (max(self.values) - min(self.values)) / 2 / self.median
+
+
+def machine() -> str:
+    postgres = find_bindir() / "postgres"
+    version = subprocess.run(
+        [str(postgres), "--version"], capture_output=True, text=True, check=False
+    ).stdout.strip()
+    return (
+        f"{os.cpu_count()} cores, {platform.machine()}, Python {platform.python_version()}, "
+        f"{version}"
+    )
+
+
+def table(headers: Sequence[str], rows: Sequence[Sequence[Any]]) -> str:
+    lines = ["| " + " | ".join(headers) + " |", "|" + "---|" * len(headers)]
+    lines += ["| " + " | ".join(str(cell) for cell in row) + " |" for row in rows]
+    return "\n".join(lines)

@@ -1,0 +1,157 @@
+"""Session overhead: "open a session, SELECT 1, close" per variant, at concurrency 1 and 16.
+
+Variants, interleaved round by round so that drift on the machine hits them all alike:
+- raw asyncpg pool (the floor: no ORM at all),
+- hand-written `async_sessionmaker` over one engine (what users write today; the baseline),
+- the same with `pool_pre_ping=True` (what they write to survive restarts),
+- the router: write target, `replica` target, and tenant targets of each placement.
+
+    python -m bench.overhead [--quick] [--rounds N] [--ops N]
+"""
+
+from __future__ import annotations
+
+import argparse
+import asyncio
+import time
+from collections.abc import Awaitable, Callable
+from typing import Any
+
+import asyncpg
+from sqlalchemy import text
+from sqlalchemy.ext.asyncio import async_sessionmaker, create_async_engine
+
+from app.db.router import SessionRouter
+from app.db.targets import Target
+from app.devcluster import DevCluster
+from bench.common import APP_ROLE, Series, bench_cluster, machine, settings_for, table
+
+SELECT_1 = text("SELECT 1")
+BASELINE = "hand-written sessionmaker"
+Op = Callable[[], Awaitable[Any]]
+
+
+async def build_variants(
+    cluster: DevCluster,
+) -> tuple[dict[str, Op], Callable[[], Awaitable[None]]]:
+    """Each variant does one unit of work against the primary or a replica of the cluster."""
+    replica_url = cluster.url("replica1", database="app", user=APP_ROLE)
+    primary_url = cluster.url("primary", database="app", user=APP_ROLE)
+    raw_pool = await asyncpg.create_pool(
+        replica_url.replace("postgresql+asyncpg", "postgresql"), min_size=5, max_size=20
+    )
+    plain = create_async_engine(replica_url, pool_size=5, max_overflow=15)
+    pinged = create_async_engine(replica_url, pool_size=5, max_overflow=15, pool_pre_ping=True)
+    plain_primary = create_async_engine(primary_url, pool_size=5, max_overflow=15)
+    plain_maker = async_sessionmaker(plain, expire_on_commit=False)
+    pinged_maker = async_sessionmaker(pinged, expire_on_commit=False)
+    primary_maker = async_sessionmaker(plain_primary, expire_on_commit=False)
+    pool = {"size": 5, "max_overflow": 15}
+    settings = settings_for(cluster)
+    main = settings.clusters["main"].model_copy(
+        update={"pool": settings.clusters["main"].pool.model_copy(update=pool)}
+    )
+    router = SessionRouter(settings.model_copy(update={"clusters": {"main": main}}))
+    await router.start()
+
+    async def raw() -> None:
+        async with raw_pool.acquire() as connection:
+            await connection.fetchval("SELECT 1")
+
+    def hand_written(maker: async_sessionmaker[Any]) -> Op:
+        async def op() -> None:
+            async with maker() as session:
+                await session.execute(SELECT_1)
+
+        return op
+
+    def routed(target: Target) -> Op:
+        async def op() -> None:
+            async with router.session(target) as session:
+                await session.execute(SELECT_1)
+
+        return op
+
+    variants: dict[str, Op] = {
+        "raw asyncpg pool": raw,
+        BASELINE: hand_written(plain_maker),
+        "hand-written + pool_pre_ping": hand_written(pinged_maker),
+        "router, target replica": routed(Target(intent="read")),
+        "hand-written, primary": hand_written(primary_maker),
+        "router, target primary": routed(Target()),
+        "router, tenant database (read)": routed(Target(tenant="acme", intent="read")),
+        "router, tenant schema (read)": routed(Target(tenant="globex", intent="read")),
+        "router, tenant row (read)": routed(Target(tenant="initech", intent="read")),
+    }
+
+    async def close() -> None:
+        await raw_pool.close()
+        for engine in (plain, pinged, plain_primary):
+            await engine.dispose()
+        await router.dispose()
+
+    return variants, close
+
+
+async def measure(op: Op, *, ops: int, concurrency: int) -> float:
+    """Units of work per second, `ops` in total spread over `concurrency` tasks."""
+    per_task = max(1, ops // concurrency)
+
+    async def worker() -> None:
+        for _ in range(per_task):
+            await op()
+
+    started = time.perf_counter()
+    await asyncio.gather(*(worker() for _ in range(concurrency)))
+    return per_task * concurrency / (time.perf_counter() - started)
+
+
+async def run(cluster: DevCluster, *, rounds: int, ops: int) -> str:
+    variants, close = await build_variants(cluster)
+    sections = []
+    try:
+        for op in variants.values():  # warm every pool and statement cache
+            await measure(op, ops=50, concurrency=4)
+        for concurrency in (1, 16):
+            series = {name: Series(name) for name in variants}
+            for _ in range(rounds):
+                for name, op in variants.items():
+                    series[name].values.append(await measure(op, ops=ops, concurrency=concurrency))
+            base = series[BASELINE].median
+            rows = [
+                (
+                    name,
+                    f"{s.median:,.0f}",
+                    f"±{s.spread:.1%}",
+                    f"{s.median / base:.3f}",
+                    f"{1e6 / s.median:,.0f}",
+                )
+                for name, s in series.items()
+            ]
+            sections.append(
+                f"Concurrency {concurrency} ({rounds} rounds x {ops} units of work):\n\n"
+                + table(
+                    ("variant", "units/s (median)", "spread", f"vs {BASELINE}", "µs per unit"), rows
+                )
+            )
+    finally:
+        await close()
+    return "\n\n".join(sections)
+
+
+def main(argv: list[str] | None = None) -> str:
+    parser = argparse.ArgumentParser(prog="python -m bench.overhead")
+    parser.add_argument("--quick", action="store_true", help="one tiny round (CI smoke run)")
+    parser.add_argument("--rounds", type=int, default=5)
+    parser.add_argument("--ops", type=int, default=2000)
+    args = parser.parse_args(argv)
+    rounds, ops = (1, 64) if args.quick else (args.rounds, args.ops)
+    with bench_cluster() as cluster:
+        report = asyncio.run(run(cluster, rounds=rounds, ops=ops))
+    text_out = f"## Session overhead\n\nMachine: {machine()}\n\n{report}\n"
+    print(text_out)
+    return text_out
+
+
+if __name__ == "__main__":
+    main()

@@ -1,0 +1,126 @@
+"""The health monitor and the circuit breaker: probing cost, backoff, status, policies."""
+
+from __future__ import annotations
+
+import asyncio
+import logging
+import time
+
+import httpx
+import pytest
+from sqlalchemy import text
+
+from app.core.config import HealthSettings
+from app.db.health import ServerHealth
+from app.db.router import SessionRouter
+from app.devcluster import DevCluster
+from app.main import app
+
+from .conftest import HEALTH_INTERVAL, database_settings
+from .faults import ReadLoad, eventually
+
+WHO = text("SELECT inet_server_port()")
+
+
+async def test_one_probe_connection_per_server_and_none_from_the_pools(
+    router: SessionRouter, pg: DevCluster
+) -> None:
+    async with ReadLoad(router, tasks=20) as load:
+        probes_before = {n: s.probes for n, s in router.monitor.servers.items()}
+        started = time.monotonic()
+        await asyncio.sleep(6 * HEALTH_INTERVAL)
+        elapsed = time.monotonic() - started
+    assert load.failures == [] and load.total > 100
+    rounds = elapsed / HEALTH_INTERVAL
+    for endpoint, server in router.monitor.servers.items():
+        probes = server.probes - probes_before[endpoint]
+        assert rounds - 2 <= probes <= rounds + 1, (endpoint, probes, rounds)
+    count = "SELECT count(*) FROM pg_stat_activity WHERE application_name = 'session-router:health'"
+    for node in pg.nodes:
+        assert await asyncio.to_thread(pg.sql, node, count) == "1"
+
+
+async def test_an_ejection_is_logged_once_not_per_request(
+    router: SessionRouter, pg: DevCluster, caplog: pytest.LogCaptureFixture
+) -> None:
+    endpoint = f"127.0.0.1:{pg.nodes['replica2'].port}"
+    caplog.set_level(logging.WARNING, logger="app.db.health")
+    try:
+        async with ReadLoad(router, tasks=20) as load:
+            await eventually(lambda: load.total > 50, within=5, what="reads")
+            await asyncio.to_thread(pg.stop_node, "replica2")
+            await eventually(
+                lambda: not router.monitor.servers[endpoint].up, within=2, what="ejection"
+            )
+            before = load.total
+            await eventually(lambda: load.total > before + 300, within=5, what="more reads")
+        assert load.failures == []
+    finally:
+        await asyncio.to_thread(pg.start_node, "replica2")
+        await asyncio.to_thread(pg.wait_streaming)
+    ejections = [r for r in caplog.records if r.getMessage().startswith(f"ejected {endpoint}")]
+    assert len(ejections) == 1
+
+
+def test_a_flapping_server_waits_longer_before_each_trial() -> None:
+    from sqlalchemy.engine import make_url
+
+    health = ServerHealth(
+        "db:5432",
+        make_url("postgresql+asyncpg://u@db/x"),
+        HealthSettings(interval=1.0, max_backoff=4.0),
+    )
+    waits = []
+    for _ in range(5):
+        health.eject("refused")
+        waits.append(round(health.retry_at - time.monotonic()))
+        assert not health.up and not health.probe_due(time.monotonic())
+        health.admit()
+        assert health.up
+    assert waits == [1, 2, 4, 4, 4]
+
+
+async def test_status_and_health_route_show_roles_lag_and_pools(router: SessionRouter) -> None:
+    async with httpx.AsyncClient(
+        transport=httpx.ASGITransport(app=app), base_url="http://test"
+    ) as client:
+        response = await client.get("/health/db")
+    body = response.json()
+    assert response.status_code == 200 and body["status"] == "ok"
+    assert body["monitor_running"] is True
+    primary, replica = body["nodes"]["main.primary"], body["nodes"]["main.replica1"]
+    assert (primary["role"], primary["state"], primary["in_recovery"]) == ("primary", "up", False)
+    assert (replica["role"], replica["state"], replica["in_recovery"]) == ("replica", "up", True)
+    assert isinstance(replica["lag_bytes"], int) and replica["fresh"] is True
+    assert primary["pool"] == {"in_use": 0, "size": 5}
+
+
+@pytest.mark.parametrize("policy", ["weighted", "least_in_use"])
+async def test_replica_policies(migrated: DevCluster, policy: str) -> None:
+    pg = migrated
+    cluster = {
+        "primary": pg.url(database="app", user="app"),
+        "replicas": [
+            {"url": pg.url(n.name, database="app", user="app"), "weight": weight}
+            for n, weight in zip(pg.replicas, (3, 1), strict=True)
+        ],
+    }
+    settings = database_settings(pg, clusters={"main": cluster}, routing={"policy": policy})
+    router = SessionRouter(settings)
+    ports = [n.port for n in pg.replicas]
+    try:
+        await router.start()
+        if policy == "weighted":
+            seen = []
+            for _ in range(40):
+                async with router.session("replica") as session:
+                    seen.append(await session.scalar(WHO))
+            assert (seen.count(ports[0]), seen.count(ports[1])) == (30, 10)
+        else:
+            async with router.session("replica") as held:  # replica1 now has one in use
+                first = await held.scalar(WHO)
+                for _ in range(5):
+                    async with router.session("replica") as session:
+                        assert await session.scalar(WHO) != first
+    finally:
+        await router.dispose()
