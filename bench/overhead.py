@@ -1,6 +1,7 @@
 """Session overhead: "open a session, SELECT 1, close" per variant, at concurrency 1 and 16.
 
-Variants, interleaved round by round so that drift on the machine hits them all alike:
+Variants, interleaved round by round so that drift on the machine hits them all alike, all on
+the same primary and the same replica with the same pool shape:
 - raw asyncpg pool (the floor: no ORM at all),
 - hand-written `async_sessionmaker` over one engine (what users write today; the baseline),
 - the same with `pool_pre_ping=True` (what they write to survive restarts),
@@ -58,10 +59,12 @@ async def build_variants(
         async with raw_pool.acquire() as connection:
             await connection.fetchval("SELECT 1")
 
-    def hand_written(maker: async_sessionmaker[Any]) -> Op:
+    def hand_written(maker: async_sessionmaker[Any], *, commit: bool = False) -> Op:
         async def op() -> None:
             async with maker() as session:
                 await session.execute(SELECT_1)
+                if commit:  # a write unit of work ends with COMMIT
+                    await session.commit()
 
         return op
 
@@ -77,8 +80,8 @@ async def build_variants(
         BASELINE: hand_written(plain_maker),
         "hand-written + pool_pre_ping": hand_written(pinged_maker),
         "router, target replica": routed(Target(intent="read")),
-        "hand-written, primary": hand_written(primary_maker),
-        "router, target primary": routed(Target()),
+        "hand-written, primary, COMMIT": hand_written(primary_maker, commit=True),
+        "router, target primary (COMMIT)": routed(Target()),
         "router, tenant database (read)": routed(Target(tenant="acme", intent="read")),
         "router, tenant schema (read)": routed(Target(tenant="globex", intent="read")),
         "router, tenant row (read)": routed(Target(tenant="initech", intent="read")),

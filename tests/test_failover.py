@@ -22,10 +22,10 @@ from app.db.errors import (
 from app.db.router import SessionRouter
 from app.db.targets import Target
 from app.devcluster import DevCluster
+from app.faults import BlackholeServer, CommitCutter, ReadLoad, eventually
 from app.main import app
 
 from .conftest import APP_ROLE, HEALTH_INTERVAL, database_settings
-from .faults import BlackholeServer, CommitCutter, ReadLoad, eventually
 
 SLACK = 0.5  # scheduling and pg_ctl latency on a loaded 2-core machine
 

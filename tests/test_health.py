@@ -14,10 +14,10 @@ from app.core.config import HealthSettings
 from app.db.health import ServerHealth
 from app.db.router import SessionRouter
 from app.devcluster import DevCluster
+from app.faults import ReadLoad, eventually
 from app.main import app
 
 from .conftest import HEALTH_INTERVAL, database_settings
-from .faults import ReadLoad, eventually
 
 WHO = text("SELECT inet_server_port()")
 

@@ -27,6 +27,7 @@ from pydantic import (
     PlainSerializer,
     PositiveFloat,
     PositiveInt,
+    SecretStr,
     ValidationError,
 )
 from pydantic_settings import (
@@ -173,6 +174,22 @@ class TenantSettings(_Section):
     active: bool = True
 
 
+class TenancySettings(_Section):
+    """Tenants beyond the configuration file, and the engines of database-placed tenants."""
+
+    #: Also look tenants up in the `tenants` table on the default cluster's primary.
+    catalog: bool = True
+    #: Seconds between full reloads of the catalog (disabled or removed tenants stop routing).
+    catalog_ttl: PositiveFloat = 30.0
+    #: An unknown id triggers a catalog reload at most this often (seconds), so a burst of
+    #: random ids costs at most one query per interval.
+    catalog_min_reload: PositiveFloat = 1.0
+    #: Engines (one per node of a tenant's database) kept open; least recently used go first.
+    max_engines: PositiveInt = 100
+    #: Pool of each tenant database engine.
+    pool: PoolSettings = PoolSettings(size=2, max_overflow=0)
+
+
 class DatabaseSettings(_Section):
     default_cluster: str = "main"
     clusters: dict[str, ClusterSettings] = Field(default_factory=dict)
@@ -182,6 +199,25 @@ class DatabaseSettings(_Section):
     health: HealthSettings = HealthSettings()
     routing: RoutingSettings = RoutingSettings()
     retry: RetrySettings = RetrySettings()
+    tenancy: TenancySettings = TenancySettings()
+    #: Most connections this process may hold across every pool (None: no cap). Checked at
+    #: startup against the pools' sizes, so it holds by construction. The health monitor's
+    #: one connection per server comes on top.
+    max_connections: PositiveInt | None = None
+
+
+class HttpSettings(_Section):
+    """How the example app finds the tenant of a request."""
+
+    tenant_resolver: Literal["header", "subdomain", "path", "token"] = "header"
+    tenant_header: str = "X-Tenant-ID"
+    #: `subdomain`: requests to `<tenant>.<base_domain>` belong to `<tenant>`.
+    base_domain: str | None = None
+    #: `path`: the name of the path parameter holding the tenant id.
+    tenant_path_param: str = "tenant"
+    #: `token`: HS256 signing key of the bearer token, and the claim naming the tenant.
+    token_secret: SecretStr | None = None
+    token_claim: str = "tenant"  # noqa: S105 - a claim name, not a secret
 
 
 class Settings(BaseSettings):
@@ -194,6 +230,7 @@ class Settings(BaseSettings):
     )
 
     database: DatabaseSettings = DatabaseSettings()
+    http: HttpSettings = HttpSettings()
 
     @classmethod
     def settings_customise_sources(
@@ -255,6 +292,27 @@ def check_database_settings(database: DatabaseSettings) -> None:
             raise ConfigError(f"database.clusters.{name}.primary: required (or give nodes)")
     for tenant_id, tenant in database.tenants.items():
         _check_tenant(database, tenant_id, tenant)
+    _check_connection_budget(database)
+
+
+def pool_connections(pool: PoolSettings) -> int:
+    return pool.size + pool.max_overflow
+
+
+def _check_connection_budget(database: DatabaseSettings) -> None:
+    if database.max_connections is None:
+        return
+    clusters = sum(
+        pool_connections(c.pool) * (int(c.primary is not None) + len(c.replicas) + len(c.nodes))
+        for c in database.clusters.values()
+    )
+    tenants = database.tenancy.max_engines * pool_connections(database.tenancy.pool)
+    if clusters + tenants > database.max_connections:
+        raise ConfigError(
+            f"database.max_connections: the pools may open up to {clusters + tenants} "
+            f"connections ({clusters} for clusters, {tenants} for tenant engines: "
+            "tenancy.max_engines x tenancy.pool size + max_overflow); raise the cap or shrink them"
+        )
 
 
 def _check_tenant(database: DatabaseSettings, tenant_id: str, tenant: TenantSettings) -> None:

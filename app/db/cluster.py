@@ -163,6 +163,8 @@ class Cluster:
         self.nodes = tuple(nodes)
         self.policy = policy
         self.fallback_to_primary = fallback_to_primary
+        #: Sessions open on this cluster's nodes (an idle tenant cluster may be evicted).
+        self.in_flight = 0
 
     @classmethod
     def from_settings(
@@ -174,6 +176,7 @@ class Cluster:
         routing: RoutingSettings,
         connect_timeout: float,
         database: str | None = None,
+        pool: PoolSettings | None = None,
     ) -> Cluster:
         """Build the cluster; `database` swaps the database name on every node (tenants)."""
 
@@ -184,7 +187,7 @@ class Cluster:
                 node_name,
                 role,
                 url,
-                settings.pool,
+                pool or settings.pool,
                 health=monitor.server(url),
                 connect_timeout=connect_timeout,
                 weight=weight,

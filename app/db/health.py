@@ -70,6 +70,8 @@ class ServerHealth:
         self.fresh = True
         self.last_probe_at: float | None = None
         self.probes = 0
+        #: Nodes (engines) on this server; the monitor forgets a server when it reaches 0.
+        self.nodes = 0
 
     def eject(self, reason: str) -> None:
         """Open the circuit now. Safe to call again while open (pushes the trial out)."""
@@ -152,11 +154,22 @@ class HealthMonitor:
         self._wake = asyncio.Event()
 
     def server(self, url: URL) -> ServerHealth:
+        """The health of `url`'s server, shared by every node on it (counted, see release)."""
         endpoint = endpoint_of(url)
         server = self.servers.get(endpoint)
         if server is None:
             server = self.servers[endpoint] = ServerHealth(endpoint, url, self.settings)
+        server.nodes += 1
         return server
+
+    def release(self, server: ServerHealth) -> None:
+        """A node on `server` is gone; the last one stops its probing."""
+        server.nodes -= 1
+        if server.nodes <= 0 and self.servers.get(server.endpoint) is server:
+            del self.servers[server.endpoint]
+            connection = self._connections.pop(server.endpoint, None)
+            if connection is not None:
+                connection.terminate()
 
     # -- lifecycle -----------------------------------------------------------------------
 
@@ -263,6 +276,10 @@ class HealthMonitor:
                     continue
                 if writer_lsn is not None and replica.lsn is not None:
                     replica.lag_bytes = max(0, writer_lsn - replica.lsn)
+                    if replica.lag_bytes == 0:
+                        # Replayed all the primary had: the "seconds since the last replayed
+                        # transaction" figure only measures how idle the primary has been.
+                        replica.lag_seconds = 0.0
                 too_far_seconds = (
                     max_seconds is not None and (replica.lag_seconds or 0.0) > max_seconds
                 )

@@ -16,10 +16,9 @@ import logging
 from dataclasses import dataclass
 
 from sqlalchemy import Connection, text
-from sqlalchemy.ext.asyncio import AsyncEngine
 
 from app.db.router import SessionRouter
-from app.db.tenancy import ROW_TENANT_SETTING, quote_identifier
+from app.db.tenancy import ROW_TENANT_SETTING, catalog_metadata, quote_identifier
 from app.models import Base
 
 logger = logging.getLogger(__name__)
@@ -30,52 +29,58 @@ _MIGRATION_LOCK_KEY = 0x5E55_1011  # any constant shared by every migrating proc
 @dataclass(frozen=True, slots=True)
 class MigrationTarget:
     label: str
-    engine: AsyncEngine
+    cluster_key: str
     schema: str | None = None
+    #: The default cluster also holds the router's own `tenants` catalog table.
+    catalog: bool = False
 
 
 def migration_targets(router: SessionRouter) -> list[MigrationTarget]:
-    """The default cluster's primary, then each tenant's database or schema."""
-    targets = [
-        MigrationTarget(
-            f"cluster {router.default_cluster.name}", router.default_cluster.primary.engine
-        )
-    ]
-    seen = {router.default_cluster.primary.name}
+    """The default cluster's primary, then each tenant's database or schema (each once)."""
+    default = router.default_cluster.name
+    targets = [MigrationTarget(f"cluster {default}", default, catalog=True)]
+    databases = {default}
     for placement in router.tenants:
-        cluster = router.cluster(placement.cluster_key)
         if placement.strategy == "schema":
-            targets.append(
-                MigrationTarget(
-                    f"tenant {placement.tenant_id} (schema {placement.schema})",
-                    cluster.primary.engine,
-                    placement.schema,
-                )
-            )
-        elif cluster.primary.name not in seen:
-            seen.add(cluster.primary.name)
-            targets.append(
-                MigrationTarget(
-                    f"tenant {placement.tenant_id} (database on {cluster.primary.name})",
-                    cluster.primary.engine,
-                )
-            )
+            label = f"tenant {placement.tenant_id} (schema {placement.schema})"
+            targets.append(MigrationTarget(label, placement.cluster_key, placement.schema))
+        elif placement.cluster_key not in databases:
+            databases.add(placement.cluster_key)
+            label = f"tenant {placement.tenant_id} (database {placement.cluster_key})"
+            targets.append(MigrationTarget(label, placement.cluster_key))
     return targets
 
 
 async def migrate(router: SessionRouter) -> list[str]:
-    """Migrate every target; returns the labels of what was migrated."""
-    done = []
-    for target in migration_targets(router):
-        async with target.engine.begin() as conn:
-            await conn.run_sync(_migrate_sync, target.schema)
+    """Migrate every target, including tenants of the catalog; returns what was migrated."""
+    default, *tenants = migration_targets(router)
+    await migrate_target(router, default)  # creates the catalog table, so read it after
+    if router.tenants.catalog is not None:
+        await router.tenants.reload()
+        default, *tenants = migration_targets(router)
+    for target in tenants:
+        await migrate_target(router, target)
         logger.debug("migrated %s", target.label)
-        done.append(target.label)
-    return done
+    return [default.label, *(target.label for target in tenants)]
 
 
-def _migrate_sync(conn: Connection, schema: str | None) -> None:
+async def migrate_target(router: SessionRouter, target: MigrationTarget) -> None:
+    """One target; a tenant database's engines are released right after (thousands of them
+    must not stay open because a migration visited them)."""
+    was_open = target.cluster_key in router.clusters
+    cluster = router.cluster(target.cluster_key)
+    try:
+        async with cluster.primary.engine.begin() as conn:
+            await conn.run_sync(_migrate_sync, target.schema, catalog=target.catalog)
+    finally:
+        if not was_open and target.cluster_key in router.tenant_clusters:
+            await router.tenant_clusters.evict(cluster)
+
+
+def _migrate_sync(conn: Connection, schema: str | None, *, catalog: bool) -> None:
     conn.execute(text("SELECT pg_advisory_xact_lock(:key)"), {"key": _MIGRATION_LOCK_KEY})
+    if catalog:
+        catalog_metadata.create_all(conn)
     if schema is not None:
         conn.execute(text(f"CREATE SCHEMA IF NOT EXISTS {quote_identifier(schema)}"))
         conn = conn.execution_options(schema_translate_map={None: schema})

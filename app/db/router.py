@@ -25,7 +25,14 @@ from sqlalchemy.ext.asyncio import AsyncSession
 from sqlalchemy.orm import Session
 from tenacity import RetryError
 
-from app.core.config import DatabaseSettings, Settings, check_database_settings, load_settings
+from app.core.config import (
+    ClusterSettings,
+    DatabaseSettings,
+    PoolSettings,
+    Settings,
+    check_database_settings,
+    load_settings,
+)
 from app.db.cluster import Cluster, Node
 from app.db.errors import (
     CommitOutcomeUnknownError,
@@ -49,7 +56,8 @@ from app.db.retry import (
     sqlstate,
 )
 from app.db.targets import Target
-from app.db.tenancy import Placement, TenantRegistry
+from app.db.tenancy import Placement, TenantCatalog, TenantRegistry
+from app.db.tenant_clusters import TenantClusterCache
 
 logger = logging.getLogger(__name__)
 
@@ -64,6 +72,7 @@ _REFUSED_SQLSTATES = frozenset({"57P03", "08001", "08004"})
 class Route:
     """The outcome of routing one target: which node, in which mode, for which tenant."""
 
+    cluster: Cluster
     node: Node
     read_only: bool
     placement: Placement | None
@@ -83,7 +92,19 @@ class SessionRouter:
         for name, cluster in settings.clusters.items():
             self._add_cluster(name, self._build_cluster(name, cluster))
         self.default_cluster = self._clusters[settings.default_cluster]
-        self.tenants = TenantRegistry(settings.tenants, settings.default_cluster)
+        catalog = TenantCatalog(lambda: self.default_cluster.primary.engine)
+        self.tenants = TenantRegistry(
+            settings.tenants,
+            settings.default_cluster,
+            settings=settings.tenancy,
+            catalog=catalog if settings.tenancy.catalog else None,
+        )
+        self.tenant_clusters = TenantClusterCache(
+            self._build_tenant_cluster,
+            max_engines=settings.tenancy.max_engines,
+            wait_timeout=settings.tenancy.pool.timeout,
+            on_evict=self._forget_cluster,
+        )
 
     @classmethod
     def from_settings(cls, settings: Settings | None = None) -> SessionRouter:
@@ -91,7 +112,13 @@ class SessionRouter:
 
     # -- clusters and nodes --------------------------------------------------------------
 
-    def _build_cluster(self, key: str, settings: Any, database: str | None = None) -> Cluster:
+    def _build_cluster(
+        self,
+        key: str,
+        settings: ClusterSettings,
+        database: str | None = None,
+        pool: PoolSettings | None = None,
+    ) -> Cluster:
         return Cluster.from_settings(
             key,
             settings,
@@ -99,12 +126,22 @@ class SessionRouter:
             routing=self.settings.routing,
             connect_timeout=self.settings.connect_timeout,
             database=database,
+            pool=pool,
         )
 
     def _add_cluster(self, key: str, cluster: Cluster) -> Cluster:
         self._clusters[key] = cluster
         self._nodes.update((node.name, node) for node in cluster.nodes)
         return cluster
+
+    def _forget_cluster(self, cluster: Cluster) -> None:
+        """An evicted tenant cluster: unreachable by name, its servers released."""
+        if self._clusters.get(cluster.name) is cluster:
+            del self._clusters[cluster.name]
+        for node in cluster.nodes:
+            if self._nodes.get(node.name) is node:
+                del self._nodes[node.name]
+            self.monitor.release(node.health)
 
     @property
     def clusters(self) -> dict[str, Cluster]:
@@ -114,20 +151,34 @@ class SessionRouter:
         """A configured cluster, or a tenant's database cluster, built on first use."""
         cluster = self._clusters.get(key)
         if cluster is None:
-            cluster = self._add_cluster(key, self._build_tenant_cluster(key))
+            cluster = self._add_cluster(key, self.tenant_clusters.build_now(key))
+        elif key in self.tenant_clusters:
+            self.tenant_clusters.touch(key)
         return cluster
+
+    async def _tenant_cluster(self, key: str) -> Cluster:
+        """Like `cluster`, but a new tenant cluster waits for room within the engine budget."""
+        cluster = self._clusters.get(key)
+        if cluster is not None:
+            if key in self.tenant_clusters:
+                self.tenant_clusters.touch(key)
+            return cluster
+        if "@" not in key:
+            return self.cluster(key)  # a configured cluster name: raises TargetError if unknown
+        return self._add_cluster(key, await self.tenant_clusters.acquire(key))
 
     def _build_tenant_cluster(self, key: str) -> Cluster:
         base, sep, database = key.partition("@")
         if not sep or (base and base not in self._configured):
             raise TargetError(f"no cluster named {key!r}")
+        pool = self.settings.tenancy.pool
         if not base:  # "@tenant": the tenant's own server, from its url
-            tenant = self.tenants.settings(database)
+            tenant = self.tenants.settings_of(database)
             own = self.settings.clusters[self.settings.default_cluster].model_copy(
                 update={"primary": tenant.url, "replicas": [], "nodes": []}
             )
-            return self._build_cluster(key, own)
-        return self._build_cluster(key, self.settings.clusters[base], database)
+            return self._build_cluster(key, own, pool=pool)
+        return self._build_cluster(key, self.settings.clusters[base], database, pool=pool)
 
     def node(self, name: str) -> Node:
         node = self._nodes.get(name)
@@ -153,7 +204,9 @@ class SessionRouter:
             placement = self.tenants.placement(target.tenant)
             cluster = self.cluster(placement.cluster_key)
         elif target.node is not None:
-            return Route(self.node(target.node), target.read_only, None)
+            explicit = self.node(target.node)
+            owner = self._clusters[explicit.name.rpartition(".")[0]]  # "<cluster>.<node>"
+            return Route(owner, explicit, target.read_only, None)
         elif target.cluster is not None:
             cluster = self._clusters.get(target.cluster) or self.cluster(target.cluster)
         else:
@@ -161,7 +214,7 @@ class SessionRouter:
         node = cluster.reader() if target.read_only and not target.use_primary else cluster.writer()
         if node is None:
             raise NoNodeAvailableError(_why_unavailable(cluster, target))
-        return Route(node, target.read_only, placement)
+        return Route(cluster, node, target.read_only, placement)
 
     # -- sessions ------------------------------------------------------------------------
 
@@ -209,24 +262,31 @@ class SessionRouter:
         self, target: Target, deadline_at: float | None
     ) -> AsyncIterator[AsyncSession]:
         session, route = await self._open(target, deadline_at)
-        # AsyncSession.__aexit__ shields close() from cancellation, so a cancelled request
-        # still returns its connection to the pool instead of leaking it.
-        async with session:
-            try:
-                yield session
-            except DBAPIError as exc:
-                await _rollback_quietly(session)
-                translated = self._translate(exc, route)
-                if translated is exc:
+        cluster = route.cluster
+        cluster.in_flight += 1
+        try:
+            # AsyncSession.__aexit__ shields close() from cancellation, so a cancelled request
+            # still returns its connection to the pool instead of leaking it.
+            async with session:
+                try:
+                    yield session
+                except DBAPIError as exc:
+                    await _rollback_quietly(session)
+                    translated = self._translate(exc, route)
+                    if translated is exc:
+                        raise
+                    raise translated from exc
+                except BaseException:
+                    await _rollback_quietly(session)
                     raise
-                raise translated from exc
-            except BaseException:
-                await _rollback_quietly(session)
-                raise
-            if route.read_only:
-                _check_nothing_pending(session, route)  # then close() rolls back: no COMMIT
-            else:
-                await self._commit(session, route)
+                if route.read_only:
+                    _check_nothing_pending(session, route)  # then close() rolls back: no COMMIT
+                else:
+                    await self._commit(session, route)
+        finally:
+            cluster.in_flight -= 1
+            if cluster.in_flight == 0:
+                self.tenant_clusters.released(cluster)
 
     async def _open(self, target: Target, deadline_at: float | None) -> tuple[AsyncSession, Route]:
         if not self.monitor.running:
@@ -263,6 +323,14 @@ class SessionRouter:
         raise AssertionError("unreachable: tenacity either returns or raises")
 
     async def _open_once(self, target: Target) -> tuple[AsyncSession, Route]:
+        if target.tenant is not None:
+            # Async only on a miss: an unknown id may need the catalog, a new database tenant
+            # may need to wait for room among the tenant engines.
+            placement = self.tenants.cached(target.tenant)
+            if placement is None:
+                placement = await self.tenants.resolve(target.tenant)
+            if placement.cluster_key not in self._clusters:
+                await self._tenant_cluster(placement.cluster_key)
         route = self.route(target)
         session = route.node.factory(route.read_only)()
         if route.placement is not None:
@@ -345,6 +413,8 @@ class SessionRouter:
     async def dispose(self) -> None:
         """Stop the monitor and close every pool. Using the router again restarts both."""
         await self.monitor.stop()
+        await self.tenants.close()
+        await self.tenant_clusters.close()
         for cluster in list(self._clusters.values()):
             await cluster.dispose()
 

@@ -1,27 +1,61 @@
-"""Tenants: validating ids, looking them up, and the three placement strategies.
+"""Tenants: validating ids, where each tenant lives, and the registry that knows them all.
 
-A placement answers two questions for the router: which cluster holds the tenant's data, and
-what must run at the start of each transaction to confine it (nothing for `database`;
-`search_path` for `schema`; `app.tenant_id` for `row`). Both settings are transaction-local
+A *placement strategy* answers, for one tenant, which cluster holds its data and what must run
+at the start of each transaction to confine it: nothing for `database`; `search_path` for
+`schema`; `app.tenant_id` for `row`. Both settings are transaction-local
 (`set_config(..., true)`), so a pooled connection carries nothing into the next transaction.
+
+The *registry* knows the tenants of the configuration file and, optionally, those of the
+`tenants` catalog table on the default cluster's primary. The catalog is read whole (on a TTL,
+and on a miss at most once per `catalog_min_reload`), never id by id: a burst of requests for
+random unknown ids costs at most one query per interval, and each lookup on the hot path is a
+dictionary read.
 """
 
 from __future__ import annotations
 
-from collections.abc import Callable, Mapping
+import asyncio
+import contextlib
+import logging
+import time
+from collections.abc import Callable, Iterator, Mapping
 from dataclasses import dataclass
-from typing import Any
+from typing import Any, ClassVar
 
-from sqlalchemy import TextClause, text
+from pydantic import ValidationError
+from sqlalchemy import (
+    Boolean,
+    CheckConstraint,
+    Column,
+    DateTime,
+    MetaData,
+    Table,
+    Text,
+    TextClause,
+    func,
+    select,
+    text,
+    true,
+)
+from sqlalchemy.ext.asyncio import AsyncEngine
 
-from app.core.config import TENANT_ID_PATTERN, TenantSettings
-from app.db.errors import InvalidTenantError, TenantInactiveError, UnknownTenantError
+from app.core.config import TENANT_ID_PATTERN, TenancySettings, TenantSettings
+from app.db.errors import (
+    DatabaseUnavailableError,
+    InvalidTenantError,
+    TenantInactiveError,
+    UnknownTenantError,
+)
+from app.db.retry import describe_error, sqlstate
+
+logger = logging.getLogger(__name__)
 
 TransactionSetup = tuple[TextClause, dict[str, Any]]
 
 # Built once: compiled-statement caching keys on this object.
 _SET_CONFIG = text("SELECT set_config(:name, :value, true)")
 ROW_TENANT_SETTING = "app.tenant_id"
+_UNDEFINED_TABLE = "42P01"
 
 
 def quote_identifier(name: str) -> str:
@@ -30,47 +64,6 @@ def quote_identifier(name: str) -> str:
 
 def default_schema_name(tenant_id: str) -> str:
     return tenant_id.replace("-", "_")
-
-
-@dataclass(frozen=True, slots=True)
-class Placement:
-    """Where a tenant lives: the cluster key and the per-transaction setup, if any."""
-
-    tenant_id: str
-    strategy: str
-    cluster_key: str
-    transaction_setup: TransactionSetup | None
-    #: For `schema`: the schema that holds the tenant's tables.
-    schema: str | None = None
-
-
-def database_placement(tenant_id: str, settings: TenantSettings, default_cluster: str) -> Placement:
-    if settings.url is not None:
-        key = f"@{tenant_id}"  # a server of its own, built from `url`
-    elif settings.database is not None:
-        key = f"{settings.cluster or default_cluster}@{settings.database}"
-    else:
-        assert settings.cluster is not None
-        key = settings.cluster
-    return Placement(tenant_id, "database", key, None)
-
-
-def schema_placement(tenant_id: str, settings: TenantSettings, default_cluster: str) -> Placement:
-    schema = settings.schema_name or default_schema_name(tenant_id)
-    setup = (_SET_CONFIG, {"name": "search_path", "value": quote_identifier(schema)})
-    return Placement(tenant_id, "schema", settings.cluster or default_cluster, setup, schema)
-
-
-def row_placement(tenant_id: str, settings: TenantSettings, default_cluster: str) -> Placement:
-    setup = (_SET_CONFIG, {"name": ROW_TENANT_SETTING, "value": tenant_id})
-    return Placement(tenant_id, "row", settings.cluster or default_cluster, setup)
-
-
-PLACEMENTS: dict[str, Callable[[str, TenantSettings, str], Placement]] = {
-    "database": database_placement,
-    "schema": schema_placement,
-    "row": row_placement,
-}
 
 
 def validate_tenant_id(tenant_id: str) -> str:
@@ -82,30 +75,248 @@ def validate_tenant_id(tenant_id: str) -> str:
     return tenant_id
 
 
-class TenantRegistry:
-    """Tenant id -> `Placement`, built once from the configuration."""
+@dataclass(frozen=True, slots=True)
+class Placement:
+    """Where a tenant lives: the cluster key and the per-transaction setup, if any."""
 
-    def __init__(self, tenants: Mapping[str, TenantSettings], default_cluster: str) -> None:
-        self._settings = dict(tenants)
-        self._placements = {
-            tenant_id: PLACEMENTS[settings.strategy](tenant_id, settings, default_cluster)
-            for tenant_id, settings in tenants.items()
+    tenant_id: str
+    strategy: str
+    cluster_key: str
+    transaction_setup: TransactionSetup | None
+    active: bool = True
+    #: `schema`: the schema holding the tenant's tables. `database`: the database name.
+    schema: str | None = None
+    database: str | None = None
+
+
+class DatabaseStrategy:
+    """The tenant's own database: on a shared cluster's servers (and so its replicas), on a
+    cluster of its own, or on a server of its own given by `url` (primary only)."""
+
+    name: ClassVar[str] = "database"
+
+    def place(self, tenant_id: str, settings: TenantSettings, default_cluster: str) -> Placement:
+        database: str | None
+        if settings.url is not None:
+            key, database = f"@{tenant_id}", settings.url.database
+        elif settings.database is not None:
+            key = f"{settings.cluster or default_cluster}@{settings.database}"
+            database = settings.database
+        else:
+            assert settings.cluster is not None
+            key, database = settings.cluster, None
+        return Placement(tenant_id, self.name, key, None, settings.active, database=database)
+
+
+class SchemaStrategy:
+    """A schema in a shared database; every transaction starts with its `search_path`."""
+
+    name: ClassVar[str] = "schema"
+
+    def place(self, tenant_id: str, settings: TenantSettings, default_cluster: str) -> Placement:
+        schema = settings.schema_name or default_schema_name(tenant_id)
+        setup = (_SET_CONFIG, {"name": "search_path", "value": quote_identifier(schema)})
+        cluster = settings.cluster or default_cluster
+        return Placement(tenant_id, self.name, cluster, setup, settings.active, schema=schema)
+
+
+class RowStrategy:
+    """Shared tables; every transaction sets `app.tenant_id`, which row-level security reads."""
+
+    name: ClassVar[str] = "row"
+
+    def place(self, tenant_id: str, settings: TenantSettings, default_cluster: str) -> Placement:
+        setup = (_SET_CONFIG, {"name": ROW_TENANT_SETTING, "value": tenant_id})
+        cluster = settings.cluster or default_cluster
+        return Placement(tenant_id, self.name, cluster, setup, settings.active)
+
+
+STRATEGIES: dict[str, DatabaseStrategy | SchemaStrategy | RowStrategy] = {
+    strategy.name: strategy for strategy in (DatabaseStrategy(), SchemaStrategy(), RowStrategy())
+}
+
+
+def place(tenant_id: str, settings: TenantSettings, default_cluster: str) -> Placement:
+    return STRATEGIES[settings.strategy].place(tenant_id, settings, default_cluster)
+
+
+# -- the catalog table -----------------------------------------------------------------------
+
+catalog_metadata = MetaData()
+tenants_table = Table(
+    "tenants",
+    catalog_metadata,
+    Column("id", Text, primary_key=True),
+    Column("strategy", Text, nullable=False),
+    Column("cluster", Text),
+    Column("url", Text),
+    Column("database", Text),
+    Column("schema", Text),
+    Column("active", Boolean, nullable=False, server_default=true()),
+    Column("created_at", DateTime(timezone=True), nullable=False, server_default=func.now()),
+    CheckConstraint("strategy IN ('database', 'schema', 'row')", name="tenants_strategy"),
+)
+
+_SETTING_COLUMNS = ("strategy", "cluster", "url", "database", "schema", "active")
+
+
+class TenantCatalog:
+    """Reads the whole `tenants` table; writes go through `app.db.provisioning`."""
+
+    def __init__(self, engine: Callable[[], AsyncEngine]) -> None:
+        self._engine = engine
+
+    async def load(self) -> dict[str, TenantSettings]:
+        async with self._engine().connect() as connection:
+            rows = (await connection.execute(select(tenants_table))).mappings().all()
+        tenants = {}
+        for row in rows:
+            try:
+                validate_tenant_id(row["id"])
+                values = {key: row[key] for key in _SETTING_COLUMNS if row[key] is not None}
+                tenants[row["id"]] = TenantSettings.model_validate(values)
+            except (InvalidTenantError, ValidationError):
+                # One bad row must not take every tenant down; it is simply not routable.
+                logger.warning("catalog row for a tenant is invalid and is ignored")
+        return tenants
+
+
+# -- the registry ----------------------------------------------------------------------------
+
+
+class TenantRegistry:
+    """Tenant id -> `Placement`: configured tenants, then the catalog's."""
+
+    def __init__(
+        self,
+        configured: Mapping[str, TenantSettings],
+        default_cluster: str,
+        *,
+        settings: TenancySettings,
+        catalog: TenantCatalog | None = None,
+    ) -> None:
+        self.default_cluster = default_cluster
+        self.settings = settings
+        self.catalog = catalog
+        self._configured_settings = dict(configured)
+        self._configured = {
+            tenant_id: place(tenant_id, tenant, default_cluster)
+            for tenant_id, tenant in configured.items()
         }
+        self._catalog_settings: dict[str, TenantSettings] = {}
+        self._catalogued: dict[str, Placement] = {}
+        self._loaded_at = float("-inf")
+        self._load_failed = False
+        self._warned_missing = False
+        self._reload: asyncio.Task[None] | None = None
+
+    # -- lookups ---------------------------------------------------------------------------
+
+    def cached(self, tenant_id: str) -> Placement | None:
+        """The hot path: a dictionary read. Raises for a known but disabled tenant."""
+        placement = self._configured.get(tenant_id) or self._catalogued.get(tenant_id)
+        if placement is None:
+            return None
+        if not placement.active:
+            raise TenantInactiveError(f"tenant {tenant_id!r} is disabled")
+        if (
+            self.catalog is not None
+            and time.monotonic() - self._loaded_at > self.settings.catalog_ttl
+        ):
+            self._start_reload()  # refresh in the background; keep serving what we know
+        return placement
 
     def placement(self, tenant_id: str) -> Placement:
-        placement = self._placements.get(tenant_id)
+        """Synchronous lookup of what is already known (no catalog query)."""
+        placement = self.cached(tenant_id)
         if placement is None:
             validate_tenant_id(tenant_id)
             raise UnknownTenantError(f"unknown tenant {tenant_id!r}")
-        if not self._settings[tenant_id].active:
-            raise TenantInactiveError(f"tenant {tenant_id!r} is disabled")
         return placement
 
-    def settings(self, tenant_id: str) -> TenantSettings:
-        return self._settings[tenant_id]
+    async def resolve(self, tenant_id: str) -> Placement:
+        """Known tenants at once; an unknown id may trigger one (shared) catalog reload."""
+        placement = self.cached(tenant_id)
+        if placement is not None:
+            return placement
+        validate_tenant_id(tenant_id)
+        if self.catalog is not None and (
+            time.monotonic() - self._loaded_at >= self.settings.catalog_min_reload
+        ):
+            await self.reload()
+            placement = self.cached(tenant_id)
+            if placement is not None:
+                return placement
+        if self._load_failed:
+            raise DatabaseUnavailableError(
+                f"tenant {tenant_id!r} is not known here and the tenant catalog is unreachable"
+            )
+        raise UnknownTenantError(f"unknown tenant {tenant_id!r}")
 
-    def __iter__(self) -> Any:
-        return iter(self._placements.values())
+    def settings_of(self, tenant_id: str) -> TenantSettings:
+        return self._configured_settings.get(tenant_id) or self._catalog_settings[tenant_id]
+
+    def __iter__(self) -> Iterator[Placement]:
+        yield from self._configured.values()
+        yield from (p for t, p in self._catalogued.items() if t not in self._configured)
 
     def __len__(self) -> int:
-        return len(self._placements)
+        return len(self._configured) + sum(1 for t in self._catalogued if t not in self._configured)
+
+    def __contains__(self, tenant_id: object) -> bool:
+        return tenant_id in self._configured or tenant_id in self._catalogued
+
+    # -- catalog ---------------------------------------------------------------------------
+
+    async def reload(self) -> None:
+        """Re-read the catalog; concurrent callers share one query (single flight)."""
+        if self._reload is None or self._reload.done():
+            self._reload = asyncio.create_task(self._load(), name="tenant-catalog-reload")
+        # Shielded: one caller's cancellation must not cancel the reload the others wait on.
+        await asyncio.shield(self._reload)
+
+    def _start_reload(self) -> None:
+        with contextlib.suppress(RuntimeError):  # no running loop: the next resolve() reloads
+            if self._reload is None or self._reload.done():
+                self._reload = asyncio.get_running_loop().create_task(self._load())
+
+    async def _load(self) -> None:
+        assert self.catalog is not None
+        self._loaded_at = time.monotonic()  # also rate-limits retries after a failure
+        try:
+            tenants = await self.catalog.load()
+        except Exception as exc:  # the primary may be down, or the table not created yet
+            if sqlstate(exc) == _UNDEFINED_TABLE:
+                if not self._warned_missing:
+                    logger.warning("no tenant catalog table yet: run `python -m app migrate`")
+                    self._warned_missing = True
+                tenants = {}
+            else:
+                if not self._load_failed:
+                    logger.warning("tenant catalog unavailable: %s", describe_error(exc))
+                self._load_failed = True
+                return
+        self._load_failed = False
+        self._catalog_settings = tenants
+        self._catalogued = {
+            tenant_id: place(tenant_id, tenant, self.default_cluster)
+            for tenant_id, tenant in tenants.items()
+        }
+
+    def remember(self, tenant_id: str, tenant: TenantSettings) -> Placement:
+        """Make a tenant routable in this process at once (after adding it to the catalog)."""
+        placement = place(tenant_id, tenant, self.default_cluster)
+        self._catalog_settings[tenant_id] = tenant
+        self._catalogued[tenant_id] = placement
+        return placement
+
+    def forget(self, tenant_id: str) -> None:
+        self._catalog_settings.pop(tenant_id, None)
+        self._catalogued.pop(tenant_id, None)
+
+    async def close(self) -> None:
+        task, self._reload = self._reload, None
+        if task is not None and not task.done():
+            task.cancel()
+            with contextlib.suppress(asyncio.CancelledError):
+                await task

@@ -1,4 +1,6 @@
-"""Real faults on loopback for the failover tests, and a steady load to inflict them on.
+"""Real faults on loopback, and a steady read load to inflict them on.
+
+Used by the failover tests and by `bench/failover.py`; nothing here mocks the database.
 
 - `BlackholeServer`: accepts TCP connections and never says a word (a hung server, a
   half-open firewall): connecting must time out, not hang.
@@ -12,7 +14,7 @@ from __future__ import annotations
 
 import asyncio
 import time
-from collections import Counter
+from collections import Counter, deque
 from collections.abc import Awaitable, Callable
 from typing import Any
 
@@ -121,7 +123,7 @@ class ReadLoad:
         self.tasks = tasks
         self.target = target
         self.ports: Counter[int] = Counter()
-        self.reads_since: list[tuple[float, int]] = []
+        self.recent: deque[tuple[float, int]] = deque(maxlen=1000)
         self.failures: list[BaseException] = []
         self._stopping = False
         self._workers: list[asyncio.Task[None]] = []
@@ -137,11 +139,11 @@ class ReadLoad:
                 self.failures.append(exc)
             else:
                 self.ports[port] += 1
-                self.reads_since.append((time.monotonic(), port))
+                self.recent.append((time.monotonic(), port))
             await asyncio.sleep(0.002)
 
     def served_by(self, port: int, *, after: float) -> bool:
-        return any(at >= after and p == port for at, p in self.reads_since[-200:])
+        return any(at >= after and p == port for at, p in self.recent)
 
     async def __aenter__(self) -> ReadLoad:
         self._workers = [asyncio.create_task(self._work()) for _ in range(self.tasks)]

@@ -1,0 +1,113 @@
+"""The clusters built for database-placed tenants: created on first use, bounded by an LRU.
+
+Every node of such a cluster is an engine with its own pool, so thousands of tenants would mean
+thousands of pools. At most `tenancy.max_engines` engines exist at once; a new tenant's
+cluster first evicts the least recently used ones that have no session in flight (an engine is
+disposed only when its sessions are done), and when every one is busy it waits, up to the pool
+timeout, for one to become idle. Together with pools sized by `tenancy.pool`, this bounds the
+connections a process can hold (checked against `database.max_connections` at startup).
+"""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import logging
+import time
+from collections import OrderedDict
+from collections.abc import Callable
+
+from app.db.cluster import Cluster
+from app.db.errors import DatabaseUnavailableError
+
+logger = logging.getLogger(__name__)
+
+
+class TenantClusterCache:
+    def __init__(
+        self,
+        build: Callable[[str], Cluster],
+        *,
+        max_engines: int,
+        wait_timeout: float,
+        on_evict: Callable[[Cluster], None],
+    ) -> None:
+        self._build = build
+        self.max_engines = max_engines
+        self._wait_timeout = wait_timeout
+        self._on_evict = on_evict
+        self._lru: OrderedDict[str, Cluster] = OrderedDict()
+        self.engines = 0
+        self._idle = asyncio.Event()
+        self._lock: asyncio.Lock | None = None
+
+    def __contains__(self, key: object) -> bool:
+        return key in self._lru
+
+    def __len__(self) -> int:
+        return len(self._lru)
+
+    def touch(self, key: str) -> None:
+        self._lru.move_to_end(key)
+
+    def build_now(self, key: str) -> Cluster:
+        """Build without waiting for room (migrations, introspection); may exceed the LRU bound
+        until the next `acquire` evicts."""
+        cluster = self._build(key)
+        self._lru[key] = cluster
+        self.engines += len(cluster.nodes)
+        return cluster
+
+    async def acquire(self, key: str) -> Cluster:
+        """The tenant's cluster, built when missing, after making room within the bound."""
+        if self._lock is None:
+            self._lock = asyncio.Lock()
+        async with self._lock:
+            cluster = self._lru.get(key)
+            if cluster is not None:
+                self.touch(key)
+                return cluster
+            cluster = self._build(key)
+            try:
+                await self._make_room(len(cluster.nodes))
+            except BaseException:
+                self._on_evict(cluster)
+                await cluster.dispose()
+                raise
+            self._lru[key] = cluster
+            self.engines += len(cluster.nodes)
+            return cluster
+
+    async def _make_room(self, needed: int) -> None:
+        deadline = time.monotonic() + self._wait_timeout
+        while self.engines + needed > self.max_engines:
+            victim = next((c for c in self._lru.values() if c.in_flight == 0), None)
+            if victim is not None:
+                await self.evict(victim)
+                continue
+            remaining = deadline - time.monotonic()
+            if remaining <= 0:
+                raise DatabaseUnavailableError(
+                    f"all {self.engines} tenant database engines are busy "
+                    "(database.tenancy.max_engines); try again shortly"
+                )
+            self._idle.clear()
+            with contextlib.suppress(TimeoutError):
+                await asyncio.wait_for(self._idle.wait(), remaining)
+
+    def released(self, cluster: Cluster) -> None:
+        """Called when a session on `cluster` ends; wakes anyone waiting for an idle engine."""
+        if cluster.in_flight == 0 and cluster.name in self._lru:
+            self._idle.set()
+
+    async def evict(self, cluster: Cluster) -> None:
+        if self._lru.pop(cluster.name, None) is None:
+            return
+        self.engines -= len(cluster.nodes)
+        self._on_evict(cluster)
+        logger.debug("evicted tenant cluster %s", cluster.name)
+        await cluster.dispose()
+
+    async def close(self) -> None:
+        for cluster in list(self._lru.values()):
+            await self.evict(cluster)
