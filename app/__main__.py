@@ -7,8 +7,10 @@ import asyncio
 import logging
 import sys
 
-from app.core.config import load_settings
-from app.db.errors import ConfigError
+from pydantic import ValidationError
+
+from app.core.config import format_validation_error, load_settings
+from app.db.errors import ConfigError, RouterError
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -23,6 +25,7 @@ def main(argv: list[str] | None = None) -> int:
     serve_cmd.add_argument("--host", default="127.0.0.1")
     serve_cmd.add_argument("--port", type=int, default=8000)
     commands.add_parser("migrate", help="create the example tables everywhere")
+    add_tenant_commands(commands.add_parser("tenants", help="add, list, disable, remove tenants"))
     commands.add_parser("check", help="validate the configuration and print it (no secrets)")
     args = parser.parse_args(argv)
     logging.basicConfig(level=logging.INFO, format="%(levelname)s %(name)s: %(message)s")
@@ -35,9 +38,17 @@ def main(argv: list[str] | None = None) -> int:
             return serve(args.host, args.port)
         if args.command == "migrate":
             return asyncio.run(migrate())
+        if args.command == "tenants":
+            return asyncio.run(tenants(args))
         return check()
     except ConfigError as exc:
         print(f"configuration error: {exc}", file=sys.stderr)
+        return 2
+    except RouterError as exc:
+        print(f"error: {exc}", file=sys.stderr)
+        return 1
+    except ValidationError as exc:
+        print(f"invalid input: {format_validation_error(exc)}", file=sys.stderr)
         return 2
 
 
@@ -55,6 +66,56 @@ async def migrate() -> int:
     try:
         for label in await migrate_all(router):
             print(f"migrated {label}")
+    finally:
+        await router.dispose()
+    return 0
+
+
+def add_tenant_commands(parser: argparse.ArgumentParser) -> None:
+    actions = parser.add_subparsers(dest="action", required=True)
+    actions.add_parser("list", help="every tenant, from the configuration and the catalog")
+    add = actions.add_parser("add", help="create storage, migrate, register in the catalog")
+    add.add_argument("tenant_id")
+    add.add_argument("--strategy", choices=["database", "schema", "row"], required=True)
+    add.add_argument("--database", help="database: its database on the cluster")
+    add.add_argument("--cluster", help="the cluster (default: the default cluster)")
+    add.add_argument("--url", help="database: a server of its own")
+    add.add_argument("--schema", help="schema: the schema name (default: the tenant id)")
+    for name in ("disable", "enable"):
+        actions.add_parser(name).add_argument("tenant_id")
+    remove = actions.add_parser("remove", help="unregister (and with --drop, delete its data)")
+    remove.add_argument("tenant_id")
+    remove.add_argument("--drop", action="store_true", help="drop its schema or database")
+
+
+async def tenants(args: argparse.Namespace) -> int:
+    from app.core.config import TenantSettings
+    from app.db import provisioning
+    from app.db.router import SessionRouter
+
+    router = SessionRouter.from_settings(load_settings())
+    try:
+        if args.action == "list":
+            for info in await provisioning.list_tenants(router):
+                state = "active" if info.settings.active else "disabled"
+                print(f"{info.tenant_id}\t{info.settings.strategy}\t{state}\t{info.source}")
+        elif args.action == "add":
+            fields = {
+                "strategy": args.strategy,
+                "database": args.database,
+                "cluster": args.cluster,
+                "url": args.url,
+                "schema": args.schema,
+            }
+            tenant = TenantSettings.model_validate({k: v for k, v in fields.items() if v})
+            await provisioning.add_tenant(router, args.tenant_id, tenant)
+            print(f"added tenant {args.tenant_id} ({args.strategy})")
+        elif args.action in ("disable", "enable"):
+            await provisioning.set_active(router, args.tenant_id, active=args.action == "enable")
+            print(f"{args.action}d tenant {args.tenant_id}")
+        else:
+            await provisioning.remove_tenant(router, args.tenant_id, drop=args.drop)
+            print(f"removed tenant {args.tenant_id}" + (" and its data" if args.drop else ""))
     finally:
         await router.dispose()
     return 0

@@ -12,13 +12,18 @@ from contextlib import asynccontextmanager
 from fastapi import FastAPI
 
 from app.api.errors import install_error_handlers
-from app.api.routes import health, items
+from app.api.routes import health, items, reports
+from app.api.tenant_resolvers import build_tenant_resolver
+from app.core.config import load_settings
 from app.db.session import dispose_router, get_router
 
 
 @asynccontextmanager
 async def lifespan(app: FastAPI) -> AsyncIterator[None]:
-    await get_router().start()  # builds the router (bad configuration fails here) and probes
+    # Settings are read here, at startup: a bad configuration fails now, naming the key.
+    settings = load_settings()
+    app.state.tenant_resolver = build_tenant_resolver(settings.http)
+    await get_router(settings).start()
     try:
         yield
     finally:
@@ -29,6 +34,7 @@ def create_app() -> FastAPI:
     app = FastAPI(title="session router example", lifespan=lifespan)
     install_error_handlers(app)
     app.include_router(items.router)
+    app.include_router(reports.router)
     app.include_router(health.router)
     return app
 

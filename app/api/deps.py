@@ -3,9 +3,9 @@
     async def handler(db: ReadSession, tenant: TenantId): ...
 
 `DbSession` picks the intent from the HTTP method (GET/HEAD/OPTIONS read); `ReadSession` and
-`WriteSession` declare it. The tenant comes from the `X-Tenant-ID` header; routers whose routes
-all need one add `dependencies=[Depends(require_tenant)]`, which fails fast with a 400 before
-any session is opened.
+`WriteSession` declare it. The tenant comes from the app's resolver (`X-Tenant-ID` by
+default); routers whose routes all need one add `dependencies=[Depends(require_tenant)]`, which
+fails fast with a 400 before any session is opened.
 """
 
 from __future__ import annotations
@@ -16,7 +16,7 @@ from fastapi import Depends, Request
 from sqlalchemy.ext.asyncio import AsyncSession
 
 from app.db.errors import TenantRequiredError
-from app.db.session import TENANT_HEADER, get_db, get_read_db, get_write_db
+from app.db.session import get_db, get_read_db, get_write_db, tenant_of
 
 DbSession = Annotated[AsyncSession, Depends(get_db)]
 ReadSession = Annotated[AsyncSession, Depends(get_read_db)]
@@ -24,9 +24,9 @@ WriteSession = Annotated[AsyncSession, Depends(get_write_db)]
 
 
 def require_tenant(request: Request) -> str:
-    tenant = request.headers.get(TENANT_HEADER)
+    tenant = tenant_of(request)
     if tenant is None:
-        raise TenantRequiredError(f"this route needs a tenant: send the {TENANT_HEADER} header")
+        raise TenantRequiredError("this route needs a tenant (for example an X-Tenant-ID header)")
     return tenant
 
 

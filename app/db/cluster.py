@@ -14,9 +14,9 @@ picked by the cluster's policy.
 from __future__ import annotations
 
 from collections.abc import Sequence
-from typing import Any, Literal
+from typing import Any, Literal, TypeVar
 
-from sqlalchemy import Connection, TextClause, event
+from sqlalchemy import Connection, TextClause, event, inspect
 from sqlalchemy.engine import URL
 from sqlalchemy.exc import InvalidatePoolError
 from sqlalchemy.ext.asyncio import (
@@ -29,20 +29,50 @@ from sqlalchemy.orm import Session, SessionTransaction
 
 from app.core.config import ClusterSettings, PoolSettings, RoutingSettings
 from app.db.balancing import POLICIES, ReplicaPolicy
+from app.db.errors import CrossTenantError
 from app.db.health import HealthMonitor, ServerHealth
 
 Role = Literal["primary", "replica"]
+_O = TypeVar("_O", bound=object)
 
 
 class RoutedSession(Session):
-    """The sync session behind every routed `AsyncSession`.
+    """The sync session behind every routed `AsyncSession`; one tenant for its whole life.
 
     `transaction_setup` is the statement run at the start of every transaction for tenants placed
     by schema or by row (see `app.db.tenancy`); it is None for everything else, so the event
-    listener that reads it costs one attribute lookup on the common path.
+    listener that reads it costs one attribute lookup on the common path. `tenant_id` marks every
+    object the session loads or saves, and objects marked for another tenant are refused.
     """
 
     transaction_setup: tuple[TextClause, dict[str, Any]] | None = None
+    tenant_id: str | None = None
+
+    def merge(self, instance: _O, *args: Any, **kwargs: Any) -> _O:
+        _refuse_foreign(self, instance)
+        return super().merge(instance, *args, **kwargs)
+
+
+def _refuse_foreign(session: RoutedSession, instance: object) -> None:
+    owner = inspect(instance).info.get("tenant")
+    if owner is not None and owner != session.tenant_id:
+        raise CrossTenantError(
+            f"an object of tenant {owner!r} cannot join a session of "
+            f"{session.tenant_id or 'no tenant'!r}: sessions never mix tenants"
+        )
+
+
+@event.listens_for(RoutedSession, "before_attach")
+def _check_attach(session: RoutedSession, instance: object) -> None:
+    _refuse_foreign(session, instance)
+
+
+@event.listens_for(RoutedSession, "loaded_as_persistent")
+@event.listens_for(RoutedSession, "pending_to_persistent")
+def _mark_tenant(session: RoutedSession, instance: object) -> None:
+    tenant = session.tenant_id
+    if tenant is not None:
+        inspect(instance).info["tenant"] = tenant
 
 
 @event.listens_for(RoutedSession, "after_begin")
@@ -165,6 +195,8 @@ class Cluster:
         self.fallback_to_primary = fallback_to_primary
         #: Sessions open on this cluster's nodes (an idle tenant cluster may be evicted).
         self.in_flight = 0
+        #: Set when this tenant cluster is about to be evicted: new sessions wait for a new one.
+        self.draining = False
 
     @classmethod
     def from_settings(

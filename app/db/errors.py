@@ -108,3 +108,25 @@ class CommitOutcomeUnknownError(RouterError):
     """
 
     code = "commit_outcome_unknown"
+
+
+class TenantConflictError(TenantError):
+    """A tenant management request conflicts with what exists (already added, or defined in
+    the configuration file, where only the file can change it)."""
+
+    status_code = 409
+    code = "tenant_conflict"
+
+
+class CrossTenantError(TenantError):
+    """An object loaded for one tenant was handed to another tenant's session."""
+
+    status_code = 500
+    code = "cross_tenant_object"
+
+
+class InvalidTokenError(TenantError):
+    """The bearer token that should name the tenant is missing its claim, expired, or forged."""
+
+    status_code = 401
+    code = "invalid_token"

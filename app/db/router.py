@@ -33,7 +33,7 @@ from app.core.config import (
     check_database_settings,
     load_settings,
 )
-from app.db.cluster import Cluster, Node
+from app.db.cluster import Cluster, Node, RoutedSession
 from app.db.errors import (
     CommitOutcomeUnknownError,
     ConnectionLostError,
@@ -159,7 +159,7 @@ class SessionRouter:
     async def _tenant_cluster(self, key: str) -> Cluster:
         """Like `cluster`, but a new tenant cluster waits for room within the engine budget."""
         cluster = self._clusters.get(key)
-        if cluster is not None:
+        if cluster is not None and not cluster.draining:
             if key in self.tenant_clusters:
                 self.tenant_clusters.touch(key)
             return cluster
@@ -329,13 +329,15 @@ class SessionRouter:
             placement = self.tenants.cached(target.tenant)
             if placement is None:
                 placement = await self.tenants.resolve(target.tenant)
-            if placement.cluster_key not in self._clusters:
+            cluster = self._clusters.get(placement.cluster_key)
+            if cluster is None or cluster.draining:
                 await self._tenant_cluster(placement.cluster_key)
         route = self.route(target)
         session = route.node.factory(route.read_only)()
         if route.placement is not None:
-            session.info["tenant"] = route.placement.tenant_id
-            session.sync_session.transaction_setup = route.placement.transaction_setup  # type: ignore[attr-defined]
+            routed: RoutedSession = session.sync_session  # type: ignore[assignment]
+            routed.tenant_id = session.info["tenant"] = route.placement.tenant_id
+            routed.transaction_setup = route.placement.transaction_setup
         try:
             # Checks out a connection (the pool discards ones the server closed) and runs the
             # tenant setup, so a dead node shows up here, where retrying is always safe.

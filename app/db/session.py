@@ -23,6 +23,8 @@ from typing import Annotated, Any
 from fastapi import Depends, Request
 from sqlalchemy.ext.asyncio import AsyncEngine, AsyncSession, async_sessionmaker
 
+from app.api.tenant_resolvers import HeaderResolver
+from app.core.config import Settings
 from app.db.router import SessionRouter
 from app.db.targets import Intent, Target
 
@@ -42,7 +44,7 @@ __all__ = [
 engine: AsyncEngine
 async_session_maker: async_sessionmaker[AsyncSession]
 
-TENANT_HEADER = "x-tenant-id"
+_HEADER_RESOLVER = HeaderResolver()
 _SAFE_METHODS = frozenset({"GET", "HEAD", "OPTIONS"})
 
 
@@ -55,10 +57,11 @@ class _RouterSlot:
 _slot = _RouterSlot()
 
 
-def get_router() -> SessionRouter:
+def get_router(settings: Settings | None = None) -> SessionRouter:
+    """The process's router; built on first use from `settings` (default: `load_settings()`)."""
     router = _slot.router
     if router is None:
-        router = _slot.router = SessionRouter.from_settings()
+        router = _slot.router = SessionRouter.from_settings(settings)
     return router
 
 
@@ -85,11 +88,19 @@ def get_db_context(
     return get_router().session(target, tenant=tenant, read_only=read_only)
 
 
+def tenant_of(request: Request) -> str | None:
+    """The request's tenant id (unvalidated), by the app's resolver: `X-Tenant-ID` unless the
+    lifespan installed another in `app.state.tenant_resolver`."""
+    resolver = getattr(request.app.state, "tenant_resolver", None) or _HEADER_RESOLVER
+    tenant: str | None = resolver(request)
+    return tenant
+
+
 def request_target(request: Request, intent: Intent | None = None) -> Target:
-    """Tenant from the `X-Tenant-ID` header (if sent); intent declared, else by HTTP method."""
+    """Tenant from the request (if any); intent declared, else by HTTP method."""
     if intent is None:
         intent = "read" if request.method in _SAFE_METHODS else "write"
-    return Target(tenant=request.headers.get(TENANT_HEADER), intent=intent)
+    return Target(tenant=tenant_of(request), intent=intent)
 
 
 # FastAPI runs the exit of a yield dependency after the response has been sent unless the

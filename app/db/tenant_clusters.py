@@ -3,8 +3,9 @@
 Every node of such a cluster is an engine with its own pool, so thousands of tenants would mean
 thousands of pools. At most `tenancy.max_engines` engines exist at once; a new tenant's
 cluster first evicts the least recently used ones that have no session in flight (an engine is
-disposed only when its sessions are done), and when every one is busy it waits, up to the pool
-timeout, for one to become idle. Together with pools sized by `tenancy.pool`, this bounds the
+disposed only when its sessions are done). When every one is busy, the least recently used is
+*drained*: its new sessions wait too, so it becomes idle even under steady traffic, and the wait
+is bounded by the pool timeout. Together with pools sized by `tenancy.pool`, this bounds the
 connections a process can hold (checked against `database.max_connections` at startup).
 """
 
@@ -63,13 +64,17 @@ class TenantClusterCache:
         if self._lock is None:
             self._lock = asyncio.Lock()
         async with self._lock:
+            deadline = time.monotonic() + self._wait_timeout
             cluster = self._lru.get(key)
-            if cluster is not None:
+            if cluster is not None and not cluster.draining:
                 self.touch(key)
                 return cluster
+            if cluster is not None:  # being drained for someone else: let it go, then rebuild
+                await self._until_idle(cluster, deadline)
+                await self.evict(cluster)
             cluster = self._build(key)
             try:
-                await self._make_room(len(cluster.nodes))
+                await self._make_room(len(cluster.nodes), deadline)
             except BaseException:
                 self._on_evict(cluster)
                 await cluster.dispose()
@@ -78,13 +83,19 @@ class TenantClusterCache:
             self.engines += len(cluster.nodes)
             return cluster
 
-    async def _make_room(self, needed: int) -> None:
-        deadline = time.monotonic() + self._wait_timeout
+    async def _make_room(self, needed: int, deadline: float) -> None:
         while self.engines + needed > self.max_engines:
             victim = next((c for c in self._lru.values() if c.in_flight == 0), None)
-            if victim is not None:
-                await self.evict(victim)
-                continue
+            if victim is None:
+                # Every cluster is busy. Drain the least recently used one: its new sessions
+                # wait here too, so it becomes idle even under steady traffic (no starvation).
+                victim = next(iter(self._lru.values()))
+                await self._until_idle(victim, deadline)
+            await self.evict(victim)
+
+    async def _until_idle(self, cluster: Cluster, deadline: float) -> None:
+        cluster.draining = True
+        while cluster.in_flight > 0:
             remaining = deadline - time.monotonic()
             if remaining <= 0:
                 raise DatabaseUnavailableError(
