@@ -45,7 +45,7 @@ strategy = "row"
 
 def prepare(cluster: DevCluster) -> None:
     """Role, databases, configuration file; the caller migrates."""
-    cluster.create_role(APP_ROLE)
+    cluster.create_role(APP_ROLE, createdb=True)
     for database in ("app", "acme"):
         cluster.create_database(database, owner=APP_ROLE)
     config_file = cluster.base_dir / "settings.toml"

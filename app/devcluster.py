@@ -39,6 +39,7 @@ hot_standby = on
 hot_standby_feedback = on
 wal_receiver_status_interval = 1s
 wal_retrieve_retry_interval = 200ms
+wal_writer_delay = 10ms
 fsync = off
 full_page_writes = off
 synchronous_commit = off
@@ -300,10 +301,12 @@ class DevCluster:
     ) -> str:
         return f"postgresql+asyncpg://{user}@127.0.0.1:{self.nodes[name].port}/{database}"
 
-    def create_role(self, role: str) -> None:
+    def create_role(self, role: str, *, createdb: bool = False) -> None:
+        """An ordinary login role (row-level security applies to it), optionally CREATEDB."""
         exists = self.sql("primary", f"SELECT 1 FROM pg_roles WHERE rolname = '{role}'")
         if not exists:
-            self.sql("primary", f'CREATE ROLE "{role}" LOGIN NOSUPERUSER NOBYPASSRLS')
+            create = "CREATEDB" if createdb else "NOCREATEDB"
+            self.sql("primary", f'CREATE ROLE "{role}" LOGIN NOSUPERUSER NOBYPASSRLS {create}')
 
     def create_database(self, database: str, *, owner: str) -> None:
         exists = self.sql("primary", f"SELECT 1 FROM pg_database WHERE datname = '{database}'")

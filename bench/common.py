@@ -28,7 +28,7 @@ def bench_cluster(replicas: int = 2) -> Iterator[DevCluster]:
     from app.db.router import SessionRouter
 
     with DevCluster(replicas=replicas) as cluster:
-        cluster.create_role(APP_ROLE)
+        cluster.create_role(APP_ROLE, createdb=True)
         for database in ("app", *TENANT_DATABASES):
             cluster.create_database(database, owner=APP_ROLE)
 

@@ -64,7 +64,7 @@ def database_settings(
 @pytest.fixture(scope="session")
 def pg() -> Iterator[DevCluster]:
     with DevCluster(replicas=2) as cluster:
-        cluster.create_role(APP_ROLE)
+        cluster.create_role(APP_ROLE, createdb=True)
         for database in ("app", *TENANT_DATABASES):
             cluster.create_database(database, owner=APP_ROLE)
         yield cluster

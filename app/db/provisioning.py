@@ -15,6 +15,9 @@ without being a superuser (row-level security still applies to it).
 
 from __future__ import annotations
 
+import asyncio
+import logging
+import time
 from dataclasses import dataclass
 
 from sqlalchemy import delete, insert, text, update
@@ -27,9 +30,13 @@ from app.core.config import TenantSettings, check_database_settings
 from app.db.errors import ConfigError, TenantConflictError, UnknownTenantError
 from app.db.migrate import MigrationTarget, migrate_target
 from app.db.router import SessionRouter
+from app.db.targets import Target
 from app.db.tenancy import Placement, place, quote_identifier, tenants_table, validate_tenant_id
 
 _DUPLICATE_DATABASE = "42P04"
+#: Seconds `add_tenant` waits for replicas to replay the new tenant's storage.
+REPLICATION_WAIT = 10.0
+logger = logging.getLogger(__name__)
 
 
 @dataclass(frozen=True, slots=True)
@@ -51,11 +58,43 @@ async def add_tenant(router: SessionRouter, tenant_id: str, tenant: TenantSettin
     await _migrate_tenant(router, placement, tenant)
     async with router.session() as session:
         await session.execute(insert(tenants_table).values(id=tenant_id, **_columns(tenant)))
+    await wait_for_replicas(router, placement.cluster_key)
     return router.tenants.remember(tenant_id, tenant)
 
 
+async def wait_for_replicas(
+    router: SessionRouter, cluster_key: str, *, within: float = REPLICATION_WAIT
+) -> bool:
+    """Until every healthy replica of the cluster has replayed the primary's current WAL
+    position, so that the new tenant's database, schema and tables exist wherever its reads
+    may go. Replication is asynchronous: without this, a read right after `add` could reach a
+    replica that has not created them yet. Returns False (and logs) if a replica is too slow."""
+    base = router.cluster(cluster_key.partition("@")[0] or cluster_key)
+    if not base.replicas:
+        return True
+    async with router.session(Target(cluster=base.name)) as session:
+        lsn = await session.scalar(text("SELECT pg_current_wal_insert_lsn()::text"))
+    deadline = time.monotonic() + within
+    for replica in base.replicas:
+        while replica.health.up:
+            async with router.session(Target(node=replica.name, intent="read")) as session:
+                caught_up = await session.scalar(
+                    text("SELECT pg_last_wal_replay_lsn() >= CAST(CAST(:lsn AS text) AS pg_lsn)"),
+                    {"lsn": lsn},
+                )
+            if caught_up:
+                break
+            if time.monotonic() > deadline:
+                logger.warning(
+                    "%s has not replayed the new tenant after %.0fs", replica.name, within
+                )
+                return False
+            await asyncio.sleep(0.02)
+    return True
+
+
 async def set_active(router: SessionRouter, tenant_id: str, *, active: bool) -> None:
-    tenant = _catalog_tenant(router, tenant_id)
+    tenant = await _catalog_tenant(router, tenant_id)
     async with router.session() as session:
         await session.execute(
             update(tenants_table).where(tenants_table.c.id == tenant_id).values(active=active)
@@ -65,7 +104,7 @@ async def set_active(router: SessionRouter, tenant_id: str, *, active: bool) -> 
 
 async def remove_tenant(router: SessionRouter, tenant_id: str, *, drop: bool = False) -> None:
     """Unroutable at once here; with `drop`, its schema or database is deleted too."""
-    tenant = _catalog_tenant(router, tenant_id)
+    tenant = await _catalog_tenant(router, tenant_id)
     placement = place(tenant_id, tenant, router.tenants.default_cluster)
     async with router.session() as session:
         await session.execute(delete(tenants_table).where(tenants_table.c.id == tenant_id))
@@ -90,8 +129,10 @@ async def list_tenants(router: SessionRouter) -> list[TenantInfo]:
     ]
 
 
-def _catalog_tenant(router: SessionRouter, tenant_id: str) -> TenantSettings:
+async def _catalog_tenant(router: SessionRouter, tenant_id: str) -> TenantSettings:
     validate_tenant_id(tenant_id)
+    if router.tenants.catalog is not None:
+        await router.tenants.reload()
     if tenant_id in router.settings.tenants:
         raise TenantConflictError(
             f"tenant {tenant_id!r} is defined in the configuration file; change it there"

@@ -262,8 +262,7 @@ class SessionRouter:
         self, target: Target, deadline_at: float | None
     ) -> AsyncIterator[AsyncSession]:
         session, route = await self._open(target, deadline_at)
-        cluster = route.cluster
-        cluster.in_flight += 1
+        cluster = route.cluster  # in_flight was counted when the route was chosen
         try:
             # AsyncSession.__aexit__ shields close() from cancellation, so a cancelled request
             # still returns its connection to the pool instead of leaking it.
@@ -333,6 +332,18 @@ class SessionRouter:
             if cluster is None or cluster.draining:
                 await self._tenant_cluster(placement.cluster_key)
         route = self.route(target)
+        # Counted before the first await: an idle tenant cluster may be evicted (its engines
+        # disposed) by another task, and this session is about to check out a connection.
+        route.cluster.in_flight += 1
+        try:
+            return await self._connect(route)
+        except BaseException:
+            route.cluster.in_flight -= 1
+            if route.cluster.in_flight == 0:
+                self.tenant_clusters.released(route.cluster)
+            raise
+
+    async def _connect(self, route: Route) -> tuple[AsyncSession, Route]:
         session = route.node.factory(route.read_only)()
         if route.placement is not None:
             routed: RoutedSession = session.sync_session  # type: ignore[assignment]

@@ -165,8 +165,11 @@ class TenantCatalog:
 
     def __init__(self, engine: Callable[[], AsyncEngine]) -> None:
         self._engine = engine
+        #: Catalog queries made (each reads the whole table).
+        self.loads = 0
 
     async def load(self) -> dict[str, TenantSettings]:
+        self.loads += 1
         async with self._engine().connect() as connection:
             rows = (await connection.execute(select(tenants_table))).mappings().all()
         tenants = {}

@@ -1,0 +1,165 @@
+"""Tenants added, disabled and removed at runtime: in code, from the command line, and seen by
+other processes through the catalog."""
+
+from __future__ import annotations
+
+import asyncio
+import os
+import subprocess
+import sys
+import uuid
+from collections.abc import AsyncIterator
+from pathlib import Path
+
+import pytest
+from sqlalchemy import text
+
+from app.core.config import TenantSettings
+from app.db import provisioning
+from app.db.errors import TenantConflictError, TenantInactiveError, UnknownTenantError
+from app.db.router import SessionRouter
+from app.devcluster import DevCluster
+from app.faults import eventually
+
+from .conftest import APP_ROLE, database_settings, scalar
+
+ROOT = Path(__file__).resolve().parent.parent
+WHERE = "SELECT current_database() || ':' || current_setting('search_path')"
+
+
+def fresh_id(prefix: str) -> str:
+    return f"{prefix}-{uuid.uuid4().hex[:8]}"
+
+
+@pytest.fixture
+async def other_process(migrated: DevCluster) -> AsyncIterator[SessionRouter]:
+    """A second router over the same cluster: what another app process sees."""
+    router = SessionRouter(
+        database_settings(migrated, tenancy={"catalog_ttl": 0.5, "catalog_min_reload": 0.2})
+    )
+    try:
+        yield router
+    finally:
+        await router.dispose()
+
+
+@pytest.mark.parametrize("strategy", ["schema", "row", "database"])
+async def test_an_added_tenant_is_served_at_once_here_and_by_other_processes(
+    router: SessionRouter, other_process: SessionRouter, strategy: str
+) -> None:
+    tenant = fresh_id(strategy)
+    settings = {"strategy": strategy}
+    if strategy == "database":
+        settings["database"] = tenant.replace("-", "_")
+    await provisioning.add_tenant(router, tenant, TenantSettings.model_validate(settings))
+    try:
+        for process in (router, other_process):
+            async with process.session(tenant=tenant) as session:
+                await session.execute(text("INSERT INTO items (name) VALUES (:n)"), {"n": tenant})
+                where = await session.scalar(text(WHERE))
+                names = (await session.scalars(text("SELECT name FROM items"))).all()
+            assert set(names) == {tenant}  # a new tenant starts empty, and sees its own row
+            if strategy == "database":
+                assert where.startswith(tenant.replace("-", "_") + ":")
+            elif strategy == "schema":
+                assert where.endswith(f'"{tenant.replace("-", "_")}"')
+            async with process.session(tenant=tenant) as session:
+                await session.execute(text("DELETE FROM items"))
+    finally:
+        await provisioning.remove_tenant(router, tenant, drop=True)
+
+
+async def test_disable_and_remove_take_effect_here_at_once_and_elsewhere_within_the_ttl(
+    router: SessionRouter, other_process: SessionRouter
+) -> None:
+    tenant = fresh_id("flaky")
+    await provisioning.add_tenant(router, tenant, TenantSettings(strategy="row"))
+    assert await scalar(other_process, "SELECT 1", tenant=tenant) == 1
+
+    await provisioning.set_active(router, tenant, active=False)
+    with pytest.raises(TenantInactiveError):
+        await scalar(router, "SELECT 1", tenant=tenant)
+
+    async def refused_elsewhere() -> bool:
+        try:
+            await scalar(other_process, "SELECT 1", tenant=tenant)
+        except TenantInactiveError:
+            return True
+        return False
+
+    await eventually(refused_elsewhere, within=3, what="the other process to see the disable")
+    await provisioning.set_active(router, tenant, active=True)
+    await provisioning.remove_tenant(router, tenant)
+    with pytest.raises(UnknownTenantError):
+        await scalar(router, "SELECT 1", tenant=tenant)
+
+
+async def test_a_burst_of_random_unknown_ids_is_not_a_burst_of_catalog_queries(
+    other_process: SessionRouter,
+) -> None:
+    catalog = other_process.tenants.catalog
+    assert catalog is not None
+
+    async def probe(tenant: str) -> None:
+        with pytest.raises(UnknownTenantError):
+            async with other_process.session(tenant=tenant):
+                pass
+
+    before = catalog.loads
+    started = asyncio.get_running_loop().time()
+    await asyncio.gather(*(probe(f"nobody-{i}") for i in range(500)))
+    elapsed = asyncio.get_running_loop().time() - started
+    min_reload = other_process.settings.tenancy.catalog_min_reload
+    assert catalog.loads - before <= 1 + elapsed / min_reload
+
+
+async def test_management_refuses_conflicts(router: SessionRouter) -> None:
+    with pytest.raises(TenantConflictError, match="configuration file"):
+        await provisioning.set_active(router, "acme", active=False)
+    with pytest.raises(TenantConflictError, match="already exists"):
+        await provisioning.add_tenant(router, "globex", TenantSettings(strategy="schema"))
+    with pytest.raises(TenantConflictError, match="only for strategy"):
+        await provisioning.add_tenant(
+            router,
+            fresh_id("bad"),
+            TenantSettings.model_validate({"strategy": "row", "schema": "nope"}),
+        )
+    with pytest.raises(UnknownTenantError):
+        await provisioning.remove_tenant(router, "never-added")
+
+
+def test_command_line_adds_lists_disables_and_removes(migrated: DevCluster, tmp_path: Path) -> None:
+    config = tmp_path / "settings.toml"
+    config.write_text(
+        f'[database.clusters.main]\nprimary = "{migrated.url(database="app", user=APP_ROLE)}"\n'
+    )
+    env = {**os.environ, "APP_CONFIG_FILE": str(config)}
+    tenant = fresh_id("cli")
+
+    def run(*args: str) -> subprocess.CompletedProcess[str]:
+        return subprocess.run(
+            [sys.executable, "-m", "app", "tenants", *args],
+            env=env,
+            cwd=ROOT,
+            capture_output=True,
+            text=True,
+            timeout=120,
+        )
+
+    added = run("add", tenant, "--strategy", "schema")
+    assert added.returncode == 0, added.stderr
+    assert f"{tenant}\tschema\tactive\tcatalog" in run("list").stdout
+    assert run("disable", tenant).returncode == 0
+    assert f"{tenant}\tschema\tdisabled\tcatalog" in run("list").stdout
+    duplicate = run("add", tenant, "--strategy", "schema")
+    assert duplicate.returncode == 1 and "already exists" in duplicate.stderr
+    bad = run("add", "Not Valid", "--strategy", "row")
+    assert bad.returncode == 1 and "malformed tenant id" in bad.stderr
+    assert run("remove", tenant, "--drop").returncode == 0
+    assert tenant not in run("list").stdout
+    exists = migrated.sql(
+        "primary",
+        f"SELECT count(*) FROM pg_namespace WHERE nspname = '{tenant.replace('-', '_')}'",
+        database="app",
+    )
+    assert exists == "0"
