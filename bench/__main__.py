@@ -12,10 +12,10 @@ import datetime
 import sys
 from pathlib import Path
 
-from bench import failover, overhead
+from bench import failover, overhead, tenants
 from bench.common import machine
 
-BENCHMARKS = {"overhead": overhead.main, "failover": failover.main}
+BENCHMARKS = {"overhead": overhead.main, "failover": failover.main, "tenants": tenants.main}
 HEADER = """# Benchmark results
 
 Written by `python -m bench` ({mode}) on {date}. Machine: {machine}.

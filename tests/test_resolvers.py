@@ -1,0 +1,123 @@
+"""Tenant resolution for HTTP: header (default), subdomain, path parameter, signed token."""
+
+from __future__ import annotations
+
+import time
+from typing import Any
+
+import httpx
+import pytest
+from fastapi import APIRouter, Depends, FastAPI
+from sqlalchemy import text
+
+from app.api.deps import DbSession, require_tenant
+from app.api.errors import install_error_handlers
+from app.api.tenant_resolvers import (
+    HeaderResolver,
+    PathResolver,
+    SubdomainResolver,
+    TenantResolver,
+    TokenClaimResolver,
+    build_tenant_resolver,
+    sign_token,
+)
+from app.core.config import HttpSettings
+from app.db.errors import ConfigError
+from app.db.router import SessionRouter
+
+SECRET = b"test-signing-key"
+WHERE = text("SELECT current_database() || '|' || current_setting('search_path')")
+
+
+def app_with(resolver: TenantResolver) -> FastAPI:
+    app = FastAPI()
+    app.state.tenant_resolver = resolver
+    install_error_handlers(app)
+    routes = APIRouter(dependencies=[Depends(require_tenant)])
+
+    @routes.get("/where")
+    async def where(db: DbSession) -> dict[str, Any]:
+        return {"where": await db.scalar(WHERE)}
+
+    @routes.get("/t/{tenant}/where")
+    async def where_by_path(tenant: str, db: DbSession) -> dict[str, Any]:
+        return {"where": await db.scalar(WHERE)}
+
+    app.include_router(routes)
+    return app
+
+
+async def call(app: FastAPI, path: str, **kwargs: Any) -> httpx.Response:
+    transport = httpx.ASGITransport(app=app)
+    async with httpx.AsyncClient(transport=transport, base_url="http://test") as client:
+        return await client.get(path, **kwargs)
+
+
+async def test_header_resolver_with_a_custom_header(router: SessionRouter) -> None:
+    app = app_with(HeaderResolver("X-Org"))
+    response = await call(app, "/where", headers={"X-Org": "acme"})
+    assert response.json()["where"].startswith("acme|")
+    assert (await call(app, "/where", headers={"X-Tenant-ID": "acme"})).status_code == 400
+
+
+async def test_subdomain_resolver(router: SessionRouter) -> None:
+    app = app_with(SubdomainResolver("example.com"))
+    globex = await call(app, "/where", headers={"host": "globex.example.com:8443"})
+    assert globex.json()["where"] == 'app|"globex"'
+    assert (await call(app, "/where", headers={"host": "example.com"})).status_code == 400
+    assert (await call(app, "/where", headers={"host": "a.b.example.com"})).status_code == 400
+    assert (await call(app, "/where", headers={"host": "evil.com"})).status_code == 400
+    assert (await call(app, "/where", headers={"host": "nobody.example.com"})).status_code == 404
+
+
+async def test_path_resolver(router: SessionRouter) -> None:
+    app = app_with(PathResolver("tenant"))
+    assert (await call(app, "/t/acme/where")).json()["where"].startswith("acme|")
+    assert (await call(app, "/t/ACME/where")).status_code == 400
+    assert (await call(app, "/where")).status_code == 400  # no path parameter: no tenant
+
+
+@pytest.mark.parametrize(
+    ("token", "status"),
+    [
+        (sign_token({"tenant": "acme"}, SECRET), 200),
+        (sign_token({"tenant": "acme", "exp": time.time() + 60}, SECRET), 200),
+        (sign_token({"tenant": "acme"}, b"another key"), 401),
+        (sign_token({"tenant": "acme", "exp": time.time() - 1}, SECRET), 401),
+        (sign_token({"sub": "someone"}, SECRET), 401),
+        (sign_token({"tenant": "nobody"}, SECRET), 404),
+        ("not.a.token", 401),
+        ("garbage", 401),
+    ],
+)
+async def test_token_claim_resolver(router: SessionRouter, token: str, status: int) -> None:
+    app = app_with(TokenClaimResolver(SECRET))
+    response = await call(app, "/where", headers={"Authorization": f"Bearer {token}"})
+    assert response.status_code == status, response.text
+    if status == 200:
+        assert response.json()["where"].startswith("acme|")
+
+
+async def test_a_token_with_a_forged_algorithm_is_refused(router: SessionRouter) -> None:
+    unsigned = (
+        sign_token({"tenant": "acme"}, SECRET)
+        .rsplit(".", 1)[0]
+        .replace(sign_token({}, SECRET).split(".")[0], "eyJhbGciOiJub25lIn0", 1)
+        + "."
+    )
+    response = await call(
+        app_with(TokenClaimResolver(SECRET)),
+        "/where",
+        headers={"Authorization": f"Bearer {unsigned}"},
+    )
+    assert response.status_code == 401
+
+
+def test_resolver_settings_are_checked() -> None:
+    assert isinstance(build_tenant_resolver(HttpSettings()), HeaderResolver)
+    with pytest.raises(ConfigError, match=r"http\.base_domain"):
+        build_tenant_resolver(HttpSettings(tenant_resolver="subdomain"))
+    with pytest.raises(ConfigError, match=r"http\.token_secret"):
+        build_tenant_resolver(HttpSettings(tenant_resolver="token"))
+    settings = HttpSettings(tenant_resolver="token", token_secret="hunter2")  # type: ignore[arg-type]
+    assert "hunter2" not in repr(settings)
