@@ -84,7 +84,12 @@ try, in another terminal:
   curl -s {base}/items -H 'X-Tenant-ID: globex'        # schema tenant: sees none of acme's
   curl -s -X POST {base}/items -H 'X-Tenant-ID: initech' -H 'content-type: application/json' \\
        -d '{{"name": "stapler"}}'                      # row-level-security tenant
+  curl -s {base}/reports/items -H 'X-Tenant-ID: initech'  # raw SQL, still confined
   curl -s {base}/items -H 'X-Tenant-ID: nobody'        # 404 unknown tenant
-  curl -s {base}/health/db
+  curl -s {base}/health/db                              # roles, lag, breaker state, pools
+add a tenant while the app runs (served at once, no restart):
+  APP_CONFIG_FILE={os.environ[CONFIG_FILE_ENV]} \\
+    {sys.executable} -m app tenants add newco --strategy schema
+  curl -s {base}/items -H 'X-Tenant-ID: newco'
 Ctrl-C stops the app and removes the cluster.
 """
