@@ -39,11 +39,11 @@ async def build_variants(
     replica_url = cluster.url("replica1", database="app", user=APP_ROLE)
     primary_url = cluster.url("primary", database="app", user=APP_ROLE)
     raw_pool = await asyncpg.create_pool(
-        replica_url.replace("postgresql+asyncpg", "postgresql"), min_size=5, max_size=20
+        replica_url.replace("postgresql+asyncpg", "postgresql"), min_size=20, max_size=20
     )
-    plain = create_async_engine(replica_url, pool_size=5, max_overflow=15)
-    pinged = create_async_engine(replica_url, pool_size=5, max_overflow=15, pool_pre_ping=True)
-    plain_primary = create_async_engine(primary_url, pool_size=5, max_overflow=15)
+    plain = create_async_engine(replica_url, pool_size=20, max_overflow=0)
+    pinged = create_async_engine(replica_url, pool_size=20, max_overflow=0, pool_pre_ping=True)
+    plain_primary = create_async_engine(primary_url, pool_size=20, max_overflow=0)
     plain_maker = async_sessionmaker(plain, expire_on_commit=False)
     pinged_maker = async_sessionmaker(pinged, expire_on_commit=False)
     primary_maker = async_sessionmaker(plain_primary, expire_on_commit=False)

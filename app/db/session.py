@@ -109,37 +109,37 @@ def request_target(request: Request, intent: Intent | None = None) -> Target:
 # over them, which lets users keep writing `Depends(get_db)` without knowing about scopes.
 
 
-async def _session_by_method(request: Request) -> AsyncIterator[AsyncSession]:
+async def session_by_method(request: Request) -> AsyncIterator[AsyncSession]:
     async with get_router().session(request_target(request)) as session:
         yield session
 
 
-async def _read_session(request: Request) -> AsyncIterator[AsyncSession]:
+async def read_session(request: Request) -> AsyncIterator[AsyncSession]:
     async with get_router().session(request_target(request, "read")) as session:
         yield session
 
 
-async def _write_session(request: Request) -> AsyncIterator[AsyncSession]:
+async def write_session(request: Request) -> AsyncIterator[AsyncSession]:
     async with get_router().session(request_target(request, "write")) as session:
         yield session
 
 
 async def get_db(
-    session: Annotated[AsyncSession, Depends(_session_by_method, scope="function")],
+    session: Annotated[AsyncSession, Depends(session_by_method, scope="function")],
 ) -> AsyncSession:
     """FastAPI dependency: a session for this request (GET/HEAD/OPTIONS read, others write)."""
     return session
 
 
 async def get_read_db(
-    session: Annotated[AsyncSession, Depends(_read_session, scope="function")],
+    session: Annotated[AsyncSession, Depends(read_session, scope="function")],
 ) -> AsyncSession:
     """FastAPI dependency: a read session (a replica, else the primary READ ONLY)."""
     return session
 
 
 async def get_write_db(
-    session: Annotated[AsyncSession, Depends(_write_session, scope="function")],
+    session: Annotated[AsyncSession, Depends(write_session, scope="function")],
 ) -> AsyncSession:
     """FastAPI dependency: a session on the primary."""
     return session

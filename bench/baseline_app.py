@@ -1,0 +1,43 @@
+"""The baseline for the HTTP benchmarks: what a team writes before adopting the router.
+
+One engine (`BASELINE_DATABASE_URL`), a hand-written `get_db`, the same routes and models as
+the example app's items, without tenants or replicas. Served by uvicorn like the example app.
+"""
+
+from __future__ import annotations
+
+import os
+from collections.abc import AsyncIterator
+from typing import Annotated
+
+from fastapi import Depends, FastAPI, Query
+from sqlalchemy import select
+from sqlalchemy.ext.asyncio import AsyncSession, async_sessionmaker, create_async_engine
+
+from app.api.routes.items import ItemIn, ItemOut
+from app.models import Item
+
+engine = create_async_engine(os.environ["BASELINE_DATABASE_URL"], pool_size=5, max_overflow=5)
+async_session_maker = async_sessionmaker(engine, expire_on_commit=False)
+app = FastAPI()
+
+
+async def get_db() -> AsyncIterator[AsyncSession]:
+    async with async_session_maker() as session:
+        yield session
+
+
+@app.post("/items", status_code=201)
+async def create_item(body: ItemIn, db: Annotated[AsyncSession, Depends(get_db)]) -> ItemOut:
+    item = Item(name=body.name)
+    db.add(item)
+    await db.commit()  # before returning, so that a 201 means committed
+    return ItemOut(id=item.id, name=item.name)
+
+
+@app.get("/items")
+async def list_items(
+    db: Annotated[AsyncSession, Depends(get_db)], limit: Annotated[int, Query(ge=1, le=1000)] = 100
+) -> list[ItemOut]:
+    rows = await db.scalars(select(Item).order_by(Item.id).limit(limit))
+    return [ItemOut(id=item.id, name=item.name) for item in rows]

@@ -1,0 +1,203 @@
+"""HTTP end to end: uvicorn serving the example app (router) vs the baseline app (one engine,
+hand-written `get_db`), the same routes, loaded from a separate process on loopback.
+
+Both apps serve the `acme` tenant's database: the router's reads go to the replicas, the
+baseline's to the primary. One uvicorn worker each; the load generator is `bench.loadgen`.
+
+    python -m bench.http [--quick] [--rounds N]
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import subprocess
+import sys
+import time
+import urllib.error
+import urllib.request
+from collections.abc import Iterator
+from contextlib import contextmanager
+from pathlib import Path
+from typing import Any
+
+from app.core.config import CONFIG_FILE_ENV
+from app.demo import APP_ROLE, demo_config
+from app.devcluster import DevCluster, free_port
+from bench.common import Series, bench_cluster, machine, table
+
+ROOT = Path(__file__).resolve().parent.parent
+ROUTES = {
+    "read: GET /items?limit=10": ("GET", "/items?limit=10", ""),
+    "write: POST /items": ("POST", "/items", '{"name": "bench"}'),
+}
+
+
+@contextmanager
+def served(module: str, env: dict[str, str]) -> Iterator[int]:
+    """uvicorn serving `module` on a free port, until the block ends."""
+    port = free_port()
+    process = subprocess.Popen(
+        [
+            sys.executable,
+            "-m",
+            "uvicorn",
+            module,
+            "--host",
+            "127.0.0.1",
+            "--port",
+            str(port),
+            "--log-level",
+            "warning",
+            "--no-access-log",
+        ],
+        cwd=ROOT,
+        env={**os.environ, **env},
+    )
+    try:
+        wait_ready(port)
+        yield port
+    finally:
+        process.terminate()
+        process.wait(timeout=30)
+
+
+def wait_ready(port: int, timeout: float = 30) -> None:
+    deadline = time.monotonic() + timeout
+    request = urllib.request.Request(
+        f"http://127.0.0.1:{port}/items?limit=1", headers={"X-Tenant-ID": "acme"}
+    )
+    while True:
+        try:
+            with urllib.request.urlopen(request, timeout=2) as response:  # noqa: S310 - loopback
+                if response.status == 200:
+                    return
+        except (urllib.error.URLError, ConnectionError):
+            pass
+        if time.monotonic() > deadline:
+            raise RuntimeError(f"server on port {port} did not become ready")
+        time.sleep(0.1)
+
+
+def load(port: int, route: str, *, connections: int, duration: float) -> dict[str, float]:
+    method, path, body = ROUTES[route]
+    command = [
+        sys.executable,
+        "-m",
+        "bench.loadgen",
+        "--port",
+        str(port),
+        "--path",
+        path,
+        "--method",
+        method,
+        "--header",
+        "X-Tenant-ID: acme",
+        "--connections",
+        str(connections),
+        "--duration",
+        str(duration),
+    ]
+    if body:
+        command += ["--body", body]
+    result = subprocess.run(command, cwd=ROOT, capture_output=True, text=True, check=True)
+    figures: dict[str, float] = json.loads(result.stdout)
+    return figures
+
+
+def app_envs(cluster: DevCluster, config_file: Path) -> dict[str, dict[str, str]]:
+    config_file.write_text(demo_config(cluster))
+    return {
+        "baseline: one engine, hand-written get_db": {
+            "BASELINE_DATABASE_URL": cluster.url(database="acme", user=APP_ROLE)
+        },
+        "router: example app": {CONFIG_FILE_ENV: str(config_file)},
+    }
+
+
+MODULES = {
+    "baseline: one engine, hand-written get_db": "bench.baseline_app:app",
+    "router: example app": "app.main:app",
+}
+
+
+def measure(
+    apps: dict[str, tuple[str, dict[str, str]]],
+    *,
+    rounds: int,
+    connections: int,
+    duration: float,
+) -> dict[tuple[str, str], dict[str, Series]]:
+    results: dict[tuple[str, str], dict[str, Series]] = {}
+    for round_number in range(rounds):
+        # Alternate the order: what runs first in a round tends to measure faster here.
+        order = list(apps.items())
+        if round_number % 2:
+            order.reverse()
+        for name, (module, env) in order:
+            with served(module, env) as port:
+                load(port, next(iter(ROUTES)), connections=connections, duration=0.5)  # warm
+                for route in ROUTES:
+                    figures = load(port, route, connections=connections, duration=duration)
+                    cell = results.setdefault((name, route), {k: Series(k) for k in figures})
+                    for key, value in figures.items():
+                        cell[key].values.append(value)
+    return results
+
+
+def report(results: dict[tuple[str, str], dict[str, Series]], baseline: str) -> str:
+    rows: list[tuple[Any, ...]] = []
+    for (name, route), cell in results.items():
+        base = results[(baseline, route)]["rps"].median
+        rows.append(
+            (
+                route,
+                name,
+                f"{cell['rps'].median:,.0f}",
+                f"±{cell['rps'].spread:.0%}",
+                f"{cell['rps'].median / base:.3f}",
+                f"{cell['p50_ms'].median:.1f}",
+                f"{cell['p99_ms'].median:.1f}",
+                f"{cell['errors'].median:.0f}",
+            )
+        )
+    rows.sort(key=lambda row: (row[0], row[1] != baseline))
+    return table(
+        (
+            "route",
+            "app",
+            "requests/s (median)",
+            "spread",
+            "vs baseline",
+            "p50 ms",
+            "p99 ms",
+            "errors",
+        ),
+        rows,
+    )
+
+
+def main(argv: list[str] | None = None) -> str:
+    parser = argparse.ArgumentParser(prog="python -m bench.http")
+    parser.add_argument("--quick", action="store_true")
+    parser.add_argument("--rounds", type=int, default=3)
+    args = parser.parse_args(argv)
+    rounds, connections, duration = (1, 4, 0.5) if args.quick else (args.rounds, 32, 5.0)
+    with bench_cluster() as cluster:
+        envs = app_envs(cluster, cluster.base_dir / "bench-settings.toml")
+        apps = {name: (MODULES[name], env) for name, env in envs.items()}
+        results = measure(apps, rounds=rounds, connections=connections, duration=duration)
+    baseline = next(iter(apps))
+    out = (
+        f"## HTTP end to end\n\nMachine: {machine()}\n\n"
+        f"{rounds} rounds; {connections} keep-alive connections for {duration:.1f} s per "
+        f"route; one uvicorn worker per app; load from a separate process.\n\n"
+        f"{report(results, baseline)}\n"
+    )
+    print(out)
+    return out
+
+
+if __name__ == "__main__":
+    main()
