@@ -12,10 +12,16 @@ import datetime
 import sys
 from pathlib import Path
 
-from bench import failover, overhead, tenants
+from bench import failover, http, overhead, proxy, tenants
 from bench.common import machine
 
-BENCHMARKS = {"overhead": overhead.main, "failover": failover.main, "tenants": tenants.main}
+BENCHMARKS = {
+    "overhead": overhead.main,
+    "http": http.main,
+    "proxy": proxy.main,
+    "failover": failover.main,
+    "tenants": tenants.main,
+}
 HEADER = """# Benchmark results
 
 Written by `python -m bench` ({mode}) on {date}. Machine: {machine}.
