@@ -3,6 +3,7 @@ and the machine description printed next to the figures."""
 
 from __future__ import annotations
 
+import argparse
 import os
 import platform
 import statistics
@@ -92,6 +93,21 @@ def machine() -> str:
         f"{os.cpu_count()} cores, {platform.machine()}, Python {platform.python_version()}, "
         f"{version}"
     )
+
+
+def parse_args(prog: str, argv: list[str] | None, *, rounds: int) -> argparse.Namespace:
+    """The options every benchmark takes: `--quick` (one tiny round, for CI) and `--rounds`."""
+    parser = argparse.ArgumentParser(prog=prog)
+    parser.add_argument("--quick", action="store_true", help="one tiny round (CI smoke run)")
+    parser.add_argument("--rounds", type=int, default=rounds)
+    return parser.parse_args(argv)
+
+
+def publish(title: str, body: str) -> str:
+    """A RESULTS.md section: printed, and returned for `python -m bench` to collect."""
+    out = f"## {title}\n\nMachine: {machine()}\n\n{body}\n"
+    print(out)
+    return out
 
 
 def table(headers: Sequence[str], rows: Sequence[Sequence[Any]]) -> str:

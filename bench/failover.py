@@ -13,7 +13,6 @@ Default settings (health interval 1 s). `python -m bench.failover [--quick] [--r
 
 from __future__ import annotations
 
-import argparse
 import asyncio
 import itertools
 import time
@@ -26,7 +25,15 @@ from app.db.errors import DatabaseUnavailableError
 from app.db.router import SessionRouter
 from app.devcluster import DevCluster
 from app.faults import WHO_ANSWERS, ReadLoad, eventually
-from bench.common import APP_ROLE, Series, bench_cluster, machine, settings_for, table
+from bench.common import (
+    APP_ROLE,
+    Series,
+    bench_cluster,
+    parse_args,
+    publish,
+    settings_for,
+    table,
+)
 
 READERS = 20
 
@@ -204,16 +211,10 @@ async def run(cluster: DevCluster, *, rounds: int, outage: float) -> str:
 
 
 def main(argv: list[str] | None = None) -> str:
-    parser = argparse.ArgumentParser(prog="python -m bench.failover")
-    parser.add_argument("--quick", action="store_true", help="one short round (CI smoke run)")
-    parser.add_argument("--rounds", type=int, default=3)
-    args = parser.parse_args(argv)
+    args = parse_args("python -m bench.failover", argv, rounds=3)
     rounds, outage = (1, 1.0) if args.quick else (args.rounds, 3.0)
     with bench_cluster() as cluster:
-        report = asyncio.run(run(cluster, rounds=rounds, outage=outage))
-    out = f"## Failover\n\nMachine: {machine()}\n\n{report}\n"
-    print(out)
-    return out
+        return publish("Failover", asyncio.run(run(cluster, rounds=rounds, outage=outage)))
 
 
 if __name__ == "__main__":

@@ -9,7 +9,6 @@ baseline's to the primary. One uvicorn worker each; the load generator is `bench
 
 from __future__ import annotations
 
-import argparse
 import json
 import os
 import subprocess
@@ -25,7 +24,7 @@ from typing import Any
 from app.core.config import CONFIG_FILE_ENV
 from app.demo import APP_ROLE, demo_config
 from app.devcluster import DevCluster, free_port
-from bench.common import Series, bench_cluster, machine, table
+from bench.common import Series, bench_cluster, parse_args, publish, table
 
 ROOT = Path(__file__).resolve().parent.parent
 ROUTES = {
@@ -179,24 +178,20 @@ def report(results: dict[tuple[str, str], dict[str, Series]], baseline: str) -> 
 
 
 def main(argv: list[str] | None = None) -> str:
-    parser = argparse.ArgumentParser(prog="python -m bench.http")
-    parser.add_argument("--quick", action="store_true")
-    parser.add_argument("--rounds", type=int, default=3)
-    args = parser.parse_args(argv)
+    args = parse_args("python -m bench.http", argv, rounds=3)
     rounds, connections, duration = (1, 4, 0.5) if args.quick else (args.rounds, 32, 5.0)
     with bench_cluster() as cluster:
         envs = app_envs(cluster, cluster.base_dir / "bench-settings.toml")
         apps = {name: (MODULES[name], env) for name, env in envs.items()}
         results = measure(apps, rounds=rounds, connections=connections, duration=duration)
-    baseline = next(iter(apps))
-    out = (
-        f"## HTTP end to end\n\nMachine: {machine()}\n\n"
-        f"{rounds} rounds; {connections} keep-alive connections for {duration:.1f} s per "
-        f"route; one uvicorn worker per app; load from a separate process.\n\n"
-        f"{report(results, baseline)}\n"
+    return publish(
+        "HTTP end to end",
+        (
+            f"{rounds} rounds; {connections} keep-alive connections for {duration:.1f} s per "
+            f"route; one uvicorn worker per app; load from a separate process.\n\n"
+            f"{report(results, next(iter(apps)))}"
+        ),
     )
-    print(out)
-    return out
 
 
 if __name__ == "__main__":

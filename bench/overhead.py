@@ -12,7 +12,6 @@ the same primary and the same replica with the same pool shape:
 
 from __future__ import annotations
 
-import argparse
 import asyncio
 import time
 from collections.abc import Awaitable, Callable
@@ -25,7 +24,15 @@ from sqlalchemy.ext.asyncio import async_sessionmaker, create_async_engine
 from app.db.router import SessionRouter
 from app.db.targets import Target
 from app.devcluster import DevCluster
-from bench.common import APP_ROLE, Series, bench_cluster, machine, settings_for, table
+from bench.common import (
+    APP_ROLE,
+    Series,
+    bench_cluster,
+    parse_args,
+    publish,
+    settings_for,
+    table,
+)
 
 SELECT_1 = text("SELECT 1")
 BASELINE = "hand-written sessionmaker"
@@ -47,12 +54,18 @@ async def build_variants(
     plain_maker = async_sessionmaker(plain, expire_on_commit=False)
     pinged_maker = async_sessionmaker(pinged, expire_on_commit=False)
     primary_maker = async_sessionmaker(plain_primary, expire_on_commit=False)
-    pool = {"size": 5, "max_overflow": 15}
-    settings = settings_for(cluster)
-    main = settings.clusters["main"].model_copy(
-        update={"pool": settings.clusters["main"].pool.model_copy(update=pool)}
+    # The router gets the same pool shape and the same single replica as the hand-written
+    # variants, so that the comparison measures the router and nothing else.
+    main = {
+        "primary": primary_url,
+        "replicas": [replica_url],
+        "pool": {"size": 20, "max_overflow": 0},
+    }
+    router = SessionRouter(
+        settings_for(
+            cluster, clusters={"main": main}, tenancy={"pool": {"size": 20, "max_overflow": 0}}
+        )
     )
-    router = SessionRouter(settings.model_copy(update={"clusters": {"main": main}}))
     await router.start()
 
     async def raw() -> None:
@@ -117,8 +130,12 @@ async def run(cluster: DevCluster, *, rounds: int, ops: int) -> str:
             await measure(op, ops=50, concurrency=4)
         for concurrency in (1, 16):
             series = {name: Series(name) for name in variants}
-            for _ in range(rounds):
-                for name, op in variants.items():
+            for round_number in range(rounds):
+                # Alternate the order, so no variant always runs right after the same other.
+                order = list(variants.items())
+                if round_number % 2:
+                    order.reverse()
+                for name, op in order:
                     series[name].values.append(await measure(op, ops=ops, concurrency=concurrency))
             base = series[BASELINE].median
             rows = [
@@ -143,17 +160,10 @@ async def run(cluster: DevCluster, *, rounds: int, ops: int) -> str:
 
 
 def main(argv: list[str] | None = None) -> str:
-    parser = argparse.ArgumentParser(prog="python -m bench.overhead")
-    parser.add_argument("--quick", action="store_true", help="one tiny round (CI smoke run)")
-    parser.add_argument("--rounds", type=int, default=5)
-    parser.add_argument("--ops", type=int, default=2000)
-    args = parser.parse_args(argv)
-    rounds, ops = (1, 64) if args.quick else (args.rounds, args.ops)
+    args = parse_args("python -m bench.overhead", argv, rounds=5)
+    rounds, ops = (1, 64) if args.quick else (args.rounds, 2000)
     with bench_cluster() as cluster:
-        report = asyncio.run(run(cluster, rounds=rounds, ops=ops))
-    text_out = f"## Session overhead\n\nMachine: {machine()}\n\n{report}\n"
-    print(text_out)
-    return text_out
+        return publish("Session overhead", asyncio.run(run(cluster, rounds=rounds, ops=ops)))
 
 
 if __name__ == "__main__":

@@ -10,7 +10,6 @@ pgpool-II comes from the system's packages: installed here when missing and we a
 
 from __future__ import annotations
 
-import argparse
 import os
 import shutil
 import subprocess
@@ -21,10 +20,11 @@ from pathlib import Path
 
 from app.demo import APP_ROLE
 from app.devcluster import DevCluster, free_port
-from bench.common import bench_cluster, machine
+from bench.common import bench_cluster, parse_args, publish
 from bench.http import MODULES, app_envs, measure, report
 
 PGPOOL_CANDIDATES = ("pgpool", "/usr/sbin/pgpool")
+TITLE = "Against a proxy (pgpool-II)"
 
 
 def find_pgpool() -> str | None:
@@ -124,16 +124,10 @@ def pgpool(binary: str, cluster: DevCluster) -> Iterator[int]:
 
 
 def main(argv: list[str] | None = None) -> str:
-    parser = argparse.ArgumentParser(prog="python -m bench.proxy")
-    parser.add_argument("--quick", action="store_true")
-    parser.add_argument("--rounds", type=int, default=3)
-    args = parser.parse_args(argv)
-    header = f"## Against a proxy (pgpool-II)\n\nMachine: {machine()}\n\n"
+    args = parse_args("python -m bench.proxy", argv, rounds=3)
     binary, why_not = ensure_pgpool(install=not args.quick)
     if binary is None:
-        out = header + f"Skipped: {why_not}.\n"
-        print(out)
-        return out
+        return publish(TITLE, f"Skipped: {why_not}.")
     rounds, connections, duration = (1, 4, 0.5) if args.quick else (args.rounds, 32, 5.0)
     with bench_cluster() as cluster, pgpool(binary, cluster) as port:
         envs = app_envs(cluster, cluster.base_dir / "bench-settings.toml")
@@ -152,13 +146,14 @@ def main(argv: list[str] | None = None) -> str:
             ),
         }
         results = measure(apps, rounds=rounds, connections=connections, duration=duration)
-    out = (
-        header + f"pgpool-II: streaming-replication mode, load balancing reads over the "
-        f"replicas (primary weight 0). {rounds} rounds; {connections} connections for "
-        f"{duration:.0f} s per route.\n\n{report(results, baseline)}\n"
+    return publish(
+        TITLE,
+        (
+            f"pgpool-II: streaming-replication mode, load balancing reads over the replicas "
+            f"(primary weight 0). {rounds} rounds; {connections} connections for {duration:.1f} s "
+            f"per route.\n\n{report(results, baseline)}"
+        ),
     )
-    print(out)
-    return out
 
 
 if __name__ == "__main__":

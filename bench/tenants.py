@@ -6,7 +6,6 @@ start, and peak connections under random traffic over many database tenants with
 
 from __future__ import annotations
 
-import argparse
 import asyncio
 import random
 import time
@@ -22,7 +21,7 @@ from app.db import provisioning
 from app.db.router import SessionRouter
 from app.db.targets import Target
 from app.devcluster import DevCluster
-from bench.common import Series, bench_cluster, machine, settings_for, table
+from bench.common import Series, bench_cluster, parse_args, publish, settings_for, table
 
 COUNT_OURS = (
     "SELECT count(*) FROM pg_stat_activity WHERE application_name LIKE 'session-router:%' "
@@ -139,8 +138,7 @@ async def create_databases(cluster: DevCluster, count: int) -> list[str]:
     return tenants
 
 
-def run(cluster: DevCluster, *, quick: bool) -> str:
-    rounds = 1 if quick else 5
+def run(cluster: DevCluster, *, rounds: int, quick: bool) -> str:
     small, large = routing_cost(cluster, 100, rounds), routing_cost(cluster, 10_000, rounds)
     memory = memory_per_tenant(cluster, 1000 if quick else 10_000)
     tenants = asyncio.run(create_databases(cluster, 4 if quick else 12))
@@ -179,14 +177,11 @@ def run(cluster: DevCluster, *, quick: bool) -> str:
 
 
 def main(argv: list[str] | None = None) -> str:
-    parser = argparse.ArgumentParser(prog="python -m bench.tenants")
-    parser.add_argument("--quick", action="store_true")
-    args = parser.parse_args(argv)
+    args = parse_args("python -m bench.tenants", argv, rounds=5)
     with bench_cluster() as cluster:
-        report = run(cluster, quick=args.quick)
-    out = f"## Tenants\n\nMachine: {machine()}\n\n{report}\n"
-    print(out)
-    return out
+        return publish(
+            "Tenants", run(cluster, rounds=1 if args.quick else args.rounds, quick=args.quick)
+        )
 
 
 if __name__ == "__main__":
