@@ -26,6 +26,9 @@ HEADER = """# Benchmark results
 
 Written by `python -m bench` ({mode}) on {date}. Machine: {machine}.
 Every ratio compares against a baseline measured in the same run, on the same cluster.
+Client, servers and load generator share 2 cores here: spreads are wide, and what runs first
+in a round tends to measure faster (rounds alternate their order). Read medians and ratios, not
+single figures.
 """
 
 

@@ -361,6 +361,8 @@ class SessionRouter:
         return session, route
 
     async def _commit(self, session: AsyncSession, route: Route) -> None:
+        if not session.in_transaction():
+            return  # the caller committed already: nothing to do, no greenlet hop
         try:
             await session.commit()
         except Exception as exc:
