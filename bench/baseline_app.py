@@ -1,7 +1,8 @@
 """The baseline for the HTTP benchmarks: what a team writes before adopting the router.
 
-One engine (`BASELINE_DATABASE_URL`), a hand-written `get_db`, the same routes and models as
-the example app's items, without tenants or replicas. Served by uvicorn like the example app.
+One engine (`BASELINE_DATABASE_URL`), a hand-written `get_db` that commits before the response
+(function scope, as a correct one must), and the same route bodies and models as the example
+app's items, without tenants or replicas. Served by uvicorn like the example app.
 """
 
 from __future__ import annotations
@@ -25,19 +26,23 @@ app = FastAPI()
 async def get_db() -> AsyncIterator[AsyncSession]:
     async with async_session_maker() as session:
         yield session
+        await session.commit()
+
+
+DbSession = Annotated[AsyncSession, Depends(get_db, scope="function")]
 
 
 @app.post("/items", status_code=201)
-async def create_item(body: ItemIn, db: Annotated[AsyncSession, Depends(get_db)]) -> ItemOut:
+async def create_item(body: ItemIn, db: DbSession) -> ItemOut:
     item = Item(name=body.name)
     db.add(item)
-    await db.commit()  # before returning, so that a 201 means committed
+    await db.flush()
     return ItemOut(id=item.id, name=item.name)
 
 
 @app.get("/items")
 async def list_items(
-    db: Annotated[AsyncSession, Depends(get_db)], limit: Annotated[int, Query(ge=1, le=1000)] = 100
+    db: DbSession, limit: Annotated[int, Query(ge=1, le=1000)] = 100
 ) -> list[ItemOut]:
     rows = await db.scalars(select(Item).order_by(Item.id).limit(limit))
     return [ItemOut(id=item.id, name=item.name) for item in rows]

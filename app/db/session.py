@@ -16,7 +16,7 @@ binds the engine of the router current at that moment.
 
 from __future__ import annotations
 
-from collections.abc import AsyncIterator
+from collections.abc import AsyncIterator, Callable
 from contextlib import AbstractAsyncContextManager
 from typing import Annotated, Any
 
@@ -25,6 +25,7 @@ from sqlalchemy.ext.asyncio import AsyncEngine, AsyncSession, async_sessionmaker
 
 from app.api.tenant_resolvers import HeaderResolver
 from app.core.config import Settings
+from app.db.errors import TenantRequiredError
 from app.db.router import SessionRouter
 from app.db.targets import Intent, Target
 
@@ -96,32 +97,41 @@ def tenant_of(request: Request) -> str | None:
     return tenant
 
 
-def request_target(request: Request, intent: Intent | None = None) -> Target:
+def request_target(
+    request: Request, intent: Intent | None = None, *, tenant_required: bool = False
+) -> Target:
     """Tenant from the request (if any); intent declared, else by HTTP method."""
     if intent is None:
         intent = "read" if request.method in _SAFE_METHODS else "write"
-    return Target(tenant=tenant_of(request), intent=intent)
+    tenant = tenant_of(request)
+    if tenant is None and tenant_required:
+        raise TenantRequiredError("this route needs a tenant (for example an X-Tenant-ID header)")
+    return Target(tenant=tenant, intent=intent)
 
 
 # FastAPI runs the exit of a yield dependency after the response has been sent unless the
 # dependency is function-scoped. The commit must happen before: a 2xx must mean "committed".
-# So the generators below are function-scoped, and the public dependencies are plain functions
-# over them, which lets users keep writing `Depends(get_db)` without knowing about scopes.
+# So the generators below are used function-scoped, and the public `get_db` is a plain function
+# over one, which lets users keep writing `Depends(get_db)` without knowing about scopes.
 
 
-async def session_by_method(request: Request) -> AsyncIterator[AsyncSession]:
-    async with get_router().session(request_target(request)) as session:
-        yield session
+def _session_dependency(
+    intent: Intent | None, *, tenant_required: bool
+) -> Callable[[Request], AsyncIterator[AsyncSession]]:
+    async def session_for_request(request: Request) -> AsyncIterator[AsyncSession]:
+        target = request_target(request, intent, tenant_required=tenant_required)
+        async with get_router().session(target) as session:
+            yield session
+
+    return session_for_request
 
 
-async def read_session(request: Request) -> AsyncIterator[AsyncSession]:
-    async with get_router().session(request_target(request, "read")) as session:
-        yield session
-
-
-async def write_session(request: Request) -> AsyncIterator[AsyncSession]:
-    async with get_router().session(request_target(request, "write")) as session:
-        yield session
+session_by_method = _session_dependency(None, tenant_required=False)
+read_session = _session_dependency("read", tenant_required=False)
+write_session = _session_dependency("write", tenant_required=False)
+tenant_session_by_method = _session_dependency(None, tenant_required=True)
+tenant_read_session = _session_dependency("read", tenant_required=True)
+tenant_write_session = _session_dependency("write", tenant_required=True)
 
 
 async def get_db(

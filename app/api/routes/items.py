@@ -4,14 +4,14 @@ from __future__ import annotations
 
 from typing import Annotated
 
-from fastapi import APIRouter, Depends, HTTPException, Path, Query
+from fastapi import APIRouter, HTTPException, Path, Query
 from pydantic import BaseModel, Field, field_validator
 from sqlalchemy import select
 
-from app.api.deps import ReadSession, WriteSession, require_tenant
+from app.api.deps import TenantReadSession, TenantWriteSession
 from app.models import Item
 
-router = APIRouter(prefix="/items", tags=["items"], dependencies=[Depends(require_tenant)])
+router = APIRouter(prefix="/items", tags=["items"])
 
 _MAX_ID = 2**63 - 1
 
@@ -33,7 +33,7 @@ class ItemOut(BaseModel):
 
 
 @router.post("", status_code=201)
-async def create_item(body: ItemIn, db: WriteSession) -> ItemOut:
+async def create_item(body: ItemIn, db: TenantWriteSession) -> ItemOut:
     item = Item(name=body.name)
     db.add(item)
     await db.flush()
@@ -42,14 +42,16 @@ async def create_item(body: ItemIn, db: WriteSession) -> ItemOut:
 
 @router.get("")
 async def list_items(
-    db: ReadSession, limit: Annotated[int, Query(ge=1, le=1000)] = 100
+    db: TenantReadSession, limit: Annotated[int, Query(ge=1, le=1000)] = 100
 ) -> list[ItemOut]:
     rows = await db.scalars(select(Item).order_by(Item.id).limit(limit))
     return [ItemOut(id=item.id, name=item.name) for item in rows]
 
 
 @router.get("/{item_id}")
-async def get_item(db: ReadSession, item_id: Annotated[int, Path(ge=1, le=_MAX_ID)]) -> ItemOut:
+async def get_item(
+    db: TenantReadSession, item_id: Annotated[int, Path(ge=1, le=_MAX_ID)]
+) -> ItemOut:
     item = await db.get(Item, item_id)
     if item is None:
         raise HTTPException(status_code=404, detail="item not found")

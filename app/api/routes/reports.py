@@ -8,12 +8,12 @@ from __future__ import annotations
 
 from typing import Annotated, Any
 
-from fastapi import APIRouter, Depends, Query
+from fastapi import APIRouter, Query
 from sqlalchemy import text
 
-from app.api.deps import ReadSession, require_tenant
+from app.api.deps import TenantReadSession
 
-router = APIRouter(prefix="/reports", tags=["reports"], dependencies=[Depends(require_tenant)])
+router = APIRouter(prefix="/reports", tags=["reports"])
 
 _ITEMS = text("SELECT id, name FROM items ORDER BY id DESC LIMIT :limit")
 _COUNT = text("SELECT count(*) FROM items")
@@ -21,7 +21,7 @@ _COUNT = text("SELECT count(*) FROM items")
 
 @router.get("/items")
 async def item_report(
-    db: ReadSession, limit: Annotated[int, Query(ge=1, le=1000)] = 100
+    db: TenantReadSession, limit: Annotated[int, Query(ge=1, le=1000)] = 100
 ) -> dict[str, Any]:
     rows = (await db.execute(_ITEMS, {"limit": limit})).mappings().all()
     total = await db.scalar(_COUNT)
