@@ -418,11 +418,19 @@ class SessionRouter:
             }
             for name, node in sorted(self._nodes.items())
         }
+        catalog = self.tenants.catalog
         return {
             "default_cluster": self.default_cluster.name,
             "monitor_running": self.monitor.running,
             "health_interval": self.settings.health.interval,
             "nodes": nodes,
+            "tenancy": {
+                "tenants": len(self.tenants),
+                "tenant_clusters": len(self.tenant_clusters),
+                "tenant_engines": self.tenant_clusters.engines,
+                "max_engines": self.tenant_clusters.max_engines,
+                "catalog_loads": catalog.loads if catalog is not None else None,
+            },
         }
 
     async def dispose(self) -> None:
