@@ -218,6 +218,9 @@ class HttpSettings(_Section):
     #: `token`: HS256 signing key of the bearer token, and the claim naming the tenant.
     token_secret: SecretStr | None = None
     token_claim: str = "tenant"  # noqa: S105 - a claim name, not a secret
+    #: Write responses carry `X-Consistency-Token`; reads that send it back see the write.
+    #: Costs one query after each write's COMMIT.
+    consistency_tokens: bool = True
 
 
 class Settings(BaseSettings):

@@ -257,9 +257,19 @@ class Cluster:
                 return node
         return None
 
-    def reader(self) -> Node | None:
-        """A fresh, healthy replica by the policy; else the writer if falling back is allowed."""
+    def reader(self, min_lsn: int | None = None) -> Node | None:
+        """A fresh, healthy replica by the policy; else the writer if falling back is allowed.
+
+        With `min_lsn` (read-your-writes), only replicas known to have replayed that far; the
+        primary always has, so it serves the read when none has (whatever the fallback rule).
+        """
         candidates = [node for node in self.nodes if node.readable_replica]
+        if min_lsn is not None:
+            candidates = [
+                n for n in candidates if n.health.lsn is not None and n.health.lsn >= min_lsn
+            ]
+            if not candidates:
+                return self.writer()
         if candidates:
             return self.policy.choose(candidates)
         return self.writer() if self.fallback_to_primary else None

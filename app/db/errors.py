@@ -130,3 +130,10 @@ class InvalidTokenError(TenantError):
 
     status_code = 401
     code = "invalid_token"
+
+
+class InvalidConsistencyTokenError(RouterError):
+    """The consistency token sent with a read is not one the router issued."""
+
+    status_code = 400
+    code = "invalid_consistency_token"

@@ -34,6 +34,7 @@ from app.core.config import (
     load_settings,
 )
 from app.db.cluster import Cluster, Node, RoutedSession
+from app.db.consistency import WAL_POSITION, ConsistencyToken, stream_of
 from app.db.errors import (
     CommitOutcomeUnknownError,
     ConnectionLostError,
@@ -211,10 +212,33 @@ class SessionRouter:
             cluster = self._clusters.get(target.cluster) or self.cluster(target.cluster)
         else:
             cluster = self.default_cluster
-        node = cluster.reader() if target.read_only and not target.use_primary else cluster.writer()
+        if target.read_only and not target.use_primary:
+            node = cluster.reader(self._min_lsn(cluster, target))
+        else:
+            node = cluster.writer()
         if node is None:
             raise NoNodeAvailableError(_why_unavailable(cluster, target))
         return Route(cluster, node, target.read_only, placement)
+
+    @staticmethod
+    def _min_lsn(cluster: Cluster, target: Target) -> int | None:
+        # A token of another WAL stream says nothing about this cluster's replicas.
+        token = target.after
+        if token is None or token.stream != stream_of(cluster.name):
+            return None
+        return token.lsn
+
+    async def consistency_token(self, cluster: Cluster) -> ConsistencyToken:
+        """The WAL position a read must wait for to see what has been committed so far.
+
+        One statement in autocommit mode on the writer (no BEGIN/COMMIT round trips)."""
+        writer = cluster.writer()
+        if writer is None:
+            raise NoNodeAvailableError(_why_unavailable(cluster, Target(cluster=cluster.name)))
+        async with writer.engine.connect() as connection:
+            autocommit = await connection.execution_options(isolation_level="AUTOCOMMIT")
+            lsn = await autocommit.scalar(WAL_POSITION)
+        return ConsistencyToken(stream_of(cluster.name), int(lsn))
 
     # -- sessions ------------------------------------------------------------------------
 
@@ -345,6 +369,7 @@ class SessionRouter:
 
     async def _connect(self, route: Route) -> tuple[AsyncSession, Route]:
         session = route.node.factory(route.read_only)()
+        session.info["cluster"] = route.cluster
         if route.placement is not None:
             routed: RoutedSession = session.sync_session  # type: ignore[assignment]
             routed.tenant_id = session.info["tenant"] = route.placement.tenant_id

@@ -16,6 +16,7 @@ binds the engine of the router current at that moment.
 
 from __future__ import annotations
 
+import logging
 from collections.abc import AsyncIterator, Callable
 from contextlib import AbstractAsyncContextManager
 from typing import Annotated, Any
@@ -25,6 +26,7 @@ from sqlalchemy.ext.asyncio import AsyncEngine, AsyncSession, async_sessionmaker
 
 from app.api.tenant_resolvers import HeaderResolver
 from app.core.config import Settings
+from app.db.consistency import ConsistencyToken
 from app.db.errors import TenantRequiredError
 from app.db.router import SessionRouter
 from app.db.targets import Intent, Target
@@ -46,6 +48,8 @@ engine: AsyncEngine
 async_session_maker: async_sessionmaker[AsyncSession]
 
 _HEADER_RESOLVER = HeaderResolver()
+CONSISTENCY_HEADER = "x-consistency-token"
+logger = logging.getLogger(__name__)
 _SAFE_METHODS = frozenset({"GET", "HEAD", "OPTIONS"})
 
 
@@ -106,7 +110,9 @@ def request_target(
     tenant = tenant_of(request)
     if tenant is None and tenant_required:
         raise TenantRequiredError("this route needs a tenant (for example an X-Tenant-ID header)")
-    return Target(tenant=tenant, intent=intent)
+    token = request.headers.get(CONSISTENCY_HEADER)
+    after = ConsistencyToken.parse(token) if token is not None and intent == "read" else None
+    return Target(tenant=tenant, intent=intent, after=after)
 
 
 # FastAPI runs the exit of a yield dependency after the response has been sent unless the
@@ -120,10 +126,25 @@ def _session_dependency(
 ) -> Callable[[Request], AsyncIterator[AsyncSession]]:
     async def session_for_request(request: Request) -> AsyncIterator[AsyncSession]:
         target = request_target(request, intent, tenant_required=tenant_required)
-        async with get_router().session(target) as session:
+        router = get_router()
+        async with router.session(target) as session:
             yield session
+        # Committed (an error would have left the block by now): hand back a token.
+        if not target.read_only and getattr(request.app.state, "consistency_tokens", False):
+            await _issue_consistency_token(router, session, request)
 
     return session_for_request
+
+
+async def _issue_consistency_token(
+    router: SessionRouter, session: AsyncSession, request: Request
+) -> None:
+    try:
+        token = await router.consistency_token(session.info["cluster"])
+    except Exception:  # the write is committed: a missing token must not turn it into an error
+        logger.warning("no consistency token for a committed write", exc_info=True)
+        return
+    request.state.consistency_token = str(token)
 
 
 session_by_method = _session_dependency(None, tenant_required=False)

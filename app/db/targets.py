@@ -14,6 +14,7 @@ from __future__ import annotations
 from dataclasses import dataclass, replace
 from typing import Literal
 
+from app.db.consistency import ConsistencyToken
 from app.db.errors import TargetError
 
 Intent = Literal["read", "write"]
@@ -29,6 +30,8 @@ class Target:
     node: str | None = None
     #: Reads go to the primary (in a READ ONLY transaction) instead of a replica.
     use_primary: bool = False
+    #: Read-your-writes: serve the read only where this WAL position has been replayed.
+    after: ConsistencyToken | None = None
 
     @property
     def read_only(self) -> bool:
