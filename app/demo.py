@@ -85,6 +85,8 @@ try, in another terminal:
   curl -s -X POST {base}/items -H 'X-Tenant-ID: initech' -H 'content-type: application/json' \\
        -d '{{"name": "stapler"}}'                      # row-level-security tenant
   curl -s {base}/reports/items -H 'X-Tenant-ID: initech'  # raw SQL, still confined
+  curl -si -X POST {base}/items -H 'X-Tenant-ID: acme' -H 'content-type: application/json' \\
+       -d '{{"name": "fresh"}}' | grep -i consistency  # send it back on a GET: read your write
   curl -s {base}/items -H 'X-Tenant-ID: nobody'        # 404 unknown tenant
   curl -s {base}/health/db                              # roles, lag, breaker state, pools
 add a tenant while the app runs (served at once, no restart):
