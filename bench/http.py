@@ -105,6 +105,9 @@ def load(port: int, route: str, *, connections: int, duration: float) -> dict[st
     return figures
 
 
+TOKENS_OFF = "router: example app, consistency tokens off"
+
+
 def app_envs(cluster: DevCluster, config_file: Path) -> dict[str, dict[str, str]]:
     config_file.write_text(demo_config(cluster))
     return {
@@ -112,12 +115,14 @@ def app_envs(cluster: DevCluster, config_file: Path) -> dict[str, dict[str, str]
             "BASELINE_DATABASE_URL": cluster.url(database="acme", user=APP_ROLE)
         },
         "router: example app": {CONFIG_FILE_ENV: str(config_file)},
+        TOKENS_OFF: {CONFIG_FILE_ENV: str(config_file), "APP_HTTP__CONSISTENCY_TOKENS": "false"},
     }
 
 
 MODULES = {
     "baseline: one engine, hand-written get_db": "bench.baseline_app:app",
     "router: example app": "app.main:app",
+    TOKENS_OFF: "app.main:app",
 }
 
 

@@ -248,9 +248,15 @@ class SessionRouter:
         *,
         tenant: str | None = None,
         read_only: bool = False,
+        consistency_token: bool = False,
     ) -> AbstractAsyncContextManager[AsyncSession]:
-        """A session bound to one node: commits on success, rolls back on error, always closes."""
-        return self._session(Target.coerce(target, tenant=tenant, read_only=read_only), None)
+        """A session bound to one node: commits on success, rolls back on error, always closes.
+
+        With `consistency_token`, a committed write leaves its read-your-writes token in
+        `session.info["consistency_token"]` (one query after the COMMIT, on the same session).
+        """
+        resolved = Target.coerce(target, tenant=tenant, read_only=read_only)
+        return self._session(resolved, None, consistency_token=consistency_token)
 
     async def run(
         self,
@@ -283,7 +289,7 @@ class SessionRouter:
 
     @asynccontextmanager
     async def _session(
-        self, target: Target, deadline_at: float | None
+        self, target: Target, deadline_at: float | None, *, consistency_token: bool = False
     ) -> AsyncIterator[AsyncSession]:
         session, route = await self._open(target, deadline_at)
         cluster = route.cluster  # in_flight was counted when the route was chosen
@@ -306,6 +312,8 @@ class SessionRouter:
                     _check_nothing_pending(session, route)  # then close() rolls back: no COMMIT
                 else:
                     await self._commit(session, route)
+                    if consistency_token:
+                        await self._leave_token(session, route)
         finally:
             cluster.in_flight -= 1
             if cluster.in_flight == 0:
@@ -369,7 +377,6 @@ class SessionRouter:
 
     async def _connect(self, route: Route) -> tuple[AsyncSession, Route]:
         session = route.node.factory(route.read_only)()
-        session.info["cluster"] = route.cluster
         if route.placement is not None:
             routed: RoutedSession = session.sync_session  # type: ignore[assignment]
             routed.tenant_id = session.info["tenant"] = route.placement.tenant_id
@@ -404,6 +411,15 @@ class SessionRouter:
                 f"the connection to {route.node.name} was lost during COMMIT: the transaction "
                 "may or may not have been applied, and is not retried automatically"
             ) from exc
+
+    async def _leave_token(self, session: AsyncSession, route: Route) -> None:
+        # The write is committed: failing to read the position must not turn it into an error.
+        try:
+            lsn = await session.run_sync(_wal_position)
+        except Exception:
+            logger.warning("no consistency token after a committed write", exc_info=True)
+            return
+        session.info["consistency_token"] = ConsistencyToken(stream_of(route.cluster.name), lsn)
 
     def _translate(self, exc: Exception, route: Route) -> Exception:
         """Turn driver errors that mean something to the router into its own errors."""
@@ -473,6 +489,12 @@ class SessionRouter:
 def _check_out(session: Session) -> None:
     # Through run_sync: one greenlet hop, without building an AsyncConnection proxy.
     session.connection()
+
+
+def _wal_position(session: Session) -> int:
+    # A new transaction in autocommit mode on the session's node: one round trip, one hop.
+    connection = session.connection(execution_options={"isolation_level": "AUTOCOMMIT"})
+    return int(connection.scalar(WAL_POSITION))
 
 
 def _check_nothing_pending(session: AsyncSession, route: Route) -> None:

@@ -16,7 +16,6 @@ binds the engine of the router current at that moment.
 
 from __future__ import annotations
 
-import logging
 from collections.abc import AsyncIterator, Callable
 from contextlib import AbstractAsyncContextManager
 from typing import Annotated, Any
@@ -49,7 +48,6 @@ async_session_maker: async_sessionmaker[AsyncSession]
 
 _HEADER_RESOLVER = HeaderResolver()
 CONSISTENCY_HEADER = "x-consistency-token"
-logger = logging.getLogger(__name__)
 _SAFE_METHODS = frozenset({"GET", "HEAD", "OPTIONS"})
 
 
@@ -126,25 +124,16 @@ def _session_dependency(
 ) -> Callable[[Request], AsyncIterator[AsyncSession]]:
     async def session_for_request(request: Request) -> AsyncIterator[AsyncSession]:
         target = request_target(request, intent, tenant_required=tenant_required)
-        router = get_router()
-        async with router.session(target) as session:
+        tokens = not target.read_only and getattr(request.app.state, "consistency_tokens", False)
+        async with get_router().session(target, consistency_token=tokens) as session:
             yield session
-        # Committed (an error would have left the block by now): hand back a token.
-        if not target.read_only and getattr(request.app.state, "consistency_tokens", False):
-            await _issue_consistency_token(router, session, request)
+        # Committed (an error would have left the block by now): hand the token on to the
+        # middleware that puts it on the response.
+        token = session.info.get("consistency_token")
+        if token is not None:
+            request.state.consistency_token = str(token)
 
     return session_for_request
-
-
-async def _issue_consistency_token(
-    router: SessionRouter, session: AsyncSession, request: Request
-) -> None:
-    try:
-        token = await router.consistency_token(session.info["cluster"])
-    except Exception:  # the write is committed: a missing token must not turn it into an error
-        logger.warning("no consistency token for a committed write", exc_info=True)
-        return
-    request.state.consistency_token = str(token)
 
 
 session_by_method = _session_dependency(None, tenant_required=False)
