@@ -311,9 +311,7 @@ class SessionRouter:
                 if route.read_only:
                     _check_nothing_pending(session, route)  # then close() rolls back: no COMMIT
                 else:
-                    await self._commit(session, route)
-                    if consistency_token:
-                        await self._leave_token(session, route)
+                    await self._commit(session, route, with_token=consistency_token)
         finally:
             cluster.in_flight -= 1
             if cluster.in_flight == 0:
@@ -392,11 +390,15 @@ class SessionRouter:
             raise
         return session, route
 
-    async def _commit(self, session: AsyncSession, route: Route) -> None:
-        if not session.in_transaction():
-            return  # the caller committed already: nothing to do, no greenlet hop
+    async def _commit(self, session: AsyncSession, route: Route, *, with_token: bool) -> None:
+        """COMMIT, and with `with_token` read the WAL position right after, in the same hop."""
+        step = _commit_then_position if with_token else _commit_only
+        if not session.in_transaction():  # the caller committed already
+            if not with_token:
+                return
+            step = _position_only
         try:
-            await session.commit()
+            lsn = await session.run_sync(step)
         except Exception as exc:
             if not is_connection_loss(exc):
                 translated = self._translate(exc, route)
@@ -411,15 +413,9 @@ class SessionRouter:
                 f"the connection to {route.node.name} was lost during COMMIT: the transaction "
                 "may or may not have been applied, and is not retried automatically"
             ) from exc
-
-    async def _leave_token(self, session: AsyncSession, route: Route) -> None:
-        # The write is committed: failing to read the position must not turn it into an error.
-        try:
-            lsn = await session.run_sync(_wal_position)
-        except Exception:
-            logger.warning("no consistency token after a committed write", exc_info=True)
-            return
-        session.info["consistency_token"] = ConsistencyToken(stream_of(route.cluster.name), lsn)
+        if lsn is not None:
+            token = ConsistencyToken(stream_of(route.cluster.name), lsn)
+            session.info["consistency_token"] = token
 
     def _translate(self, exc: Exception, route: Route) -> Exception:
         """Turn driver errors that mean something to the router into its own errors."""
@@ -491,10 +487,26 @@ def _check_out(session: Session) -> None:
     session.connection()
 
 
-def _wal_position(session: Session) -> int:
-    # A new transaction in autocommit mode on the session's node: one round trip, one hop.
-    connection = session.connection(execution_options={"isolation_level": "AUTOCOMMIT"})
-    return int(connection.scalar(WAL_POSITION))
+def _commit_only(session: Session) -> None:
+    session.commit()
+
+
+def _commit_then_position(session: Session) -> int | None:
+    session.commit()
+    return _position_only(session)
+
+
+def _position_only(session: Session) -> int | None:
+    """The primary's WAL position, on a new autocommit transaction of the same session.
+
+    Only after a successful COMMIT: failing here must not turn a committed write into an error,
+    so it logs and gives no token."""
+    try:
+        connection = session.connection(execution_options={"isolation_level": "AUTOCOMMIT"})
+        return int(connection.scalar(WAL_POSITION))
+    except Exception:
+        logger.warning("no consistency token after a committed write", exc_info=True)
+        return None
 
 
 def _check_nothing_pending(session: AsyncSession, route: Route) -> None:
