@@ -1,8 +1,8 @@
 """`Node` and `Cluster`: the runtime objects behind a cluster's configuration.
 
 A node is one database on one server, with its own `AsyncEngine` (and so its own pool) and two
-session factories built once: read-write, and READ ONLY (used for every read, and so also when
-a read falls back to a primary). Building them here, once, keeps the per-session path to a few
+session factories built once: plain, and READ ONLY (for reads served by a primary; a replica
+refuses writes by itself). Building them here, once, keeps the per-session path to a few
 attribute reads and a constructor call.
 
 A cluster chooses nodes from what the health monitor knows: the writer is the node whose server

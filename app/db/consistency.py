@@ -24,6 +24,8 @@ from app.db.errors import InvalidConsistencyTokenError
 #: A position after the COMMIT, not before it: a replica that has replayed this far has
 #: replayed the commit record too.
 WAL_POSITION = text("SELECT pg_wal_lsn_diff(pg_current_wal_insert_lsn(), '0/0')::bigint")
+#: How far a replica has replayed, in the same units.
+REPLAYED_POSITION = text("SELECT pg_wal_lsn_diff(pg_last_wal_replay_lsn(), '0/0')::bigint")
 
 _TOKEN = re.compile(r"^(?P<stream>[a-z0-9_@-]{1,130})/(?P<lsn>[0-9]{1,20})$")
 

@@ -181,14 +181,13 @@ class HealthMonitor:
         """Probe everything once (so roles and lag are known), then keep probing."""
         if self.running:
             return
-        self._wake = asyncio.Event()  # bound to the running loop
         await self.probe_round()
-        self._task = asyncio.create_task(self._run(), name="db-health-monitor")
+        self.start_soon()
 
     def start_soon(self) -> None:
-        """Start from synchronous code inside a running loop (first use by a script)."""
+        """Start without waiting for a first round (first use by a script); needs a loop."""
         if not self.running:
-            self._wake = asyncio.Event()
+            self._wake = asyncio.Event()  # bound to the running loop
             self._task = asyncio.create_task(self._run(), name="db-health-monitor")
 
     async def stop(self) -> None:

@@ -27,8 +27,10 @@ from sqlalchemy.ext.asyncio import create_async_engine
 from sqlalchemy.pool import NullPool
 
 from app.core.config import TenantSettings, check_database_settings
+from app.db.consistency import REPLAYED_POSITION, stream_of
 from app.db.errors import ConfigError, TenantConflictError, UnknownTenantError
 from app.db.migrate import MigrationTarget, migrate_target
+from app.db.retry import sqlstate
 from app.db.router import SessionRouter
 from app.db.targets import Target
 from app.db.tenancy import Placement, place, quote_identifier, tenants_table, validate_tenant_id
@@ -69,20 +71,16 @@ async def wait_for_replicas(
     position, so that the new tenant's database, schema and tables exist wherever its reads
     may go. Replication is asynchronous: without this, a read right after `add` could reach a
     replica that has not created them yet. Returns False (and logs) if a replica is too slow."""
-    base = router.cluster(cluster_key.partition("@")[0] or cluster_key)
+    base = router.cluster(stream_of(cluster_key))
     if not base.replicas:
         return True
-    async with router.session(Target(cluster=base.name)) as session:
-        lsn = await session.scalar(text("SELECT pg_current_wal_insert_lsn()::text"))
+    token = await router.consistency_token(base)
     deadline = time.monotonic() + within
     for replica in base.replicas:
         while replica.health.up:
             async with router.session(Target(node=replica.name, intent="read")) as session:
-                caught_up = await session.scalar(
-                    text("SELECT pg_last_wal_replay_lsn() >= CAST(CAST(:lsn AS text) AS pg_lsn)"),
-                    {"lsn": lsn},
-                )
-            if caught_up:
+                replayed = await session.scalar(REPLAYED_POSITION)
+            if replayed is not None and replayed >= token.lsn:
                 break
             if time.monotonic() > deadline:
                 logger.warning(
@@ -122,7 +120,7 @@ async def list_tenants(router: SessionRouter) -> list[TenantInfo]:
     return [
         TenantInfo(
             placement.tenant_id,
-            router.tenants.settings_of(placement.tenant_id),
+            placement.settings,
             "config" if placement.tenant_id in router.settings.tenants else "catalog",
         )
         for placement in sorted(router.tenants, key=lambda p: p.tenant_id)
@@ -162,7 +160,7 @@ def _columns(tenant: TenantSettings) -> dict[str, object]:
     }
 
 
-def _server_admin_url(router: SessionRouter, placement: Placement, tenant: TenantSettings) -> URL:
+def _server_admin_url(router: SessionRouter, tenant: TenantSettings) -> URL:
     """Where to run CREATE/DROP DATABASE: the tenant's server, on a database that exists."""
     if tenant.url is not None:
         return tenant.url.set(database="postgres")
@@ -177,7 +175,7 @@ async def _on_server(url: URL, statement: str, *, ignore_sqlstate: str | None = 
         async with engine.connect() as connection:
             await connection.execute(text(statement))
     except ProgrammingError as exc:
-        if ignore_sqlstate is None or getattr(exc.orig, "sqlstate", None) != ignore_sqlstate:
+        if ignore_sqlstate is None or sqlstate(exc) != ignore_sqlstate:
             raise
     finally:
         await engine.dispose()
@@ -188,7 +186,7 @@ async def _create_storage(
 ) -> None:
     if placement.strategy == "database" and placement.database is not None:
         await _on_server(
-            _server_admin_url(router, placement, tenant),
+            _server_admin_url(router, tenant),
             f"CREATE DATABASE {quote_identifier(placement.database)}",
             ignore_sqlstate=_DUPLICATE_DATABASE,
         )
@@ -217,10 +215,10 @@ async def _drop_storage(
     router: SessionRouter, placement: Placement, tenant: TenantSettings
 ) -> None:
     if placement.strategy == "schema" and placement.schema is not None:
-        async with router.session(target=placement.cluster_key + ":primary") as session:
+        async with router.session(Target(cluster=placement.cluster_key)) as session:
             await session.execute(text(f"DROP SCHEMA {quote_identifier(placement.schema)} CASCADE"))
     elif placement.strategy == "database" and placement.database is not None:
         await _on_server(
-            _server_admin_url(router, placement, tenant),
+            _server_admin_url(router, tenant),
             f"DROP DATABASE IF EXISTS {quote_identifier(placement.database)} WITH (FORCE)",
         )

@@ -4,7 +4,8 @@ One router per process holds every engine. `router.session(target)` resolves the
 node (attribute reads, no I/O), opens an `AsyncSession` bound to that node for the whole unit of
 work, checks out a live connection (retrying on the next eligible node while that is safe),
 and on exit commits, or rolls back on error. `router.run(fn, target)` also replays a unit of
-work that lost its connection midway, when replaying is safe (read-only work).
+work that failed midway, when replaying is safe (read-only work, or a write that provably never
+reached COMMIT).
 
 Binding a whole session to one node, instead of routing statement by statement through
 `get_bind`, is deliberate: a unit of work that reads then writes must see its own writes, and
@@ -157,16 +158,13 @@ class SessionRouter:
             self.tenant_clusters.touch(key)
         return cluster
 
-    async def _tenant_cluster(self, key: str) -> Cluster:
-        """Like `cluster`, but a new tenant cluster waits for room within the engine budget."""
-        cluster = self._clusters.get(key)
-        if cluster is not None and not cluster.draining:
-            if key in self.tenant_clusters:
-                self.tenant_clusters.touch(key)
-            return cluster
+    async def _admit_tenant_cluster(self, key: str) -> None:
+        """A tenant cluster that is missing (or being drained): built within the engine budget,
+        waiting for room when needed."""
         if "@" not in key:
-            return self.cluster(key)  # a configured cluster name: raises TargetError if unknown
-        return self._add_cluster(key, await self.tenant_clusters.acquire(key))
+            self.cluster(key)  # a configured cluster name: raises TargetError if unknown
+            return
+        self._add_cluster(key, await self.tenant_clusters.acquire(key))
 
     def _build_tenant_cluster(self, key: str) -> Cluster:
         base, sep, database = key.partition("@")
@@ -197,19 +195,19 @@ class SessionRouter:
 
     # -- routing -------------------------------------------------------------------------
 
-    def route(self, target: Target) -> Route:
-        placement = None
+    def route(self, target: Target, placement: Placement | None = None) -> Route:
+        """Target -> node. `placement`: the tenant's, when the caller has resolved it already."""
         if target.tenant is not None:
             if target.node is not None or target.cluster is not None:
                 raise TargetError("a tenant target picks its own cluster; do not name one")
-            placement = self.tenants.placement(target.tenant)
+            placement = placement or self.tenants.placement(target.tenant)
             cluster = self.cluster(placement.cluster_key)
         elif target.node is not None:
             explicit = self.node(target.node)
             owner = self._clusters[explicit.name.rpartition(".")[0]]  # "<cluster>.<node>"
             return Route(owner, explicit, target.read_only, None)
         elif target.cluster is not None:
-            cluster = self._clusters.get(target.cluster) or self.cluster(target.cluster)
+            cluster = self.cluster(target.cluster)
         else:
             cluster = self.default_cluster
         if target.read_only and not target.use_primary:
@@ -235,10 +233,9 @@ class SessionRouter:
         writer = cluster.writer()
         if writer is None:
             raise NoNodeAvailableError(_why_unavailable(cluster, Target(cluster=cluster.name)))
-        async with writer.engine.connect() as connection:
-            autocommit = await connection.execution_options(isolation_level="AUTOCOMMIT")
-            lsn = await autocommit.scalar(WAL_POSITION)
-        return ConsistencyToken(stream_of(cluster.name), int(lsn))
+        async with writer.session_factory() as session:
+            lsn = await session.run_sync(_wal_position)
+        return ConsistencyToken(stream_of(cluster.name), lsn)
 
     # -- sessions ------------------------------------------------------------------------
 
@@ -313,9 +310,7 @@ class SessionRouter:
                 else:
                     await self._commit(session, route, with_token=consistency_token)
         finally:
-            cluster.in_flight -= 1
-            if cluster.in_flight == 0:
-                self.tenant_clusters.released(cluster)
+            self._end_flight(cluster)
 
     async def _open(self, target: Target, deadline_at: float | None) -> tuple[AsyncSession, Route]:
         if not self.monitor.running:
@@ -352,6 +347,7 @@ class SessionRouter:
         raise AssertionError("unreachable: tenacity either returns or raises")
 
     async def _open_once(self, target: Target) -> tuple[AsyncSession, Route]:
+        placement = None
         if target.tenant is not None:
             # Async only on a miss: an unknown id may need the catalog, a new database tenant
             # may need to wait for room among the tenant engines.
@@ -360,24 +356,26 @@ class SessionRouter:
                 placement = await self.tenants.resolve(target.tenant)
             cluster = self._clusters.get(placement.cluster_key)
             if cluster is None or cluster.draining:
-                await self._tenant_cluster(placement.cluster_key)
-        route = self.route(target)
+                await self._admit_tenant_cluster(placement.cluster_key)
+        route = self.route(target, placement)
         # Counted before the first await: an idle tenant cluster may be evicted (its engines
         # disposed) by another task, and this session is about to check out a connection.
         route.cluster.in_flight += 1
         try:
             return await self._connect(route)
         except BaseException:
-            route.cluster.in_flight -= 1
-            if route.cluster.in_flight == 0:
-                self.tenant_clusters.released(route.cluster)
+            self._end_flight(route.cluster)
             raise
+
+    def _end_flight(self, cluster: Cluster) -> None:
+        cluster.in_flight -= 1
+        self.tenant_clusters.released(cluster)  # wakes waiters when the cluster became idle
 
     async def _connect(self, route: Route) -> tuple[AsyncSession, Route]:
         session = route.node.factory(route.read_only)()
         if route.placement is not None:
             routed: RoutedSession = session.sync_session  # type: ignore[assignment]
-            routed.tenant_id = session.info["tenant"] = route.placement.tenant_id
+            routed.tenant_id = route.placement.tenant_id
             routed.transaction_setup = route.placement.transaction_setup
         try:
             # Checks out a connection (the pool discards ones the server closed) and runs the
@@ -396,7 +394,7 @@ class SessionRouter:
         if not session.in_transaction():  # the caller committed already
             if not with_token:
                 return
-            step = _position_only
+            step = _position_after_commit
         try:
             lsn = await session.run_sync(step)
         except Exception as exc:
@@ -405,10 +403,6 @@ class SessionRouter:
                 if translated is exc:
                     raise
                 raise translated from exc
-            if route.read_only:
-                # A read's results were already delivered; a lost COMMIT of a read changes nothing.
-                logger.debug("connection lost while ending a read on %s", route.node.name)
-                return
             raise CommitOutcomeUnknownError(
                 f"the connection to {route.node.name} was lost during COMMIT: the transaction "
                 "may or may not have been applied, and is not retried automatically"
@@ -493,17 +487,21 @@ def _commit_only(session: Session) -> None:
 
 def _commit_then_position(session: Session) -> int | None:
     session.commit()
-    return _position_only(session)
+    return _position_after_commit(session)
 
 
-def _position_only(session: Session) -> int | None:
-    """The primary's WAL position, on a new autocommit transaction of the same session.
+def _wal_position(session: Session) -> int:
+    """The primary's WAL position: one statement on a new autocommit transaction (no BEGIN or
+    COMMIT round trips)."""
+    connection = session.connection(execution_options={"isolation_level": "AUTOCOMMIT"})
+    return int(connection.scalar(WAL_POSITION))
 
-    Only after a successful COMMIT: failing here must not turn a committed write into an error,
-    so it logs and gives no token."""
+
+def _position_after_commit(session: Session) -> int | None:
+    # After a successful COMMIT, failing to read the position must not turn a committed write
+    # into an error: log it and give no token.
     try:
-        connection = session.connection(execution_options={"isolation_level": "AUTOCOMMIT"})
-        return int(connection.scalar(WAL_POSITION))
+        return _wal_position(session)
     except Exception:
         logger.warning("no consistency token after a committed write", exc_info=True)
         return None

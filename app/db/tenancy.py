@@ -80,13 +80,20 @@ class Placement:
     """Where a tenant lives: the cluster key and the per-transaction setup, if any."""
 
     tenant_id: str
-    strategy: str
+    settings: TenantSettings
     cluster_key: str
     transaction_setup: TransactionSetup | None
-    active: bool = True
     #: `schema`: the schema holding the tenant's tables. `database`: the database name.
     schema: str | None = None
     database: str | None = None
+
+    @property
+    def strategy(self) -> str:
+        return self.settings.strategy
+
+    @property
+    def active(self) -> bool:
+        return self.settings.active
 
 
 class DatabaseStrategy:
@@ -105,7 +112,7 @@ class DatabaseStrategy:
         else:
             assert settings.cluster is not None
             key, database = settings.cluster, None
-        return Placement(tenant_id, self.name, key, None, settings.active, database=database)
+        return Placement(tenant_id, settings, key, None, database=database)
 
 
 class SchemaStrategy:
@@ -117,7 +124,7 @@ class SchemaStrategy:
         schema = settings.schema_name or default_schema_name(tenant_id)
         setup = (_SET_CONFIG, {"name": "search_path", "value": quote_identifier(schema)})
         cluster = settings.cluster or default_cluster
-        return Placement(tenant_id, self.name, cluster, setup, settings.active, schema=schema)
+        return Placement(tenant_id, settings, cluster, setup, schema=schema)
 
 
 class RowStrategy:
@@ -128,7 +135,7 @@ class RowStrategy:
     def place(self, tenant_id: str, settings: TenantSettings, default_cluster: str) -> Placement:
         setup = (_SET_CONFIG, {"name": ROW_TENANT_SETTING, "value": tenant_id})
         cluster = settings.cluster or default_cluster
-        return Placement(tenant_id, self.name, cluster, setup, settings.active)
+        return Placement(tenant_id, settings, cluster, setup)
 
 
 STRATEGIES: dict[str, DatabaseStrategy | SchemaStrategy | RowStrategy] = {
@@ -201,12 +208,10 @@ class TenantRegistry:
         self.default_cluster = default_cluster
         self.settings = settings
         self.catalog = catalog
-        self._configured_settings = dict(configured)
         self._configured = {
             tenant_id: place(tenant_id, tenant, default_cluster)
             for tenant_id, tenant in configured.items()
         }
-        self._catalog_settings: dict[str, TenantSettings] = {}
         self._catalogued: dict[str, Placement] = {}
         self._loaded_at = float("-inf")
         self._load_failed = False
@@ -226,7 +231,10 @@ class TenantRegistry:
             self.catalog is not None
             and time.monotonic() - self._loaded_at > self.settings.catalog_ttl
         ):
-            self._start_reload()  # refresh in the background; keep serving what we know
+            # Refresh in the background and keep serving what we know (without a running loop,
+            # the next resolve() reloads).
+            with contextlib.suppress(RuntimeError):
+                self._start_reload()
         return placement
 
     def placement(self, tenant_id: str) -> Placement:
@@ -257,7 +265,7 @@ class TenantRegistry:
         raise UnknownTenantError(f"unknown tenant {tenant_id!r}")
 
     def settings_of(self, tenant_id: str) -> TenantSettings:
-        return self._configured_settings.get(tenant_id) or self._catalog_settings[tenant_id]
+        return (self._configured.get(tenant_id) or self._catalogued[tenant_id]).settings
 
     def __iter__(self) -> Iterator[Placement]:
         yield from self._configured.values()
@@ -273,15 +281,16 @@ class TenantRegistry:
 
     async def reload(self) -> None:
         """Re-read the catalog; concurrent callers share one query (single flight)."""
-        if self._reload is None or self._reload.done():
-            self._reload = asyncio.create_task(self._load(), name="tenant-catalog-reload")
         # Shielded: one caller's cancellation must not cancel the reload the others wait on.
-        await asyncio.shield(self._reload)
+        await asyncio.shield(self._start_reload())
 
-    def _start_reload(self) -> None:
-        with contextlib.suppress(RuntimeError):  # no running loop: the next resolve() reloads
-            if self._reload is None or self._reload.done():
-                self._reload = asyncio.get_running_loop().create_task(self._load())
+    def _start_reload(self) -> asyncio.Task[None]:
+        """The reload in flight, or a new one (needs a running loop)."""
+        if self._reload is None or self._reload.done():
+            self._reload = asyncio.get_running_loop().create_task(
+                self._load(), name="tenant-catalog-reload"
+            )
+        return self._reload
 
     async def _load(self) -> None:
         assert self.catalog is not None
@@ -300,7 +309,6 @@ class TenantRegistry:
                 self._load_failed = True
                 return
         self._load_failed = False
-        self._catalog_settings = tenants
         self._catalogued = {
             tenant_id: place(tenant_id, tenant, self.default_cluster)
             for tenant_id, tenant in tenants.items()
@@ -308,13 +316,10 @@ class TenantRegistry:
 
     def remember(self, tenant_id: str, tenant: TenantSettings) -> Placement:
         """Make a tenant routable in this process at once (after adding it to the catalog)."""
-        placement = place(tenant_id, tenant, self.default_cluster)
-        self._catalog_settings[tenant_id] = tenant
-        self._catalogued[tenant_id] = placement
+        placement = self._catalogued[tenant_id] = place(tenant_id, tenant, self.default_cluster)
         return placement
 
     def forget(self, tenant_id: str) -> None:
-        self._catalog_settings.pop(tenant_id, None)
         self._catalogued.pop(tenant_id, None)
 
     async def close(self) -> None:

@@ -54,7 +54,9 @@ class TenantClusterCache:
     def build_now(self, key: str) -> Cluster:
         """Build without waiting for room (migrations, introspection); may exceed the LRU bound
         until the next `acquire` evicts."""
-        cluster = self._build(key)
+        return self._admit(key, self._build(key))
+
+    def _admit(self, key: str, cluster: Cluster) -> Cluster:
         self._lru[key] = cluster
         self.engines += len(cluster.nodes)
         return cluster
@@ -79,9 +81,7 @@ class TenantClusterCache:
                 self._on_evict(cluster)
                 await cluster.dispose()
                 raise
-            self._lru[key] = cluster
-            self.engines += len(cluster.nodes)
-            return cluster
+            return self._admit(key, cluster)
 
     async def _make_room(self, needed: int, deadline: float) -> None:
         while self.engines + needed > self.max_engines:
@@ -107,7 +107,8 @@ class TenantClusterCache:
                 await asyncio.wait_for(self._idle.wait(), remaining)
 
     def released(self, cluster: Cluster) -> None:
-        """Called when a session on `cluster` ends; wakes anyone waiting for an idle engine."""
+        """Called when a session on `cluster` ends; when that left the cluster idle, wakes
+        anyone waiting for room."""
         if cluster.in_flight == 0 and cluster.name in self._lru:
             self._idle.set()
 
