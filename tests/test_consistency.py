@@ -16,6 +16,7 @@ from app.db.targets import Target
 from app.devcluster import DevCluster
 from app.faults import eventually
 from app.main import app
+from app.models import Item
 
 from .conftest import HEALTH_INTERVAL, database_settings
 
@@ -67,6 +68,18 @@ async def test_a_read_with_the_write_token_sees_the_write_while_replicas_lag(
         assert stale.status_code == 404
         fresh = await client.get(path, headers={**headers, "X-Consistency-Token": token})
         assert fresh.status_code == 200 and fresh.json()["name"] == "fresh"
+
+
+async def test_a_unit_of_work_that_commits_itself_still_gets_its_token(
+    patient_router: SessionRouter, paused_replicas: None
+) -> None:
+    async with patient_router.session(consistency_token=True) as session:
+        item = Item(name="committed-by-caller")
+        session.add(item)
+        await session.commit()
+    token = session.info["consistency_token"]
+    async with patient_router.session(Target(intent="read", after=token)) as session:
+        assert await session.get(Item, item.id) is not None  # replicas are paused: the primary
 
 
 async def test_reads_return_to_replicas_once_they_have_replayed_the_token(

@@ -10,7 +10,7 @@ import time
 from pathlib import Path
 
 import pytest
-from sqlalchemy import func, select, text
+from sqlalchemy import func, inspect, select, text
 
 from app.db import session as public
 from app.db.errors import DatabaseUnavailableError
@@ -69,6 +69,20 @@ async def test_connection_is_returned_on_success_error_and_cancellation(
             await session.execute(text("SELECT 1"))
             raise ValueError("x")
     assert checked_out(router) == 0
+
+    for with_token in (False, True):  # COMMIT (and the token's query) share a hop with close
+        async with router.session(consistency_token=with_token) as session:
+            item = Item(name="returned")
+            session.add(item)
+        assert checked_out(router) == 0
+        assert inspect(item).detached  # closed: no lazy load can check out a connection later
+        assert ("consistency_token" in session.info) is with_token
+
+    with pytest.raises(Exception, match="deferred_unique"):  # the COMMIT itself fails
+        async with router.session(consistency_token=True) as session:
+            await session.execute(text("INSERT INTO deferred_check VALUES (8), (8)"))
+    assert checked_out(router) == 0
+    assert "consistency_token" not in session.info
 
     started = asyncio.Event()
 

@@ -13,6 +13,7 @@ picked by the cluster's policy.
 
 from __future__ import annotations
 
+import logging
 from collections.abc import Sequence
 from typing import Any, Literal, TypeVar
 
@@ -27,11 +28,15 @@ from sqlalchemy.ext.asyncio import (
 )
 from sqlalchemy.orm import Session, SessionTransaction
 from sqlalchemy.orm.attributes import instance_state
+from sqlalchemy.util import await_only
 
 from app.core.config import ClusterSettings, PoolSettings, RoutingSettings
 from app.db.balancing import POLICIES, ReplicaPolicy
+from app.db.consistency import WAL_POSITION_SQL
 from app.db.errors import CrossTenantError
 from app.db.health import HealthMonitor, ServerHealth
+
+logger = logging.getLogger(__name__)
 
 Role = Literal["primary", "replica"]
 _O = TypeVar("_O", bound=object)
@@ -48,6 +53,11 @@ class RoutedSession(Session):
 
     transaction_setup: tuple[TextClause, dict[str, Any]] | None = None
     tenant_id: str | None = None
+    #: Set around a COMMIT whose WAL position is wanted (a consistency token): the connection
+    #: to read it on, after the COMMIT but before the connection goes back to the pool.
+    position_connection: Connection | None = None
+    #: The WAL position read after the last such COMMIT, or None if it could not be read.
+    committed_position: int | None = None
 
     def merge(self, instance: _O, *args: Any, **kwargs: Any) -> _O:
         _refuse_foreign(self, instance)
@@ -87,6 +97,25 @@ def _run_transaction_setup(
     setup = session.transaction_setup
     if setup is not None:
         connection.execute(setup[0], setup[1])
+
+
+@event.listens_for(RoutedSession, "after_commit")
+def _read_commit_position(session: RoutedSession) -> None:
+    # after_commit runs once the COMMIT succeeded and while the session still holds the
+    # connection: the position is read there on the asyncpg connection itself, outside any
+    # transaction (no BEGIN, no pool checkout). One attribute read for every other commit.
+    connection = session.position_connection
+    if connection is None:
+        return
+    session.position_connection = None
+    session.committed_position = None
+    try:
+        driver = connection.connection.driver_connection
+        if driver is not None:  # None only if the connection was invalidated meanwhile
+            session.committed_position = int(await_only(driver.fetchval(WAL_POSITION_SQL)))
+    except Exception:
+        # The write is committed: failing to read its position must not turn it into an error.
+        logger.warning("no consistency token after a committed write", exc_info=True)
 
 
 def _discard_closed_connections(dbapi_connection: Any, record: Any, proxy: Any) -> None:

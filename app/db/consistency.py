@@ -5,7 +5,8 @@ the WAL stream it belongs to, make a token (`<stream>/<lsn>`). A read that prese
 served only by a replica whose replayed position (as last probed by the health monitor) is at
 least that far, else by the primary in a READ ONLY transaction: never by a replica that could
 still miss the write, and without guessing a time window. Reads cost no extra round trip; a
-write that asks for a token costs one query after its COMMIT.
+write that asks for a token costs one query after its COMMIT, on the same connection before it
+goes back to the pool.
 
 The stream is the server cluster, not the tenant: databases on one server share its WAL, so a
 tenant database on cluster `main` has stream `main`; a tenant with a server of its own
@@ -23,7 +24,8 @@ from app.db.errors import InvalidConsistencyTokenError
 
 #: A position after the COMMIT, not before it: a replica that has replayed this far has
 #: replayed the commit record too.
-WAL_POSITION = text("SELECT pg_wal_lsn_diff(pg_current_wal_insert_lsn(), '0/0')::bigint")
+WAL_POSITION_SQL = "SELECT pg_wal_lsn_diff(pg_current_wal_insert_lsn(), '0/0')::bigint"
+WAL_POSITION = text(WAL_POSITION_SQL)
 #: How far a replica has replayed, in the same units.
 REPLAYED_POSITION = text("SELECT pg_wal_lsn_diff(pg_last_wal_replay_lsn(), '0/0')::bigint")
 

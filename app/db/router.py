@@ -16,8 +16,8 @@ from __future__ import annotations
 
 import asyncio
 import logging
-from collections.abc import AsyncIterator, Awaitable, Callable, Iterator
-from contextlib import AbstractAsyncContextManager, asynccontextmanager
+from collections.abc import Awaitable, Callable, Iterator
+from contextlib import AbstractAsyncContextManager
 from dataclasses import dataclass
 from typing import Any, TypeVar
 
@@ -253,7 +253,7 @@ class SessionRouter:
         `session.info["consistency_token"]` (one query after the COMMIT, on the same session).
         """
         resolved = Target.coerce(target, tenant=tenant, read_only=read_only)
-        return self._session(resolved, None, consistency_token=consistency_token)
+        return _UnitOfWork(self, resolved, None, consistency_token)
 
     async def run(
         self,
@@ -273,7 +273,7 @@ class SessionRouter:
         deadline_at = self.retry_policy.deadline_at()
 
         async def attempt_once() -> T:
-            async with self._session(resolved, deadline_at) as session:
+            async with _UnitOfWork(self, resolved, deadline_at, False) as session:
                 return await work(session)
 
         try:
@@ -283,34 +283,6 @@ class SessionRouter:
                 raise
             logger.info("replaying a unit of work after %s", type(exc).__name__)
         return await self._retry(attempt_once, safe, deadline_at, "run the unit of work")
-
-    @asynccontextmanager
-    async def _session(
-        self, target: Target, deadline_at: float | None, *, consistency_token: bool = False
-    ) -> AsyncIterator[AsyncSession]:
-        session, route = await self._open(target, deadline_at)
-        cluster = route.cluster  # in_flight was counted when the route was chosen
-        try:
-            # AsyncSession.__aexit__ shields close() from cancellation, so a cancelled request
-            # still returns its connection to the pool instead of leaking it.
-            async with session:
-                try:
-                    yield session
-                except DBAPIError as exc:
-                    await _rollback_quietly(session)
-                    translated = self._translate(exc, route)
-                    if translated is exc:
-                        raise
-                    raise translated from exc
-                except BaseException:
-                    await _rollback_quietly(session)
-                    raise
-                if route.read_only:
-                    _check_nothing_pending(session, route)  # then close() rolls back: no COMMIT
-                else:
-                    await self._commit(session, route, with_token=consistency_token)
-        finally:
-            self._end_flight(cluster)
 
     async def _open(self, target: Target, deadline_at: float | None) -> tuple[AsyncSession, Route]:
         if not self.monitor.running:
@@ -369,7 +341,8 @@ class SessionRouter:
 
     def _end_flight(self, cluster: Cluster) -> None:
         cluster.in_flight -= 1
-        self.tenant_clusters.released(cluster)  # wakes waiters when the cluster became idle
+        if cluster.in_flight == 0:
+            self.tenant_clusters.released(cluster)  # wakes waiters for room among engines
 
     async def _connect(self, route: Route) -> tuple[AsyncSession, Route]:
         session = route.node.factory(route.read_only)()
@@ -389,12 +362,12 @@ class SessionRouter:
         return session, route
 
     async def _commit(self, session: AsyncSession, route: Route, *, with_token: bool) -> None:
-        """COMMIT, and with `with_token` read the WAL position right after, in the same hop."""
-        step = _commit_then_position if with_token else _commit_only
+        """COMMIT (with `with_token`, then read the WAL position) and close, in one greenlet
+        hop. Closing after a COMMIT does no I/O (the pool has nothing to roll back), so it
+        needs no protection from cancellation and can share the hop."""
+        step = _commit_position_close if with_token else _commit_close
         if not session.in_transaction():  # the caller committed already
-            if not with_token:
-                return
-            step = _position_after_commit
+            step = _position_close if with_token else _close
         try:
             lsn = await session.run_sync(step)
         except Exception as exc:
@@ -476,18 +449,101 @@ class SessionRouter:
         return f"<SessionRouter clusters={sorted(self._clusters)} tenants={len(self.tenants)}>"
 
 
+class _UnitOfWork:
+    """`router.session()`: one unit of work on one node, as an async context manager.
+
+    A class rather than an `@asynccontextmanager` generator: this is the hot path of every
+    request, and a generator-based manager costs an async generator, its hooks and two extra
+    frames per session.
+    """
+
+    __slots__ = ("_deadline_at", "_route", "_router", "_session", "_target", "_with_token")
+
+    def __init__(
+        self, router: SessionRouter, target: Target, deadline_at: float | None, with_token: bool
+    ) -> None:
+        self._router = router
+        self._target = target
+        self._deadline_at = deadline_at
+        self._with_token = with_token
+
+    async def __aenter__(self) -> AsyncSession:
+        # in_flight is counted from here (when the route is chosen) to the end of __aexit__.
+        self._session, self._route = await self._router._open(self._target, self._deadline_at)
+        return self._session
+
+    async def __aexit__(
+        self, exc_type: type[BaseException] | None, exc: BaseException | None, tb: Any
+    ) -> None:
+        try:
+            if exc is None and not self._route.read_only:
+                await self._commit()
+            else:
+                await self._end(exc_type, exc, tb)
+        finally:
+            self._router._end_flight(self._route.cluster)
+
+    async def _commit(self) -> None:
+        # The common write path: COMMIT and close share one greenlet hop. When that fails, the
+        # session is closed like after any other error.
+        session = self._session
+        try:
+            await self._router._commit(session, self._route, with_token=self._with_token)
+        except BaseException as error:
+            await session.__aexit__(type(error), error, error.__traceback__)
+            raise
+
+    async def _end(
+        self, exc_type: type[BaseException] | None, exc: BaseException | None, tb: Any
+    ) -> None:
+        """A read that succeeded, or any unit of work that failed: no COMMIT."""
+        session, route = self._session, self._route
+        try:
+            if exc is None:
+                _check_nothing_pending(session, route)  # then close() rolls back
+            else:
+                await _rollback_quietly(session)
+                if isinstance(exc, DBAPIError):
+                    translated = self._router._translate(exc, route)
+                    if translated is not exc:
+                        raise translated from exc
+        finally:
+            # AsyncSession.__aexit__ runs close() to completion even when the task is
+            # cancelled, so a cancelled request still returns its connection to the pool.
+            await session.__aexit__(exc_type, exc, tb)
+
+
 def _check_out(session: Session) -> None:
     # Through run_sync: one greenlet hop, without building an AsyncConnection proxy.
     session.connection()
 
 
-def _commit_only(session: Session) -> None:
-    session.commit()
+def _close(session: Session) -> None:
+    session.close()
 
 
-def _commit_then_position(session: Session) -> int | None:
+def _commit_close(session: Session) -> None:
     session.commit()
-    return _position_after_commit(session)
+    session.close()
+
+
+def _commit_position_close(session: Session) -> int | None:
+    # The position is read on the transaction's own connection between the COMMIT and its
+    # return to the pool (see RoutedSession.position_connection): one round trip, no checkout.
+    routed: RoutedSession = session  # type: ignore[assignment]
+    routed.position_connection = session.connection()
+    try:
+        session.commit()
+    finally:
+        routed.position_connection = None
+    session.close()
+    return routed.committed_position
+
+
+def _position_close(session: Session) -> int | None:
+    position = _position_after_commit(session)
+    session.close()
+    return position
 
 
 def _wal_position(session: Session) -> int:
@@ -509,6 +565,10 @@ def _position_after_commit(session: Session) -> int | None:
 
 def _check_nothing_pending(session: AsyncSession, route: Route) -> None:
     """A read session ends without COMMIT; refuse to drop ORM changes silently."""
+    # `_is_clean()` is the check Session.flush() itself starts with: three truth tests, where
+    # `new`/`dirty`/`deleted` build sets. Only a session that may have changes pays for those.
+    if session.sync_session._is_clean():
+        return
     if session.new or session.dirty or session.deleted:
         raise ReadOnlySessionError(
             f"a read-only session on {route.node.name} has unsaved changes; "
