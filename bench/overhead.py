@@ -13,6 +13,9 @@ the same primary and the same replica with the same pool shape:
 from __future__ import annotations
 
 import asyncio
+import gc
+import random
+import statistics
 import time
 from collections.abc import Awaitable, Callable
 from typing import Any
@@ -122,28 +125,35 @@ async def measure(op: Op, *, ops: int, concurrency: int) -> float:
     return per_task * concurrency / (time.perf_counter() - started)
 
 
+def paired_ratio(series: Series, base: Series) -> float:
+    """The median of round-by-round ratios: each round's figure against the baseline's in the
+    same round, so that drift of the machine between rounds cancels out."""
+    return statistics.median(v / b for v, b in zip(series.values, base.values, strict=True))
+
+
 async def run(cluster: DevCluster, *, rounds: int, ops: int) -> str:
     variants, close = await build_variants(cluster)
     sections = []
     try:
         for op in variants.values():  # warm every pool and statement cache
             await measure(op, ops=50, concurrency=4)
+        shuffler = random.Random(20261127)  # the same orders in every run
         for concurrency in (1, 16):
             series = {name: Series(name) for name in variants}
-            for round_number in range(rounds):
-                # Alternate the order, so no variant always runs right after the same other.
+            for _ in range(rounds):
+                # A fresh order each round, so no variant always follows the same other one.
                 order = list(variants.items())
-                if round_number % 2:
-                    order.reverse()
+                shuffler.shuffle(order)
                 for name, op in order:
+                    gc.collect()  # no variant pays for garbage that another one left
                     series[name].values.append(await measure(op, ops=ops, concurrency=concurrency))
-            base = series[BASELINE].median
+            base = series[BASELINE]
             rows = [
                 (
                     name,
                     f"{s.median:,.0f}",
                     f"±{s.spread:.1%}",
-                    f"{s.median / base:.3f}",
+                    f"{paired_ratio(s, base):.3f}",
                     f"{1e6 / s.median:,.0f}",
                 )
                 for name, s in series.items()
@@ -151,7 +161,14 @@ async def run(cluster: DevCluster, *, rounds: int, ops: int) -> str:
             sections.append(
                 f"Concurrency {concurrency} ({rounds} rounds x {ops} units of work):\n\n"
                 + table(
-                    ("variant", "units/s (median)", "spread", f"vs {BASELINE}", "µs per unit"), rows
+                    (
+                        "variant",
+                        "units/s (median)",
+                        "spread",
+                        f"vs {BASELINE} (median of per-round ratios)",
+                        "µs per unit",
+                    ),
+                    rows,
                 )
             )
     finally:
@@ -160,8 +177,8 @@ async def run(cluster: DevCluster, *, rounds: int, ops: int) -> str:
 
 
 def main(argv: list[str] | None = None) -> str:
-    args = parse_args("python -m bench.overhead", argv, rounds=5)
-    rounds, ops = (1, 64) if args.quick else (args.rounds, 2000)
+    args = parse_args("python -m bench.overhead", argv, rounds=15)
+    rounds, ops = (1, 64) if args.quick else (args.rounds, 640)
     with bench_cluster() as cluster:
         return publish("Session overhead", asyncio.run(run(cluster, rounds=rounds, ops=ops)))
 

@@ -145,7 +145,7 @@ def main(argv: list[str] | None = None) -> str:
                 envs["router: example app"],
             ),
         }
-        results = measure(apps, rounds=rounds, connections=connections, duration=duration)
+        results = measure(cluster, apps, rounds=rounds, connections=connections, duration=duration)
     return publish(
         TITLE,
         (
