@@ -53,6 +53,37 @@ async def stop(pg: DevCluster, node: str) -> float:
     return started
 
 
+async def test_a_crash_between_requests_is_noticed_at_once_not_at_the_next_probe(
+    pg: DevCluster,
+) -> None:
+    """A replica crashes while idle, its pool full of (now dead) connections and the next probe
+    a minute away. The monitor's own connection closing is the sign: the server is probed and
+    ejected at once, and the sessions that follow (what `get_db` gives requests, no replay)
+    are not handed a dead connection."""
+    router = SessionRouter(database_settings(pg, health={"interval": 60, "probe_timeout": 0.5}))
+    await router.start()
+    replica1 = router.node("main.replica1")
+    try:
+
+        async def read_on_replica1() -> None:
+            async with router.session("main.replica1") as session:
+                await session.execute(text("SELECT pg_sleep(0.05)"))
+
+        await asyncio.gather(*(read_on_replica1() for _ in range(4)))
+        assert replica1.idle_connections() >= 2
+        await stop(pg, "replica1")
+        await eventually(
+            lambda: state_of(router, "main.replica1")["state"] == "ejected",
+            within=1 + SLACK,
+            what="replica1 ejected without traffic, long before its next probe",
+        )
+        for _ in range(20):
+            async with router.session("replica") as session:
+                assert await session.scalar(text("SELECT 1")) == 1
+    finally:
+        await router.dispose()
+
+
 async def test_a_replica_dying_under_load_fails_no_reads(
     router: SessionRouter, pg: DevCluster
 ) -> None:

@@ -22,6 +22,7 @@ import contextlib
 import logging
 import time
 from collections.abc import Callable, Iterable
+from functools import partial
 from typing import Any
 
 import asyncpg
@@ -68,6 +69,10 @@ class ServerHealth:
         self.lag_bytes: int | None = None
         #: Within `routing.max_replica_lag_*`; maintained by the monitor, read on every read.
         self.fresh = True
+        #: True from a good probe until the kept probe connection closes under the monitor (a
+        #: crash or restart closes every connection to the server at once). While it is false,
+        #: sessions check a connection out before they are handed over (see SessionRouter).
+        self.settled = False
         self.last_probe_at: float | None = None
         self.probes = 0
         #: Nodes (engines) on this server; the monitor forgets a server when it reaches 0.
@@ -106,6 +111,7 @@ class ServerHealth:
 
     def record_probe(self, row: Any) -> None:
         self.probes += 1
+        self.settled = True
         self.in_recovery = bool(row["in_recovery"])
         self.lsn = int(row["lsn"])
         self.replay_paused = bool(row["paused"])
@@ -256,6 +262,7 @@ class HealthMonitor:
                 timeout=timeout,
                 server_settings={"application_name": "session-router:health"},
             )
+            connection.add_termination_listener(partial(self._probe_connection_lost, server))
         try:
             row = await connection.fetchrow(PROBE_SQL, timeout=timeout)
         except BaseException:
@@ -263,6 +270,16 @@ class HealthMonitor:
             raise
         self._connections[server.endpoint] = connection
         return row
+
+    def _probe_connection_lost(self, server: ServerHealth, connection: object) -> None:
+        # The monitor pops its connection before closing it itself; one that is still kept
+        # here was closed by the server: it crashed, restarted or is shutting down. Unsettle it
+        # at once, and probe now rather than at the next interval.
+        if self._connections.get(server.endpoint) is connection:
+            del self._connections[server.endpoint]
+            server.settled = False
+            if self.running:
+                self.wake()
 
     def _update_lag(self) -> None:
         max_seconds = self.routing.max_replica_lag_seconds
