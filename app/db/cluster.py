@@ -199,11 +199,6 @@ class Node:
             return self.readonly_session_factory
         return self.session_factory
 
-    def idle_connections(self) -> int:
-        """Connections waiting in the pool (the next checkout needs no connect)."""
-        checked_in = getattr(self.engine.pool, "checkedin", None)
-        return int(checked_in()) if callable(checked_in) else 0
-
     def in_use(self) -> int:
         checked_out = getattr(self.engine.pool, "checkedout", None)
         return int(checked_out()) if callable(checked_out) else 0

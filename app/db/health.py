@@ -69,10 +69,6 @@ class ServerHealth:
         self.lag_bytes: int | None = None
         #: Within `routing.max_replica_lag_*`; maintained by the monitor, read on every read.
         self.fresh = True
-        #: True from a good probe until the kept probe connection closes under the monitor (a
-        #: crash or restart closes every connection to the server at once). While it is false,
-        #: sessions check a connection out before they are handed over (see SessionRouter).
-        self.settled = False
         self.last_probe_at: float | None = None
         self.probes = 0
         #: Nodes (engines) on this server; the monitor forgets a server when it reaches 0.
@@ -111,7 +107,6 @@ class ServerHealth:
 
     def record_probe(self, row: Any) -> None:
         self.probes += 1
-        self.settled = True
         self.in_recovery = bool(row["in_recovery"])
         self.lsn = int(row["lsn"])
         self.replay_paused = bool(row["paused"])
@@ -273,11 +268,11 @@ class HealthMonitor:
 
     def _probe_connection_lost(self, server: ServerHealth, connection: object) -> None:
         # The monitor pops its connection before closing it itself; one that is still kept
-        # here was closed by the server: it crashed, restarted or is shutting down. Unsettle it
-        # at once, and probe now rather than at the next interval.
+        # here was closed by the server: it crashed, restarted or is shutting down (or our
+        # backend was terminated). Probe now rather than at the next interval, so a dead
+        # server is ejected before traffic finds out.
         if self._connections.get(server.endpoint) is connection:
             del self._connections[server.endpoint]
-            server.settled = False
             if self.running:
                 self.wake()
 

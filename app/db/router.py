@@ -345,21 +345,17 @@ class SessionRouter:
             self.tenant_clusters.released(cluster)  # wakes waiters for room among engines
 
     async def _connect(self, route: Route) -> tuple[AsyncSession, Route]:
-        node = route.node
-        session = node.factory(route.read_only)()
+        session = route.node.factory(route.read_only)()
         if route.placement is not None:
             routed: RoutedSession = session.sync_session  # type: ignore[assignment]
             routed.tenant_id = route.placement.tenant_id
             routed.transaction_setup = route.placement.transaction_setup
-        if node.health.settled and node.idle_connections():
-            # The fast path: the first statement takes an idle pooled connection, no I/O. The
-            # server answered its last probe and has not closed the monitor's connection since
-            # (a crash or restart closes them all at once), so that connection is live.
-            return session, route
         try:
             # Checks out a connection (the pool discards ones the server closed) and runs the
-            # tenant setup, so a dead node shows up here, where retrying is always safe. One
-            # greenlet hop: about a tenth of a SELECT 1 session, hence the fast path above.
+            # tenant setup, so a dead node shows up here, where retrying is always safe. This
+            # greenlet hop is most of what a read costs over a hand-written session; skipping
+            # it when the pool looks warm was tried and let a crash reach the caller's first
+            # statement (see bench/RESULTS.md).
             await session.run_sync(_check_out)
         except BaseException as exc:
             await _close_quietly(session)
