@@ -84,6 +84,12 @@ class Series:
         return (max(self.values) - min(self.values)) / 2 / self.median
 
 
+def paired_ratio(series: Series, base: Series) -> float:
+    """The median of round-by-round ratios: each round's figure against the baseline's in the
+    same round, so that drift of the machine between rounds (large on a shared VM) cancels."""
+    return statistics.median(v / b for v, b in zip(series.values, base.values, strict=True))
+
+
 def machine() -> str:
     postgres = find_bindir() / "postgres"
     version = subprocess.run(

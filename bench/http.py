@@ -24,7 +24,7 @@ from typing import Any
 from app.core.config import CONFIG_FILE_ENV
 from app.demo import APP_ROLE, demo_config
 from app.devcluster import DevCluster, free_port
-from bench.common import Series, bench_cluster, parse_args, publish, table
+from bench.common import Series, bench_cluster, paired_ratio, parse_args, publish, table
 
 ROOT = Path(__file__).resolve().parent.parent
 ROUTES = {
@@ -165,14 +165,14 @@ def measure(
 def report(results: dict[tuple[str, str], dict[str, Series]], baseline: str) -> str:
     rows: list[tuple[Any, ...]] = []
     for (name, route), cell in results.items():
-        base = results[(baseline, route)]["rps"].median
+        base = results[(baseline, route)]["rps"]
         rows.append(
             (
                 route,
                 name,
                 f"{cell['rps'].median:,.0f}",
                 f"±{cell['rps'].spread:.0%}",
-                f"{cell['rps'].median / base:.3f}",
+                f"{paired_ratio(cell['rps'], base):.3f}",
                 f"{cell['p50_ms'].median:.1f}",
                 f"{cell['p99_ms'].median:.1f}",
                 f"{cell['errors'].median:.0f}",
@@ -185,7 +185,7 @@ def report(results: dict[tuple[str, str], dict[str, Series]], baseline: str) -> 
             "app",
             "requests/s (median)",
             "spread",
-            "vs baseline",
+            "vs baseline (median of per-round ratios)",
             "p50 ms",
             "p99 ms",
             "errors",

@@ -15,7 +15,6 @@ from __future__ import annotations
 import asyncio
 import gc
 import random
-import statistics
 import time
 from collections.abc import Awaitable, Callable
 from typing import Any
@@ -31,6 +30,7 @@ from bench.common import (
     APP_ROLE,
     Series,
     bench_cluster,
+    paired_ratio,
     parse_args,
     publish,
     settings_for,
@@ -123,12 +123,6 @@ async def measure(op: Op, *, ops: int, concurrency: int) -> float:
     started = time.perf_counter()
     await asyncio.gather(*(worker() for _ in range(concurrency)))
     return per_task * concurrency / (time.perf_counter() - started)
-
-
-def paired_ratio(series: Series, base: Series) -> float:
-    """The median of round-by-round ratios: each round's figure against the baseline's in the
-    same round, so that drift of the machine between rounds cancels out."""
-    return statistics.median(v / b for v, b in zip(series.values, base.values, strict=True))
 
 
 async def run(cluster: DevCluster, *, rounds: int, ops: int) -> str:
