@@ -25,10 +25,11 @@ BENCHMARKS = {
 HEADER = """# Benchmark results
 
 Written by `python -m bench` ({mode}) on {date}. Machine: {machine}.
-Every ratio compares against a baseline measured in the same run, on the same cluster.
-Client, servers and load generator share 2 cores here: spreads are wide, and what runs first
-in a round tends to measure faster (rounds alternate their order). Read medians and ratios, not
-single figures.
+Every ratio compares against a baseline measured in the same run, on the same cluster: each
+round measures every variant back to back (in a shuffled or alternating order), and a ratio is
+the median of the per-round ratios, so that drift of the machine between rounds cancels out.
+Client, servers and load generator share 2 cores of a VM whose speed drifts by tens of percent
+within minutes: spreads are wide. Read medians and ratios, not single figures.
 """
 
 
