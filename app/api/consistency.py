@@ -9,7 +9,9 @@ from __future__ import annotations
 
 from starlette.types import ASGIApp, Message, Receive, Scope, Send
 
-_HEADER = b"x-consistency-token"
+from app.db.consistency import CONSISTENCY_HEADER
+
+_HEADER = CONSISTENCY_HEADER.encode()
 
 
 class ConsistencyTokenMiddleware:

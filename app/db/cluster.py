@@ -107,7 +107,6 @@ def _read_commit_position(session: RoutedSession) -> None:
     connection = session.position_connection
     if connection is None:
         return
-    session.position_connection = None
     session.committed_position = None
     try:
         driver = connection.connection.driver_connection

@@ -29,6 +29,9 @@ WAL_POSITION = text(WAL_POSITION_SQL)
 #: How far a replica has replayed, in the same units.
 REPLAYED_POSITION = text("SELECT pg_wal_lsn_diff(pg_last_wal_replay_lsn(), '0/0')::bigint")
 
+#: The HTTP header a token travels in: on a write's response, and back on later reads.
+CONSISTENCY_HEADER = "x-consistency-token"
+
 _TOKEN = re.compile(r"^(?P<stream>[a-z0-9_@-]{1,130})/(?P<lsn>[0-9]{1,20})$")
 
 

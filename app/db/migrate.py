@@ -73,8 +73,8 @@ async def migrate_target(router: SessionRouter, target: MigrationTarget) -> None
         async with cluster.primary.engine.begin() as conn:
             await conn.run_sync(_migrate_sync, target.schema, catalog=target.catalog)
     finally:
-        if not was_open and target.cluster_key in router.tenant_clusters:
-            await router.tenant_clusters.evict(cluster)
+        if not was_open:
+            await router.close_tenant_cluster(target.cluster_key)
 
 
 def _migrate_sync(conn: Connection, schema: str | None, *, catalog: bool) -> None:

@@ -107,9 +107,7 @@ async def remove_tenant(router: SessionRouter, tenant_id: str, *, drop: bool = F
     async with router.session() as session:
         await session.execute(delete(tenants_table).where(tenants_table.c.id == tenant_id))
     router.tenants.forget(tenant_id)
-    cluster = router.clusters.get(placement.cluster_key)
-    if cluster is not None and placement.cluster_key in router.tenant_clusters:
-        await router.tenant_clusters.evict(cluster)
+    await router.close_tenant_cluster(placement.cluster_key)
     if drop:
         await _drop_storage(router, placement, tenant)
 

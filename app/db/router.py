@@ -158,6 +158,12 @@ class SessionRouter:
             self.tenant_clusters.touch(key)
         return cluster
 
+    async def close_tenant_cluster(self, key: str) -> None:
+        """Dispose a tenant cluster's engines now, if it has any (built again on next use)."""
+        cluster = self._clusters.get(key)
+        if cluster is not None and key in self.tenant_clusters:
+            await self.tenant_clusters.evict(cluster)
+
     async def _admit_tenant_cluster(self, key: str) -> None:
         """A tenant cluster that is missing (or being drained): built within the engine budget,
         waiting for room when needed."""
@@ -342,7 +348,7 @@ class SessionRouter:
     def _end_flight(self, cluster: Cluster) -> None:
         cluster.in_flight -= 1
         if cluster.in_flight == 0:
-            self.tenant_clusters.released(cluster)  # wakes waiters for room among engines
+            self.tenant_clusters.became_idle(cluster)
 
     async def _connect(self, route: Route) -> tuple[AsyncSession, Route]:
         session = route.node.factory(route.read_only)()
@@ -355,7 +361,7 @@ class SessionRouter:
             # tenant setup, so a dead node shows up here, where retrying is always safe. This
             # greenlet hop is most of what a read costs over a hand-written session; skipping
             # it when the pool looks warm was tried and let a crash reach the caller's first
-            # statement (see bench/RESULTS.md).
+            # statement (README, "Benchmarks").
             await session.run_sync(_check_out)
         except BaseException as exc:
             await _close_quietly(session)

@@ -25,7 +25,7 @@ from sqlalchemy.ext.asyncio import AsyncEngine, AsyncSession, async_sessionmaker
 
 from app.api.tenant_resolvers import HeaderResolver
 from app.core.config import Settings
-from app.db.consistency import ConsistencyToken
+from app.db.consistency import CONSISTENCY_HEADER, ConsistencyToken
 from app.db.errors import TenantRequiredError
 from app.db.router import SessionRouter
 from app.db.targets import Intent, Target
@@ -47,7 +47,6 @@ engine: AsyncEngine
 async_session_maker: async_sessionmaker[AsyncSession]
 
 _HEADER_RESOLVER = HeaderResolver()
-CONSISTENCY_HEADER = "x-consistency-token"
 _SAFE_METHODS = frozenset({"GET", "HEAD", "OPTIONS"})
 
 
@@ -99,15 +98,21 @@ def tenant_of(request: Request) -> str | None:
     return tenant
 
 
+def required_tenant_of(request: Request) -> str:
+    """The request's tenant id, or 400 (`TenantRequiredError`) when it names none."""
+    tenant = tenant_of(request)
+    if tenant is None:
+        raise TenantRequiredError("this route needs a tenant (for example an X-Tenant-ID header)")
+    return tenant
+
+
 def request_target(
     request: Request, intent: Intent | None = None, *, tenant_required: bool = False
 ) -> Target:
     """Tenant from the request (if any); intent declared, else by HTTP method."""
     if intent is None:
         intent = "read" if request.method in _SAFE_METHODS else "write"
-    tenant = tenant_of(request)
-    if tenant is None and tenant_required:
-        raise TenantRequiredError("this route needs a tenant (for example an X-Tenant-ID header)")
+    tenant = required_tenant_of(request) if tenant_required else tenant_of(request)
     token = request.headers.get(CONSISTENCY_HEADER)
     after = ConsistencyToken.parse(token) if token is not None and intent == "read" else None
     return Target(tenant=tenant, intent=intent, after=after)

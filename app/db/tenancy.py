@@ -272,7 +272,7 @@ class TenantRegistry:
         yield from (p for t, p in self._catalogued.items() if t not in self._configured)
 
     def __len__(self) -> int:
-        return len(self._configured) + sum(1 for t in self._catalogued if t not in self._configured)
+        return len(self._configured.keys() | self._catalogued.keys())
 
     def __contains__(self, tenant_id: object) -> bool:
         return tenant_id in self._configured or tenant_id in self._catalogued

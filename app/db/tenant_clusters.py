@@ -106,10 +106,9 @@ class TenantClusterCache:
             with contextlib.suppress(TimeoutError):
                 await asyncio.wait_for(self._idle.wait(), remaining)
 
-    def released(self, cluster: Cluster) -> None:
-        """Called when a session on `cluster` ends; when that left the cluster idle, wakes
-        anyone waiting for room."""
-        if cluster.in_flight == 0 and cluster.name in self._lru:
+    def became_idle(self, cluster: Cluster) -> None:
+        """Called when the last session on `cluster` ended: wakes anyone waiting for room."""
+        if cluster.name in self._lru:
             self._idle.set()
 
     async def evict(self, cluster: Cluster) -> None:
