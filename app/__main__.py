@@ -9,8 +9,9 @@ import sys
 
 from pydantic import ValidationError
 
-from app.core.config import format_validation_error, load_settings
-from app.db.errors import ConfigError, RouterError
+from app.core.config import load_settings
+from pg_session_router.core.errors import ConfigError, RouterError
+from pg_session_router.core.settings import format_validation_error
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -59,15 +60,10 @@ def check() -> int:
 
 
 async def migrate() -> int:
-    from app.db.migrate import migrate as migrate_all
-    from app.db.router import SessionRouter
+    from app.db.migrate import migrate_everything
 
-    router = SessionRouter.from_settings(load_settings())
-    try:
-        for label in await migrate_all(router):
-            print(f"migrated {label}")
-    finally:
-        await router.dispose()
+    for label in await migrate_everything():
+        print(f"migrated {label}")
     return 0
 
 
@@ -89,9 +85,10 @@ def add_tenant_commands(parser: argparse.ArgumentParser) -> None:
 
 
 async def tenants(args: argparse.Namespace) -> int:
-    from app.core.config import TenantSettings
-    from app.db import provisioning
-    from app.db.router import SessionRouter
+    from app.models import Base
+    from pg_session_router.core.settings import TenantSettings
+    from pg_session_router.db import provisioning
+    from pg_session_router.db.router import SessionRouter
 
     router = SessionRouter.from_settings(load_settings())
     try:
@@ -108,7 +105,7 @@ async def tenants(args: argparse.Namespace) -> int:
                 "schema": args.schema,
             }
             tenant = TenantSettings.model_validate({k: v for k, v in fields.items() if v})
-            await provisioning.add_tenant(router, args.tenant_id, tenant)
+            await provisioning.add_tenant(router, args.tenant_id, tenant, metadata=Base.metadata)
             print(f"added tenant {args.tenant_id} ({args.strategy})")
         elif args.action in ("disable", "enable"):
             await provisioning.set_active(router, args.tenant_id, active=args.action == "enable")

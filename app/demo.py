@@ -14,7 +14,7 @@ import signal
 import sys
 
 from app.core.config import CONFIG_FILE_ENV
-from app.devcluster import DevCluster
+from pg_session_router.devcluster import DevCluster
 
 APP_ROLE = "app"
 
@@ -56,7 +56,7 @@ def prepare(cluster: DevCluster) -> None:
 def run_demo(*, port: int, replicas: int) -> int:
     import uvicorn
 
-    from app.__main__ import migrate
+    from app.db.migrate import migrate_everything
 
     # uvicorn re-raises SIGTERM after its graceful shutdown; make that an exception, so the
     # `with` below still removes the cluster instead of the process dying on the spot.
@@ -64,7 +64,7 @@ def run_demo(*, port: int, replicas: int) -> int:
     print(f"starting a PostgreSQL primary and {replicas} replicas ...", flush=True)
     with DevCluster(replicas) as cluster:
         prepare(cluster)
-        asyncio.run(migrate())
+        asyncio.run(migrate_everything())
         cluster.wait_replayed()
         print(_banner(cluster, port), flush=True)
         uvicorn.run("app.main:app", host="127.0.0.1", port=port, log_level="info")

@@ -1,41 +1,24 @@
-"""The example FastAPI application, `app.main:app`.
+"""The reference FastAPI application, `app.main:app`, built on `pg_session_router`.
 
-The lifespan builds the router at startup (so a bad configuration fails there, not at the first
-request) and disposes every engine at shutdown.
+`install_router` adds the lifespan (settings checked and servers probed at startup, pools
+closed at shutdown), the middleware, the error handlers and the configured tenant resolver. It
+shares `app.db.session.provider` with scripts, so `get_db` and `get_db_context` use one router.
 """
 
 from __future__ import annotations
 
-from collections.abc import AsyncIterator
-from contextlib import asynccontextmanager
-
 from fastapi import FastAPI
 
-from app.api.consistency import ConsistencyTokenMiddleware
-from app.api.errors import install_error_handlers
 from app.api.routes import health, items, reports
-from app.api.tenant_resolvers import build_tenant_resolver
-from app.core.config import load_settings
-from app.db.session import dispose_router, get_router
+from app.db import session
+from pg_session_router.db.provider import RouterProvider
+from pg_session_router.web import install_router
 
 
-@asynccontextmanager
-async def lifespan(app: FastAPI) -> AsyncIterator[None]:
-    # Settings are read here, at startup: a bad configuration fails now, naming the key.
-    settings = load_settings()
-    app.state.tenant_resolver = build_tenant_resolver(settings.http)
-    app.state.consistency_tokens = settings.http.consistency_tokens
-    await get_router(settings).start()
-    try:
-        yield
-    finally:
-        await dispose_router()
-
-
-def create_app() -> FastAPI:
-    app = FastAPI(title="session router example", lifespan=lifespan)
-    install_error_handlers(app)
-    app.add_middleware(ConsistencyTokenMiddleware)
+def create_app(provider: RouterProvider | None = None) -> FastAPI:
+    """The app; `provider` defaults to the one `app.db.session` shares with scripts."""
+    app = FastAPI(title="session router example")
+    install_router(app, provider=provider or session.provider)
     app.include_router(items.router)
     app.include_router(reports.router)
     app.include_router(health.router)

@@ -13,8 +13,9 @@ from contextlib import contextmanager
 from dataclasses import dataclass, field
 from typing import Any
 
-from app.core.config import DatabaseSettings
-from app.devcluster import DevCluster, find_bindir
+from app.models import Base
+from pg_session_router.core.settings import DatabaseSettings
+from pg_session_router.devcluster import DevCluster, find_bindir
 
 APP_ROLE = "app"
 TENANT_DATABASES = ("acme",)
@@ -25,8 +26,8 @@ def bench_cluster(replicas: int = 2) -> Iterator[DevCluster]:
     """A dev cluster with the `app` role, the example databases, and migrated tables."""
     import asyncio
 
-    from app.db.migrate import migrate
-    from app.db.router import SessionRouter
+    from pg_session_router.db.migrate import migrate
+    from pg_session_router.db.router import SessionRouter
 
     with DevCluster(replicas=replicas) as cluster:
         cluster.create_role(APP_ROLE, createdb=True)
@@ -36,7 +37,7 @@ def bench_cluster(replicas: int = 2) -> Iterator[DevCluster]:
         async def run_migrations() -> None:
             router = SessionRouter(settings_for(cluster))
             try:
-                await migrate(router)
+                await migrate(router, Base.metadata)
             finally:
                 await router.dispose()
 

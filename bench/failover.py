@@ -21,10 +21,6 @@ from typing import Any
 from sqlalchemy import text
 from sqlalchemy.ext.asyncio import async_sessionmaker, create_async_engine
 
-from app.db.errors import DatabaseUnavailableError
-from app.db.router import SessionRouter
-from app.devcluster import DevCluster
-from app.faults import WHO_ANSWERS, ReadLoad, eventually
 from bench.common import (
     APP_ROLE,
     Series,
@@ -34,6 +30,10 @@ from bench.common import (
     settings_for,
     table,
 )
+from pg_session_router.core.errors import DatabaseUnavailableError
+from pg_session_router.db.router import SessionRouter
+from pg_session_router.devcluster import DevCluster
+from tests.support.faults import WHO_ANSWERS, ReadLoad, eventually
 
 READERS = 20
 

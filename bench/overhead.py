@@ -23,9 +23,6 @@ import asyncpg
 from sqlalchemy import text
 from sqlalchemy.ext.asyncio import async_sessionmaker, create_async_engine
 
-from app.db.router import SessionRouter
-from app.db.targets import Target
-from app.devcluster import DevCluster
 from bench.common import (
     APP_ROLE,
     Series,
@@ -36,6 +33,9 @@ from bench.common import (
     settings_for,
     table,
 )
+from pg_session_router.db.router import SessionRouter
+from pg_session_router.db.targets import Target
+from pg_session_router.devcluster import DevCluster
 
 SELECT_1 = text("SELECT 1")
 BASELINE = "hand-written sessionmaker"

@@ -19,9 +19,9 @@ from contextlib import contextmanager
 from pathlib import Path
 
 from app.demo import APP_ROLE
-from app.devcluster import DevCluster, free_port
 from bench.common import bench_cluster, parse_args, publish
 from bench.http import MODULES, app_envs, measure, report
+from pg_session_router.devcluster import DevCluster, free_port
 
 PGPOOL_CANDIDATES = ("pgpool", "/usr/sbin/pgpool")
 TITLE = "Against a proxy (pgpool-II)"

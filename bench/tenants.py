@@ -16,12 +16,13 @@ from typing import Any
 import asyncpg
 from sqlalchemy import text
 
-from app.core.config import TenantSettings
-from app.db import provisioning
-from app.db.router import SessionRouter
-from app.db.targets import Target
-from app.devcluster import DevCluster
+from app.models import Base
 from bench.common import Series, bench_cluster, parse_args, publish, settings_for, table
+from pg_session_router.core.settings import TenantSettings
+from pg_session_router.db import provisioning
+from pg_session_router.db.router import SessionRouter
+from pg_session_router.db.targets import Target
+from pg_session_router.devcluster import DevCluster
 
 COUNT_OURS = (
     "SELECT count(*) FROM pg_stat_activity WHERE application_name LIKE 'session-router:%' "
@@ -132,7 +133,7 @@ async def create_databases(cluster: DevCluster, count: int) -> list[str]:
     try:
         for tenant in tenants:
             settings = TenantSettings(strategy="database", database=tenant.replace("-", "_"))
-            await provisioning.add_tenant(router, tenant, settings)
+            await provisioning.add_tenant(router, tenant, settings, metadata=Base.metadata)
     finally:
         await router.dispose()
     return tenants

@@ -1,6 +1,6 @@
 """Shared fixtures: one real PostgreSQL cluster (primary + 2 streaming replicas) per test run.
 
-The cluster is started once per session from the installed server binaries (`app.devcluster`).
+The cluster is started once per session from the installed server binaries (`DevCluster`).
 Tests that stop or pause nodes must leave them running and replaying when they finish. Each test
 gets a fresh `SessionRouter` over the cluster, installed as the process router and disposed
 afterwards, so no pool or state leaks from one test into the next.
@@ -14,11 +14,12 @@ from typing import Any
 import pytest
 from sqlalchemy import text
 
-from app.core.config import DatabaseSettings
-from app.db.migrate import migrate
-from app.db.router import SessionRouter
 from app.db.session import set_router
-from app.devcluster import DevCluster
+from app.models import Base
+from pg_session_router.core.settings import DatabaseSettings
+from pg_session_router.db.migrate import migrate
+from pg_session_router.db.router import SessionRouter
+from pg_session_router.devcluster import DevCluster
 
 APP_ROLE = "app"
 HEALTH_INTERVAL = 0.25
@@ -74,7 +75,7 @@ def pg() -> Iterator[DevCluster]:
 async def migrated(pg: DevCluster) -> DevCluster:
     router = SessionRouter(database_settings(pg))
     try:
-        await migrate(router)
+        await migrate(router, Base.metadata)
         async with router.default_cluster.primary.engine.begin() as conn:
             await conn.execute(
                 text(

@@ -12,11 +12,12 @@ import asyncpg
 import pytest
 from sqlalchemy import text
 
-from app.core.config import TenantSettings
-from app.db import provisioning
-from app.db.errors import ConfigError
-from app.db.router import SessionRouter
-from app.devcluster import DevCluster
+from app.models import Base
+from pg_session_router.core.errors import ConfigError
+from pg_session_router.core.settings import TenantSettings
+from pg_session_router.db import provisioning
+from pg_session_router.db.router import SessionRouter
+from pg_session_router.devcluster import DevCluster
 
 from .conftest import database_settings
 
@@ -33,7 +34,7 @@ async def database_tenants(router: SessionRouter) -> AsyncIterator[list[str]]:
     tenants = [f"budget-{i}-{run}" for i in range(TENANTS)]
     for tenant in tenants:
         settings = TenantSettings(strategy="database", database=tenant.replace("-", "_"))
-        await provisioning.add_tenant(router, tenant, settings)
+        await provisioning.add_tenant(router, tenant, settings, metadata=Base.metadata)
     try:
         yield tenants
     finally:

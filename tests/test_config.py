@@ -7,8 +7,8 @@ from pathlib import Path
 import pytest
 
 from app.core.config import load_settings
-from app.db.errors import ConfigError
-from app.db.router import SessionRouter
+from pg_session_router.core.errors import ConfigError
+from pg_session_router.db.router import SessionRouter
 
 SECRET = "s3cret-Pa55"
 GOOD = f"""

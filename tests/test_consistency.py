@@ -9,14 +9,16 @@ import httpx
 import pytest
 from sqlalchemy import text
 
-from app.db.consistency import ConsistencyToken
-from app.db.router import SessionRouter
 from app.db.session import set_router
-from app.db.targets import Target
-from app.devcluster import DevCluster
-from app.faults import eventually
-from app.main import app
+from app.main import app, create_app
 from app.models import Item
+from pg_session_router.core.settings import HttpSettings, RouterSettings
+from pg_session_router.db.consistency import ConsistencyToken
+from pg_session_router.db.provider import RouterProvider
+from pg_session_router.db.router import SessionRouter
+from pg_session_router.db.targets import Target
+from pg_session_router.devcluster import DevCluster
+from tests.support.faults import eventually
 
 from .conftest import HEALTH_INTERVAL, database_settings
 
@@ -32,7 +34,6 @@ async def patient_router(migrated: DevCluster) -> AsyncIterator[SessionRouter]:
     )
     await router.start()
     set_router(router)
-    app.state.consistency_tokens = True
     try:
         yield router
     finally:
@@ -112,15 +113,14 @@ async def test_a_malformed_token_is_a_400(patient_router: SessionRouter, token: 
 
 
 async def test_no_token_without_the_setting(router: SessionRouter) -> None:
-    app.state.consistency_tokens = False
-    try:
-        async with httpx.AsyncClient(
-            transport=httpx.ASGITransport(app=app), base_url="http://test"
-        ) as client:
-            response = await client.post(
-                "/items", json={"name": "untracked"}, headers={"X-Tenant-ID": "acme"}
-            )
-        assert response.status_code == 201
-        assert "X-Consistency-Token" not in response.headers
-    finally:
-        app.state.consistency_tokens = True
+    provider = RouterProvider(RouterSettings(http=HttpSettings(consistency_tokens=False)))
+    provider.set(router)
+    untracked = create_app(provider)
+    async with httpx.AsyncClient(
+        transport=httpx.ASGITransport(app=untracked), base_url="http://test"
+    ) as client:
+        response = await client.post(
+            "/items", json={"name": "untracked"}, headers={"X-Tenant-ID": "acme"}
+        )
+    assert response.status_code == 201
+    assert "X-Consistency-Token" not in response.headers

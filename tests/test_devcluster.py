@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import socket
 
-from app.devcluster import DevCluster
+from pg_session_router.devcluster import DevCluster
 
 
 def test_replicas_stream_from_the_primary(pg: DevCluster) -> None:

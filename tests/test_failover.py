@@ -14,16 +14,16 @@ import httpx
 import pytest
 from sqlalchemy import text
 
-from app.db.errors import (
+from app.main import app
+from pg_session_router.core.errors import (
     CommitOutcomeUnknownError,
     DatabaseUnavailableError,
     TopologyChangedError,
 )
-from app.db.router import SessionRouter
-from app.db.targets import Target
-from app.devcluster import DevCluster
-from app.faults import BlackholeServer, CommitCutter, ReadLoad, eventually
-from app.main import app
+from pg_session_router.db.router import SessionRouter
+from pg_session_router.db.targets import Target
+from pg_session_router.devcluster import DevCluster
+from tests.support.faults import BlackholeServer, CommitCutter, ReadLoad, eventually
 
 from .conftest import APP_ROLE, HEALTH_INTERVAL, database_settings
 

@@ -10,12 +10,12 @@ import httpx
 import pytest
 from sqlalchemy import text
 
-from app.core.config import HealthSettings
-from app.db.health import ServerHealth
-from app.db.router import SessionRouter
-from app.devcluster import DevCluster
-from app.faults import ReadLoad, eventually
 from app.main import app
+from pg_session_router.core.settings import HealthSettings
+from pg_session_router.db.health import ServerHealth
+from pg_session_router.db.router import SessionRouter
+from pg_session_router.devcluster import DevCluster
+from tests.support.faults import ReadLoad, eventually
 
 from .conftest import HEALTH_INTERVAL, database_settings
 
@@ -44,7 +44,7 @@ async def test_an_ejection_is_logged_once_not_per_request(
     router: SessionRouter, pg: DevCluster, caplog: pytest.LogCaptureFixture
 ) -> None:
     endpoint = f"127.0.0.1:{pg.nodes['replica2'].port}"
-    caplog.set_level(logging.WARNING, logger="app.db.health")
+    caplog.set_level(logging.WARNING, logger="pg_session_router.db.health")
     try:
         async with ReadLoad(router, tasks=20) as load:
             await eventually(lambda: load.total > 50, within=5, what="reads")

@@ -11,11 +11,11 @@ from fastapi import Depends, FastAPI
 from sqlalchemy import text
 from sqlalchemy.ext.asyncio import AsyncSession
 
-from app.api.errors import install_error_handlers
-from app.db.router import SessionRouter
-from app.db.session import get_db, get_router
-from app.devcluster import DevCluster
-from app.main import app, lifespan
+from app.db.session import get_db, provider
+from app.main import app
+from pg_session_router.db.router import SessionRouter
+from pg_session_router.devcluster import DevCluster
+from pg_session_router.web import install_router
 
 
 def client_for(asgi_app: FastAPI) -> httpx.AsyncClient:
@@ -86,7 +86,7 @@ async def test_bad_tenants_get_4xx_and_never_a_default_database(
         )
         assert response.status_code == status, (method, path, response.text)
         assert response.json()["error"] == code
-    async with get_router().session() as session:
+    async with provider.get().session() as session:
         assert await session.scalar(text("SELECT count(*) FROM items WHERE name = 'leak'")) == 0
 
 
@@ -133,7 +133,7 @@ async def test_health_reports_every_node(client: httpx.AsyncClient) -> None:
 async def test_a_failed_commit_is_never_reported_as_success(router: SessionRouter) -> None:
     """Plain `Depends(get_db)`, as users write it: the commit happens before the response."""
     checks = FastAPI()
-    install_error_handlers(checks)
+    install_router(checks, provider=provider)
 
     @checks.post("/pair/{x}")
     async def insert_pair(x: int, db: Annotated[AsyncSession, Depends(get_db)]) -> dict[str, str]:
@@ -162,8 +162,8 @@ async def test_a_failed_commit_is_never_reported_as_success(router: SessionRoute
 async def test_lifespan_builds_the_router_and_disposes_every_engine(
     router: SessionRouter,
 ) -> None:
-    async with lifespan(app):
-        assert get_router() is router
+    async with app.router.lifespan_context(app):
+        assert provider.get() is router
         async with router.session("replica") as session:
             await session.execute(text("SELECT 1"))
         pools = [node.engine.pool for node in router.clusters["main"].nodes]

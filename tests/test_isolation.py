@@ -12,12 +12,12 @@ import httpx
 import pytest
 from sqlalchemy import select, text
 
-from app.core.config import TenantSettings
-from app.db import provisioning
-from app.db.errors import CrossTenantError
-from app.db.router import SessionRouter
 from app.main import app
-from app.models import Item
+from app.models import Base, Item
+from pg_session_router.core.errors import CrossTenantError
+from pg_session_router.core.settings import TenantSettings
+from pg_session_router.db import provisioning
+from pg_session_router.db.router import SessionRouter
 
 TENANTS_PER_STRATEGY = 10
 CLIENTS = 40
@@ -34,7 +34,9 @@ async def thirty_tenants(router: SessionRouter) -> AsyncIterator[list[str]]:
             settings = {"strategy": strategy}
             if strategy == "database":
                 settings["database"] = tenant.replace("-", "_")
-            await provisioning.add_tenant(router, tenant, TenantSettings.model_validate(settings))
+            await provisioning.add_tenant(
+                router, tenant, TenantSettings.model_validate(settings), metadata=Base.metadata
+            )
             tenants.append(tenant)
     try:
         yield tenants

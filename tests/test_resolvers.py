@@ -10,9 +10,12 @@ import pytest
 from fastapi import APIRouter, Depends, FastAPI
 from sqlalchemy import text
 
-from app.api.deps import DbSession, require_tenant
-from app.api.errors import install_error_handlers
-from app.api.tenant_resolvers import (
+from app.db import session
+from pg_session_router.core.errors import ConfigError
+from pg_session_router.core.settings import HttpSettings
+from pg_session_router.db.router import SessionRouter
+from pg_session_router.web import DbSession, install_router, require_tenant
+from pg_session_router.web.resolvers import (
     HeaderResolver,
     PathResolver,
     SubdomainResolver,
@@ -21,9 +24,6 @@ from app.api.tenant_resolvers import (
     build_tenant_resolver,
     sign_token,
 )
-from app.core.config import HttpSettings
-from app.db.errors import ConfigError
-from app.db.router import SessionRouter
 
 SECRET = b"test-signing-key"
 WHERE = text("SELECT current_database() || '|' || current_setting('search_path')")
@@ -31,8 +31,7 @@ WHERE = text("SELECT current_database() || '|' || current_setting('search_path')
 
 def app_with(resolver: TenantResolver) -> FastAPI:
     app = FastAPI()
-    app.state.tenant_resolver = resolver
-    install_error_handlers(app)
+    install_router(app, provider=session.provider, tenant_resolver=resolver)
     routes = APIRouter(dependencies=[Depends(require_tenant)])
 
     @routes.get("/where")

@@ -5,10 +5,10 @@ from __future__ import annotations
 import pytest
 from sqlalchemy import text
 
-from app.db.errors import ReadOnlySessionError, TargetError
-from app.db.router import SessionRouter
-from app.db.targets import Target
-from app.devcluster import DevCluster
+from pg_session_router.core.errors import ReadOnlySessionError, TargetError
+from pg_session_router.db.router import SessionRouter
+from pg_session_router.db.targets import Target
+from pg_session_router.devcluster import DevCluster
 
 from .conftest import database_settings, scalar
 

@@ -13,11 +13,11 @@ import pytest
 from sqlalchemy import func, inspect, select, text
 
 from app.db import session as public
-from app.db.errors import DatabaseUnavailableError
-from app.db.router import SessionRouter
 from app.db.session import get_db_context
-from app.devcluster import DevCluster, free_port
 from app.models import Item
+from pg_session_router.core.errors import DatabaseUnavailableError
+from pg_session_router.db.router import SessionRouter
+from pg_session_router.devcluster import DevCluster, free_port
 
 from .conftest import database_settings
 
@@ -134,7 +134,7 @@ def test_import_opens_no_connection_and_reads_no_config(tmp_path: Path) -> None:
     }
     code = (
         "import app.db.session as s, app.main, sqlalchemy.pool as p\n"
-        "assert s._slot.router is None\n"
+        "assert s.provider.current is None\n"
         "print('imported')"
     )
     result = subprocess.run(

@@ -5,10 +5,14 @@ from __future__ import annotations
 import pytest
 from sqlalchemy import select, text
 
-from app.db.errors import InvalidTenantError, TenantInactiveError, UnknownTenantError
-from app.db.router import SessionRouter
-from app.devcluster import DevCluster
 from app.models import Item
+from pg_session_router.core.errors import (
+    InvalidTenantError,
+    TenantInactiveError,
+    UnknownTenantError,
+)
+from pg_session_router.db.router import SessionRouter
+from pg_session_router.devcluster import DevCluster
 
 from .conftest import scalar
 

@@ -14,12 +14,17 @@ from pathlib import Path
 import pytest
 from sqlalchemy import text
 
-from app.core.config import TenantSettings
-from app.db import provisioning
-from app.db.errors import TenantConflictError, TenantInactiveError, UnknownTenantError
-from app.db.router import SessionRouter
-from app.devcluster import DevCluster
-from app.faults import eventually
+from app.models import Base
+from pg_session_router.core.errors import (
+    TenantConflictError,
+    TenantInactiveError,
+    UnknownTenantError,
+)
+from pg_session_router.core.settings import TenantSettings
+from pg_session_router.db import provisioning
+from pg_session_router.db.router import SessionRouter
+from pg_session_router.devcluster import DevCluster
+from tests.support.faults import eventually
 
 from .conftest import APP_ROLE, database_settings, scalar
 
@@ -51,7 +56,9 @@ async def test_an_added_tenant_is_served_at_once_here_and_by_other_processes(
     settings = {"strategy": strategy}
     if strategy == "database":
         settings["database"] = tenant.replace("-", "_")
-    await provisioning.add_tenant(router, tenant, TenantSettings.model_validate(settings))
+    await provisioning.add_tenant(
+        router, tenant, TenantSettings.model_validate(settings), metadata=Base.metadata
+    )
     try:
         for process in (router, other_process):
             async with process.session(tenant=tenant) as session:
@@ -73,7 +80,9 @@ async def test_disable_and_remove_take_effect_here_at_once_and_elsewhere_within_
     router: SessionRouter, other_process: SessionRouter
 ) -> None:
     tenant = fresh_id("flaky")
-    await provisioning.add_tenant(router, tenant, TenantSettings(strategy="row"))
+    await provisioning.add_tenant(
+        router, tenant, TenantSettings(strategy="row"), metadata=Base.metadata
+    )
     assert await scalar(other_process, "SELECT 1", tenant=tenant) == 1
 
     await provisioning.set_active(router, tenant, active=False)
@@ -117,12 +126,15 @@ async def test_management_refuses_conflicts(router: SessionRouter) -> None:
     with pytest.raises(TenantConflictError, match="configuration file"):
         await provisioning.set_active(router, "acme", active=False)
     with pytest.raises(TenantConflictError, match="already exists"):
-        await provisioning.add_tenant(router, "globex", TenantSettings(strategy="schema"))
+        await provisioning.add_tenant(
+            router, "globex", TenantSettings(strategy="schema"), metadata=Base.metadata
+        )
     with pytest.raises(TenantConflictError, match="only for strategy"):
         await provisioning.add_tenant(
             router,
             fresh_id("bad"),
             TenantSettings.model_validate({"strategy": "row", "schema": "nope"}),
+            metadata=Base.metadata,
         )
     with pytest.raises(UnknownTenantError):
         await provisioning.remove_tenant(router, "never-added")

@@ -2,12 +2,10 @@
 
 from __future__ import annotations
 
-from sqlalchemy import BigInteger, Identity, Index, String, Text, text
+from sqlalchemy import BigInteger, Identity, Index, String, Text
 from sqlalchemy.orm import DeclarativeBase, Mapped, mapped_column
 
-# Rows written by a `row`-placed tenant carry its id; the default reads the transaction-local
-# setting the router makes, so application code never passes tenant_id by hand.
-CURRENT_ROW_TENANT = text("NULLIF(current_setting('app.tenant_id', true), '')")
+from pg_session_router.db.tenancy import current_row_tenant
 
 
 class Base(DeclarativeBase):
@@ -20,4 +18,4 @@ class Item(Base):
 
     id: Mapped[int] = mapped_column(BigInteger, Identity(), primary_key=True)
     name: Mapped[str] = mapped_column(String(200))
-    tenant_id: Mapped[str | None] = mapped_column(Text, server_default=CURRENT_ROW_TENANT)
+    tenant_id: Mapped[str | None] = mapped_column(Text, server_default=current_row_tenant())

@@ -10,17 +10,17 @@ from __future__ import annotations
 
 from typing import Any
 
-from fastapi import APIRouter
+from fastapi import APIRouter, Request
 from fastapi.responses import JSONResponse
 
-from app.db.session import get_router
+from pg_session_router.web import installation_of
 
 router = APIRouter(prefix="/health", tags=["health"])
 
 
 @router.get("/db")
-async def database_health() -> JSONResponse:
-    db_router = get_router()
+async def database_health(request: Request) -> JSONResponse:
+    db_router = installation_of(request).router
     status: dict[str, Any] = db_router.status()
     nodes = status["nodes"].values()
     if db_router.default_cluster.writer() is None:

@@ -8,8 +8,8 @@ from fastapi import APIRouter, HTTPException, Path, Query
 from pydantic import BaseModel, Field, field_validator
 from sqlalchemy import select
 
-from app.api.deps import TenantReadSession, TenantWriteSession
 from app.models import Item
+from pg_session_router.web import TenantReadSession, TenantWriteSession
 
 router = APIRouter(prefix="/items", tags=["items"])
 

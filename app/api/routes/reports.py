@@ -11,7 +11,7 @@ from typing import Annotated, Any
 from fastapi import APIRouter, Query
 from sqlalchemy import text
 
-from app.api.deps import TenantReadSession
+from pg_session_router.web import TenantReadSession
 
 router = APIRouter(prefix="/reports", tags=["reports"])
 

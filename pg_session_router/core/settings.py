@@ -1,0 +1,371 @@
+"""Settings: what the router is told about clusters, pools and tenants.
+
+`load_settings(config_file, env_prefix=...)` reads, highest priority first: keyword arguments,
+the environment (`PGROUTER_` prefix by default, `__` between levels), `.env`, the TOML file
+given (if any), defaults. A host application picks its own prefix and file, so the library
+never reads a variable the host uses for something else. `RouterSettings(...)` built in code
+works the same way without a file. These objects only describe;
+`pg_session_router.db.router.SessionRouter` builds the runtime objects (engines, pools) from
+them.
+
+Database URLs are kept as SQLAlchemy `URL` objects, whose repr hides the password, and validation
+errors are re-raised as `ConfigError` built from the error locations and messages only, so a bad
+configuration never prints the secret it contained.
+"""
+
+from __future__ import annotations
+
+import tomllib
+from pathlib import Path
+from typing import Annotated, Any, Literal
+
+from pydantic import (
+    BaseModel,
+    BeforeValidator,
+    ConfigDict,
+    Field,
+    NonNegativeInt,
+    PlainSerializer,
+    PositiveFloat,
+    PositiveInt,
+    SecretStr,
+    ValidationError,
+)
+from pydantic_settings import (
+    BaseSettings,
+    NoDecode,
+    PydanticBaseSettingsSource,
+    SettingsConfigDict,
+    TomlConfigSettingsSource,
+)
+from sqlalchemy.engine import URL, make_url
+from sqlalchemy.exc import ArgumentError
+
+from pg_session_router.core.errors import ConfigError
+from pg_session_router.core.names import IDENTIFIER_PATTERN, TENANT_ID_RULE, is_tenant_id
+
+#: The environment prefix the library reads when the host names none.
+DEFAULT_ENV_PREFIX = "PGROUTER_"
+DEFAULT_TENANT_HEADER = "X-Tenant-ID"
+_ASYNC_DRIVER = "postgresql+asyncpg"
+
+
+def _parse_database_url(value: object) -> URL:
+    """Accept `postgresql://` or `postgresql+asyncpg://` URLs; always use the asyncpg driver."""
+    if isinstance(value, URL):
+        url = value
+    elif isinstance(value, str):
+        try:
+            url = make_url(value)
+        except ArgumentError:
+            # The message of ArgumentError quotes the input, which may hold a password.
+            raise ValueError("not a valid URL") from None
+    else:
+        raise ValueError("not a valid URL")
+    if url.get_backend_name() != "postgresql":
+        raise ValueError("not a PostgreSQL URL (expected postgresql+asyncpg://...)")
+    if url.drivername not in ("postgresql", _ASYNC_DRIVER):
+        # A bare `postgresql://` is accepted and means asyncpg here.
+        raise ValueError("unsupported driver (expected postgresql+asyncpg://...)")
+    if not url.host or not url.database:
+        raise ValueError("a database URL needs a host and a database name")
+    return url.set(drivername=_ASYNC_DRIVER)
+
+
+# `NoDecode`: URL is a NamedTuple, which pydantic-settings would otherwise try to JSON-decode
+# when it comes from an environment variable.
+DatabaseUrl = Annotated[
+    URL,
+    NoDecode,
+    BeforeValidator(_parse_database_url),
+    PlainSerializer(lambda url: url.render_as_string(hide_password=True), return_type=str),
+]
+
+
+class _Section(BaseModel):
+    model_config = ConfigDict(extra="forbid", frozen=True, arbitrary_types_allowed=True)
+
+
+class PoolSettings(_Section):
+    """One connection pool; every node (primary, replica, tenant database) gets its own."""
+
+    size: PositiveInt = 5
+    max_overflow: NonNegativeInt = 5
+    #: Seconds a session waits for a pooled connection before giving up.
+    timeout: PositiveFloat = 10.0
+    #: Seconds after which a pooled connection is replaced (-1: never).
+    recycle: int = 1800
+    #: Ping every connection on checkout (a round trip per session; off by default).
+    pre_ping: bool = False
+
+
+def _replica_entry(value: object) -> object:
+    """A replica is a URL, or a table `{ url = "...", weight = 2 }`."""
+    return {"url": value} if isinstance(value, str | URL) else value
+
+
+class ReplicaSettings(_Section):
+    url: DatabaseUrl
+    #: Share of reads under the `weighted` policy (relative to the other replicas).
+    weight: PositiveInt = 1
+
+
+class ClusterSettings(_Section):
+    """A primary and the streaming replicas that follow it.
+
+    Either `primary` (and optionally `replicas`), or `nodes`: a list whose roles the health
+    monitor discovers by asking each server `pg_is_in_recovery()`.
+    """
+
+    primary: DatabaseUrl | None = None
+    replicas: list[Annotated[ReplicaSettings, BeforeValidator(_replica_entry)]] = Field(
+        default_factory=list
+    )
+    nodes: list[DatabaseUrl] = Field(default_factory=list)
+    pool: PoolSettings = PoolSettings()
+
+
+class HealthSettings(_Section):
+    """The background monitor: one probe per server per interval, on its own connection."""
+
+    #: Seconds between probe rounds.
+    interval: PositiveFloat = 1.0
+    #: Seconds one probe (connect, or query) may take before the server counts as down.
+    probe_timeout: PositiveFloat = 1.0
+    #: Longest wait, in seconds, before re-trying a server that keeps failing.
+    max_backoff: PositiveFloat = 30.0
+
+
+class RoutingSettings(_Section):
+    #: How reads pick among eligible replicas.
+    policy: Literal["round_robin", "least_in_use", "weighted"] = "round_robin"
+    #: A replica further behind than this (seconds of replay delay) receives no reads.
+    max_replica_lag_seconds: PositiveFloat | None = 10.0
+    #: A replica further behind than this (bytes of WAL not yet replayed) receives no reads.
+    max_replica_lag_bytes: PositiveInt | None = 16 * 1024 * 1024
+    #: With no eligible replica, read from the primary (READ ONLY) instead of failing.
+    fallback_to_primary: bool = True
+
+
+class RetrySettings(_Section):
+    """Retrying what is safe: connecting, and read-only work (never an uncertain COMMIT)."""
+
+    #: Total seconds one unit of work may spend retrying before `DatabaseUnavailableError`.
+    deadline: PositiveFloat = 3.0
+    #: First backoff in seconds; doubles per attempt, with jitter, up to `max_backoff`.
+    initial_backoff: PositiveFloat = 0.05
+    max_backoff: PositiveFloat = 0.5
+
+
+class TenantSettings(_Section):
+    """Where one tenant's data lives.
+
+    - `database`: either `url` (the tenant's own server, primary only), or `database` on
+      `cluster` (default: the default cluster; the tenant's reads then use that cluster's replicas),
+      or just `cluster` (a cluster of its own, its configured database).
+    - `schema`: schema `schema` (default: the tenant id) in `cluster`'s database.
+    - `row`: shared tables in `cluster`'s database, isolated by row-level security.
+    """
+
+    strategy: Literal["database", "schema", "row"]
+    url: DatabaseUrl | None = None
+    cluster: str | None = None
+    database: str | None = None
+    schema_name: str | None = Field(default=None, alias="schema")
+    active: bool = True
+
+
+class TenancySettings(_Section):
+    """Tenants beyond the configuration file, and the engines of database-placed tenants."""
+
+    #: Also look tenants up in the `tenants` table on the default cluster's primary.
+    catalog: bool = True
+    #: Seconds between full reloads of the catalog (disabled or removed tenants stop routing).
+    catalog_ttl: PositiveFloat = 30.0
+    #: An unknown id triggers a catalog reload at most this often (seconds), so a burst of
+    #: random ids costs at most one query per interval.
+    catalog_min_reload: PositiveFloat = 1.0
+    #: Engines (one per node of a tenant's database) kept open; least recently used go first.
+    max_engines: PositiveInt = 100
+    #: Pool of each tenant database engine.
+    pool: PoolSettings = PoolSettings(size=2, max_overflow=0)
+
+
+class SessionSettings(_Section):
+    """Options of every `AsyncSession` the router opens (SQLAlchemy's names and meanings)."""
+
+    #: Keep loaded attributes after COMMIT (False: routes can return ORM objects after it).
+    expire_on_commit: bool = False
+    autoflush: bool = True
+    #: Log every statement (SQLAlchemy `echo`); for development only.
+    echo: bool = False
+
+
+class DatabaseSettings(_Section):
+    default_cluster: str = "main"
+    clusters: dict[str, ClusterSettings] = Field(default_factory=dict)
+    tenants: dict[str, TenantSettings] = Field(default_factory=dict)
+    #: Seconds to establish one connection (TCP + startup), so a silent server cannot hang us.
+    connect_timeout: PositiveFloat = 2.0
+    health: HealthSettings = HealthSettings()
+    routing: RoutingSettings = RoutingSettings()
+    retry: RetrySettings = RetrySettings()
+    tenancy: TenancySettings = TenancySettings()
+    session: SessionSettings = SessionSettings()
+    #: Most connections this process may hold across every pool (None: no cap). Checked at
+    #: startup against the pools' sizes, so it holds by construction. The health monitor's
+    #: one connection per server comes on top.
+    max_connections: PositiveInt | None = None
+
+
+class HttpSettings(_Section):
+    """How `install_router` wires a FastAPI app: the tenant resolver and consistency tokens."""
+
+    tenant_resolver: Literal["header", "subdomain", "path", "token"] = "header"
+    tenant_header: str = DEFAULT_TENANT_HEADER
+    #: `subdomain`: requests to `<tenant>.<base_domain>` belong to `<tenant>`.
+    base_domain: str | None = None
+    #: `path`: the name of the path parameter holding the tenant id.
+    tenant_path_param: str = "tenant"
+    #: `token`: HS256 signing key of the bearer token, and the claim naming the tenant.
+    token_secret: SecretStr | None = None
+    token_claim: str = "tenant"  # noqa: S105 - a claim name, not a secret
+    #: Write responses carry `X-Consistency-Token`; reads that send it back see the write.
+    #: Costs one query after each write's COMMIT.
+    consistency_tokens: bool = True
+
+
+class RouterSettings(BaseSettings):
+    """Everything the router and its FastAPI face are configured by."""
+
+    model_config = SettingsConfigDict(
+        env_prefix=DEFAULT_ENV_PREFIX,
+        env_nested_delimiter="__",
+        env_file=None,
+        extra="ignore",
+        frozen=True,
+    )
+
+    database: DatabaseSettings = DatabaseSettings()
+    http: HttpSettings = HttpSettings()
+
+    @classmethod
+    def settings_customise_sources(
+        cls,
+        settings_cls: type[BaseSettings],
+        init_settings: PydanticBaseSettingsSource,
+        env_settings: PydanticBaseSettingsSource,
+        dotenv_settings: PydanticBaseSettingsSource,
+        file_secret_settings: PydanticBaseSettingsSource,
+    ) -> tuple[PydanticBaseSettingsSource, ...]:
+        # `toml_file` comes from model_config: None (no file) unless load_settings() names one.
+        toml = TomlConfigSettingsSource(settings_cls)
+        return (init_settings, env_settings, dotenv_settings, toml)
+
+
+def load_settings(
+    config_file: Path | str | None = None,
+    *,
+    env_prefix: str = DEFAULT_ENV_PREFIX,
+    env_file: Path | str | None = ".env",
+    **overrides: Any,
+) -> RouterSettings:
+    """Build and check settings; every problem becomes a `ConfigError` naming its key.
+
+    `config_file`: a TOML file (must exist when given). `env_prefix`: the prefix of the
+    environment variables read (`<prefix>DATABASE__CLUSTERS__MAIN__PRIMARY=...`).
+    """
+    path = Path(config_file) if config_file is not None else None
+    if path is not None and not path.is_file():
+        raise ConfigError(f"config file not found: {path}")
+    # A subclass per call carries the host's prefix and file into pydantic-settings' sources
+    # (they read them from model_config); built at startup only, so its cost does not matter.
+    configured = type(
+        "RouterSettings",
+        (RouterSettings,),
+        {
+            "model_config": SettingsConfigDict(
+                env_prefix=env_prefix, env_file=env_file, toml_file=path
+            )
+        },
+    )
+    try:
+        settings: RouterSettings = configured(**overrides)
+    except ValidationError as exc:
+        raise ConfigError(format_validation_error(exc)) from None
+    except tomllib.TOMLDecodeError as exc:
+        raise ConfigError(f"{path}: not valid TOML: {exc}") from None
+    check_database_settings(settings.database)
+    return settings
+
+
+def format_validation_error(exc: ValidationError, prefix: tuple[str | int, ...] = ()) -> str:
+    """`database.clusters.main.primary: not a valid URL`, one line per problem, no input values."""
+    lines = []
+    for error in exc.errors(include_input=False, include_url=False):
+        key = ".".join(str(part) for part in (*prefix, *error["loc"]))
+        message = error["msg"].removeprefix("Value error, ")
+        lines.append(f"{key}: {message}")
+    return "; ".join(lines)
+
+
+def check_database_settings(database: DatabaseSettings) -> None:
+    """Checks that span several keys (references between clusters and tenants)."""
+    if database.default_cluster not in database.clusters:
+        raise ConfigError(
+            f"database.default_cluster: no cluster named {database.default_cluster!r} "
+            f"(configure database.clusters.{database.default_cluster}.primary)"
+        )
+    for name, cluster in database.clusters.items():
+        if not IDENTIFIER_PATTERN.match(name):
+            raise ConfigError(f"database.clusters.{name}: cluster names are [a-z_][a-z0-9_]*")
+        if cluster.nodes and (cluster.primary or cluster.replicas):
+            raise ConfigError(
+                f"database.clusters.{name}.nodes: give either nodes, or primary and replicas"
+            )
+        if not cluster.nodes and cluster.primary is None:
+            raise ConfigError(f"database.clusters.{name}.primary: required (or give nodes)")
+    for tenant_id, tenant in database.tenants.items():
+        _check_tenant(database, tenant_id, tenant)
+    _check_connection_budget(database)
+
+
+def pool_connections(pool: PoolSettings) -> int:
+    return pool.size + pool.max_overflow
+
+
+def _check_connection_budget(database: DatabaseSettings) -> None:
+    if database.max_connections is None:
+        return
+    clusters = sum(
+        pool_connections(c.pool) * (int(c.primary is not None) + len(c.replicas) + len(c.nodes))
+        for c in database.clusters.values()
+    )
+    tenants = database.tenancy.max_engines * pool_connections(database.tenancy.pool)
+    if clusters + tenants > database.max_connections:
+        raise ConfigError(
+            f"database.max_connections: the pools may open up to {clusters + tenants} "
+            f"connections ({clusters} for clusters, {tenants} for tenant engines: "
+            "tenancy.max_engines x tenancy.pool size + max_overflow); raise the cap or shrink them"
+        )
+
+
+def _check_tenant(database: DatabaseSettings, tenant_id: str, tenant: TenantSettings) -> None:
+    key = f"database.tenants.{tenant_id}"
+    if not is_tenant_id(tenant_id):
+        raise ConfigError(f"{key}: a tenant id is {TENANT_ID_RULE}")
+    if tenant.cluster is not None and tenant.cluster not in database.clusters:
+        raise ConfigError(f"{key}.cluster: no cluster named {tenant.cluster!r}")
+    if tenant.strategy == "database":
+        if tenant.url is not None and (tenant.cluster or tenant.database):
+            raise ConfigError(f"{key}.url: give either url, or cluster and/or database, not both")
+        if tenant.url is None and not (tenant.cluster or tenant.database):
+            raise ConfigError(f"{key}: strategy 'database' needs url, database or cluster")
+    elif tenant.url is not None or tenant.database is not None:
+        field = "url" if tenant.url is not None else "database"
+        raise ConfigError(f"{key}.{field}: only for strategy 'database'")
+    if tenant.schema_name is not None:
+        if tenant.strategy != "schema":
+            raise ConfigError(f"{key}.schema: only for strategy 'schema'")
+        if not IDENTIFIER_PATTERN.match(tenant.schema_name):
+            raise ConfigError(f"{key}.schema: a schema name is [a-z_][a-z0-9_]*, 1-63 long")

@@ -1,0 +1,78 @@
+"""Tenant admission: from a tenant id to a cluster that may take its session right now.
+
+Two steps, both async only on a miss: the registry resolves the id to a `Placement` (a
+dictionary read; an unknown id may reload the catalog), and a database-placed tenant's cluster
+is built within the engine budget (`TenantClusterCache`: an LRU of engines that waits for
+room when every engine is busy). Sessions in flight are counted per cluster from admission to
+the end of the unit of work, so an engine is never disposed under a running session.
+"""
+
+from __future__ import annotations
+
+from pg_session_router.core.settings import TenancySettings
+from pg_session_router.db.cluster import Cluster
+from pg_session_router.db.keys import ClusterKey
+from pg_session_router.db.tenancy import Placement, TenantRegistry
+from pg_session_router.db.tenant_clusters import TenantClusterCache
+from pg_session_router.db.topology import Topology
+
+
+class TenantAdmission:
+    def __init__(
+        self, topology: Topology, registry: TenantRegistry, settings: TenancySettings
+    ) -> None:
+        self._topology = topology
+        self.registry = registry
+        self.engines = TenantClusterCache(
+            self._build,
+            max_engines=settings.max_engines,
+            wait_timeout=settings.pool.timeout,
+            on_evict=topology.forget,
+        )
+
+    def _build(self, key: ClusterKey) -> Cluster:
+        return self._topology.build(key)
+
+    async def placement(self, tenant_id: str) -> Placement:
+        """The hot path is `cached` (a dictionary read); a miss may read the catalog."""
+        placement = self.registry.cached(tenant_id)
+        if placement is None:
+            placement = await self.registry.resolve(tenant_id)
+        cluster = self._topology.get(placement.cluster_key)
+        if cluster is None or cluster.draining:
+            await self._admit(placement.cluster_key)
+        return placement
+
+    async def _admit(self, key: ClusterKey) -> None:
+        if key.is_configured:
+            self._topology.configured(key.name)  # raises TargetError if it does not exist
+            return
+        self._topology.add(await self.engines.acquire(key))
+
+    def cluster(self, key: ClusterKey) -> Cluster:
+        """A cluster by key, a tenant's built at once if missing (migrations, introspection:
+        may exceed the engine bound until the next admission evicts)."""
+        cluster = self._topology.get(key)
+        if cluster is None:
+            if key.is_configured:
+                return self._topology.configured(key.name)
+            cluster = self._topology.add(self.engines.build_now(key))
+        elif key in self.engines:
+            self.engines.touch(key)
+        return cluster
+
+    def end_flight(self, cluster: Cluster) -> None:
+        """One session on `cluster` ended: an idle tenant cluster may now be evicted."""
+        cluster.in_flight -= 1
+        if cluster.in_flight == 0:
+            self.engines.became_idle(cluster)
+
+    async def close_cluster(self, key: ClusterKey) -> None:
+        """Dispose a tenant cluster's engines now, if it has any (built again on next use)."""
+        cluster = self._topology.get(key)
+        if cluster is not None and key in self.engines:
+            await self.engines.evict(cluster)
+
+    async def close(self) -> None:
+        await self.registry.close()
+        await self.engines.close()

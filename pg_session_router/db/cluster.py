@@ -1,0 +1,245 @@
+"""`Node` and `Cluster`: the runtime objects behind a cluster's configuration.
+
+A node is one database on one server, with its own `AsyncEngine` (and so its own pool) and two
+session factories built once: plain, and READ ONLY (for reads served by a primary; a replica
+refuses writes by itself). Building them here, once, keeps the per-session path to a few
+attribute reads and a constructor call.
+
+A cluster chooses nodes from what the health monitor knows: the writer is the node whose server
+is up and not in recovery (the configured primary until a probe says otherwise, so a promoted
+replica takes over without a restart); readers are replicas that are up and fresh enough,
+picked by the cluster's policy.
+"""
+
+from __future__ import annotations
+
+import logging
+from collections.abc import Sequence
+from typing import Any, Literal
+
+from sqlalchemy import event
+from sqlalchemy.engine import URL
+from sqlalchemy.exc import InvalidatePoolError
+from sqlalchemy.ext.asyncio import (
+    AsyncEngine,
+    AsyncSession,
+    async_sessionmaker,
+    create_async_engine,
+)
+
+from pg_session_router.core.settings import (
+    ClusterSettings,
+    DatabaseSettings,
+    PoolSettings,
+    SessionSettings,
+)
+from pg_session_router.db.balancing import POLICIES, ReplicaPolicy
+from pg_session_router.db.health import HealthMonitor, ServerHealth
+from pg_session_router.db.keys import ClusterKey
+from pg_session_router.db.routed_session import RoutedSession
+
+logger = logging.getLogger(__name__)
+
+Role = Literal["primary", "replica"]
+
+
+def _discard_closed_connections(dbapi_connection: Any, record: Any, proxy: Any) -> None:
+    """Pool checkout hook: a connection the server already closed is never handed out.
+
+    When a server restarts or terminates our backends, it closes the sockets, and asyncpg marks
+    those connections closed as soon as the event loop reads the EOF. Checking that flag costs
+    nothing (no round trip, unlike pre-ping). Raising InvalidatePoolError makes SQLAlchemy
+    discard every connection pooled before now (after a restart they are all dead) and connect
+    afresh, exactly as its own pre-ping does on a failed ping.
+    """
+    driver = dbapi_connection.driver_connection
+    if driver is not None and driver.is_closed():
+        raise InvalidatePoolError("the server closed this pooled connection")
+
+
+class Node:
+    """One database on one server: an engine, its pool, and the session factories over it."""
+
+    def __init__(
+        self,
+        name: str,
+        configured_role: Role | None,
+        url: URL,
+        pool: PoolSettings,
+        *,
+        health: ServerHealth,
+        connect_timeout: float,
+        session: SessionSettings,
+        weight: int = 1,
+    ) -> None:
+        self.name = name
+        self.configured_role = configured_role
+        self.url = url
+        self.health = health
+        self.weight = weight
+        self.engine: AsyncEngine = create_async_engine(
+            url,
+            pool_size=pool.size,
+            max_overflow=pool.max_overflow,
+            pool_timeout=pool.timeout,
+            pool_recycle=pool.recycle,
+            pool_pre_ping=pool.pre_ping,
+            echo=session.echo,
+            connect_args={
+                # asyncpg's `timeout` bounds TCP connect plus the startup handshake.
+                "timeout": connect_timeout,
+                "server_settings": {"application_name": f"session-router:{name}"},
+            },
+        )
+        event.listen(self.engine.sync_engine, "checkout", _discard_closed_connections)
+        # Same pool; BEGIN becomes BEGIN READ ONLY. SQLAlchemy resets the flag on return.
+        readonly_engine = self.engine.execution_options(postgresql_readonly=True)
+        options: dict[str, Any] = {
+            "expire_on_commit": session.expire_on_commit,
+            "autoflush": session.autoflush,
+            "sync_session_class": RoutedSession,
+        }
+        self.session_factory = async_sessionmaker(self.engine, **options)
+        self.readonly_session_factory = async_sessionmaker(readonly_engine, **options)
+
+    @property
+    def role(self) -> Role | None:
+        """The role the server has now (from the last probe), else the configured one."""
+        in_recovery = self.health.in_recovery
+        if in_recovery is None:
+            return self.configured_role
+        return "replica" if in_recovery else "primary"
+
+    @property
+    def writable(self) -> bool:
+        return self.health.up and self.role == "primary"
+
+    @property
+    def readable_replica(self) -> bool:
+        health = self.health
+        return health.up and health.fresh and self.role == "replica"
+
+    def factory(self, read_only: bool) -> async_sessionmaker[AsyncSession]:
+        """Writes: read-write. Reads on a replica: plain too, since a hot standby refuses
+        writes by itself (and BEGIN READ ONLY would cost a little on every read). Reads on a
+        primary: READ ONLY transactions."""
+        if read_only and self.role != "replica":
+            return self.readonly_session_factory
+        return self.session_factory
+
+    def in_use(self) -> int:
+        checked_out = getattr(self.engine.pool, "checkedout", None)
+        return int(checked_out()) if callable(checked_out) else 0
+
+    def pool_status(self) -> dict[str, int]:
+        size = getattr(self.engine.pool, "size", None)
+        return {"in_use": self.in_use(), "size": int(size()) if callable(size) else 0}
+
+    async def dispose(self) -> None:
+        await self.engine.dispose()
+
+    def __repr__(self) -> str:
+        # URL renders with the password masked; never print the raw string.
+        return f"<Node {self.name} {self.role} {self.url!r}>"
+
+
+class Cluster:
+    """A primary and its replicas. Chooses the node for a unit of work."""
+
+    def __init__(
+        self,
+        key: ClusterKey,
+        nodes: Sequence[Node],
+        policy: ReplicaPolicy,
+        *,
+        fallback_to_primary: bool,
+    ) -> None:
+        self.key = key
+        self.name = key.name
+        self.nodes = tuple(nodes)
+        self.policy = policy
+        self.fallback_to_primary = fallback_to_primary
+        #: Sessions open on this cluster's nodes (an idle tenant cluster may be evicted).
+        self.in_flight = 0
+        #: Set when this tenant cluster is about to be evicted: new sessions wait for a new one.
+        self.draining = False
+
+    @classmethod
+    def from_settings(
+        cls,
+        key: ClusterKey,
+        settings: ClusterSettings,
+        *,
+        monitor: HealthMonitor,
+        database: DatabaseSettings,
+        pool: PoolSettings | None = None,
+    ) -> Cluster:
+        """Build the cluster; a key naming a database swaps it in on every node (tenants)."""
+
+        def node(role: Role | None, label: str, url: URL, weight: int = 1) -> Node:
+            if key.database is not None:
+                url = url.set(database=key.database)
+            return Node(
+                f"{key.name}.{label}",
+                role,
+                url,
+                pool or settings.pool,
+                health=monitor.server(url),
+                connect_timeout=database.connect_timeout,
+                session=database.session,
+                weight=weight,
+            )
+
+        nodes: list[Node] = []
+        if settings.primary is not None:
+            nodes.append(node("primary", "primary", settings.primary))
+        for i, replica in enumerate(settings.replicas, start=1):
+            nodes.append(node("replica", f"replica{i}", replica.url, replica.weight))
+        for i, url in enumerate(settings.nodes, start=1):
+            nodes.append(node(None, f"node{i}", url))
+        routing = database.routing
+        policy = POLICIES[routing.policy]()
+        return cls(key, nodes, policy, fallback_to_primary=routing.fallback_to_primary)
+
+    @property
+    def primary(self) -> Node:
+        """The current writer, else the configured primary, else the first node."""
+        writer = self.writer()
+        if writer is not None:
+            return writer
+        configured = [node for node in self.nodes if node.configured_role == "primary"]
+        return (configured or list(self.nodes))[0]
+
+    @property
+    def replicas(self) -> tuple[Node, ...]:
+        return tuple(node for node in self.nodes if node.role == "replica")
+
+    def writer(self) -> Node | None:
+        for node in self.nodes:
+            if node.writable:
+                return node
+        return None
+
+    def reader(self, min_lsn: int | None = None) -> Node | None:
+        """A fresh, healthy replica by the policy; else the writer if falling back is allowed.
+
+        With `min_lsn` (read-your-writes), only replicas known to have replayed that far; the
+        primary always has, so it serves the read when none has (whatever the fallback rule).
+        """
+        candidates = [node for node in self.nodes if node.readable_replica]
+        if min_lsn is not None:
+            candidates = [
+                n for n in candidates if n.health.lsn is not None and n.health.lsn >= min_lsn
+            ]
+            if not candidates:
+                return self.writer()
+        if candidates:
+            return self.policy.choose(candidates)
+        return self.writer() if self.fallback_to_primary else None
+
+    async def dispose(self) -> None:
+        for node in self.nodes:
+            await node.dispose()
+
+    def __repr__(self) -> str:
+        return f"<Cluster {self.name} nodes={[node.name for node in self.nodes]}>"

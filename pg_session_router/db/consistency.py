@@ -1,0 +1,67 @@
+"""Read-your-writes by WAL position: consistency tokens.
+
+After a write commits, the router reads the primary's WAL insert position; that position, and
+the WAL stream it belongs to, make a token (`<stream>/<lsn>`). A read that presents the token is
+served only by a replica whose replayed position (as last probed by the health monitor) is at
+least that far, else by the primary in a READ ONLY transaction: never by a replica that could
+still miss the write, and without guessing a time window. Reads cost no extra round trip; a
+write that asks for a token costs one query after its COMMIT, on the same connection before it
+goes back to the pool.
+
+The stream is the server cluster, not the tenant: databases on one server share its WAL, so a
+tenant database on cluster `main` has stream `main`; a tenant with a server of its own
+(`@tenant`) has its own (`ClusterKey.stream`).
+"""
+
+from __future__ import annotations
+
+import re
+from dataclasses import dataclass
+
+from sqlalchemy import Connection, text
+from sqlalchemy.util import await_only
+
+from pg_session_router.core.errors import ConnectionLostError, InvalidConsistencyTokenError
+
+#: A position after the COMMIT, not before it: a replica that has replayed this far has
+#: replayed the commit record too.
+WAL_POSITION_SQL = "SELECT pg_wal_lsn_diff(pg_current_wal_insert_lsn(), '0/0')::bigint"
+#: How far a replica has replayed, in the same units.
+REPLAYED_POSITION = text("SELECT pg_wal_lsn_diff(pg_last_wal_replay_lsn(), '0/0')::bigint")
+
+#: The HTTP header a token travels in: on a write's response, and back on later reads.
+CONSISTENCY_HEADER = "x-consistency-token"
+
+_TOKEN = re.compile(r"^(?P<stream>[a-z0-9_@-]{1,130})/(?P<lsn>[0-9]{1,20})$")
+
+
+@dataclass(frozen=True, slots=True)
+class ConsistencyToken:
+    stream: str
+    lsn: int
+
+    def __str__(self) -> str:
+        return f"{self.stream}/{self.lsn}"
+
+    @classmethod
+    def parse(cls, value: str) -> ConsistencyToken:
+        match = _TOKEN.fullmatch(value)
+        if match is None:
+            raise InvalidConsistencyTokenError(
+                "malformed consistency token: send back the X-Consistency-Token of a write"
+            )
+        return cls(match["stream"], int(match["lsn"]))
+
+
+def read_wal_position(connection: Connection) -> int:
+    """The server's current WAL position, read on `connection` outside any transaction.
+
+    The one place a WAL position is read: after a COMMIT (the consistency token), for
+    `router.consistency_token()`, and by `add_tenant` before it waits for replicas. It goes
+    straight to the asyncpg connection (no BEGIN, no statement compilation: one round trip), so
+    it must run in SQLAlchemy's greenlet: inside `run_sync()` or a session event listener.
+    """
+    driver = connection.connection.driver_connection
+    if driver is None:  # the connection was invalidated meanwhile
+        raise ConnectionLostError("the connection closed before the WAL position was read")
+    return int(await_only(driver.fetchval(WAL_POSITION_SQL)))

@@ -1,0 +1,307 @@
+"""Server health: a circuit breaker per server, and the monitor that probes every server.
+
+Health belongs to a *server* (host:port), not to a node: a tenant database on a shared cluster
+is another node (another engine, another pool) on the same server, and must share its fate.
+So every node holds the `ServerHealth` of its endpoint, and the monitor probes each endpoint
+once per interval, whatever the request load and however many databases live there.
+
+The monitor uses one dedicated asyncpg connection per server, never a pool connection, so
+probing can neither starve requests nor be starved by them. Each probe is bounded by
+`health.probe_timeout`, connect included.
+
+Circuit breaker: a server that fails a probe, or a connection attempt in real traffic, is
+ejected at once. The monitor's next probe after `retry_at` is the half-open trial: success
+re-admits it. A server that flaps (is ejected again soon after re-admission) waits longer before
+each trial, doubling up to `health.max_backoff`. Transitions are logged once each.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import logging
+import time
+from collections.abc import Callable, Iterable
+from functools import partial
+from typing import Any
+
+import asyncpg
+from sqlalchemy.engine import URL
+
+from pg_session_router.core.settings import HealthSettings, RoutingSettings
+from pg_session_router.db.driver_errors import describe_error
+
+logger = logging.getLogger(__name__)
+
+#: A server that stays admitted this long is forgiven its earlier ejections (backoff resets).
+STABLE_AFTER_SECONDS = 30.0
+
+PROBE_SQL = """
+SELECT pg_is_in_recovery() AS in_recovery,
+       pg_wal_lsn_diff(CASE WHEN pg_is_in_recovery() THEN pg_last_wal_replay_lsn()
+                            ELSE pg_current_wal_lsn() END, '0/0')::bigint AS lsn,
+       CASE WHEN pg_is_in_recovery() THEN pg_is_wal_replay_paused() ELSE false END AS paused,
+       CASE WHEN pg_is_in_recovery()
+                 AND pg_last_wal_receive_lsn() IS DISTINCT FROM pg_last_wal_replay_lsn()
+            THEN extract(epoch FROM now() - pg_last_xact_replay_timestamp())::float8
+            ELSE 0.0 END AS lag_seconds
+"""
+
+
+class ServerHealth:
+    """What this process knows about one server, shared by every node on it."""
+
+    def __init__(self, endpoint: str, url: URL, settings: HealthSettings) -> None:
+        self.endpoint = endpoint
+        self.url = url  # credentials for the probe connection; never logged
+        self.settings = settings
+        self.up = True
+        self.since = time.time()
+        self.reason: str | None = None
+        self.retry_at = 0.0
+        self.trips = 0
+        self.admitted_at = time.monotonic()
+        # From the last successful probe; None until the first one.
+        self.in_recovery: bool | None = None
+        self.lsn: int | None = None
+        self.replay_paused = False
+        self.lag_seconds: float | None = None
+        self.lag_bytes: int | None = None
+        #: Within `routing.max_replica_lag_*`; maintained by the monitor, read on every read.
+        self.fresh = True
+        self.last_probe_at: float | None = None
+        self.probes = 0
+        #: Nodes (engines) on this server; the monitor forgets a server when it reaches 0.
+        self.nodes = 0
+
+    def eject(self, reason: str) -> None:
+        """Open the circuit now. Safe to call again while open (pushes the trial out)."""
+        now = time.monotonic()
+        if self.up:
+            if now - self.admitted_at > STABLE_AFTER_SECONDS:
+                self.trips = 0
+            self.trips += 1
+            self.up = False
+            self.since = time.time()
+            self.reason = reason
+            logger.warning("ejected %s: %s", self.endpoint, reason)
+        self.retry_at = now + self._backoff()
+
+    def admit(self) -> None:
+        """Close the circuit after a successful probe."""
+        if self.up:
+            return
+        down_for = time.time() - self.since
+        self.up = True
+        self.since = time.time()
+        self.reason = None
+        self.admitted_at = time.monotonic()
+        logger.warning("re-admitted %s after %.1fs", self.endpoint, down_for)
+
+    def probe_due(self, now: float) -> bool:
+        return self.up or now >= self.retry_at
+
+    def _backoff(self) -> float:
+        # One interval before the first trial; doubling for a server that keeps flapping.
+        return min(self.settings.interval * 2.0 ** (self.trips - 1), self.settings.max_backoff)
+
+    def record_probe(self, row: Any) -> None:
+        self.probes += 1
+        self.in_recovery = bool(row["in_recovery"])
+        self.lsn = int(row["lsn"])
+        self.replay_paused = bool(row["paused"])
+        self.lag_seconds = float(row["lag_seconds"]) if self.in_recovery else 0.0
+        if not self.in_recovery:
+            self.lag_bytes = 0
+        self.last_probe_at = time.time()
+
+    def snapshot(self) -> dict[str, Any]:
+        return {
+            "endpoint": self.endpoint,
+            "state": "up" if self.up else "ejected",
+            "since": self.since,
+            "reason": self.reason,
+            "in_recovery": self.in_recovery,
+            "replay_paused": self.replay_paused,
+            "lag_bytes": self.lag_bytes,
+            "lag_seconds": self.lag_seconds,
+            "fresh": self.fresh,
+            "last_probe_at": self.last_probe_at,
+            "probes": self.probes,
+        }
+
+
+def endpoint_of(url: URL) -> str:
+    return f"{url.host}:{url.port or 5432}"
+
+
+class HealthMonitor:
+    """Owns every `ServerHealth` of a router and probes them in a background task."""
+
+    def __init__(
+        self,
+        health: HealthSettings,
+        routing: RoutingSettings,
+        replica_groups: Callable[[], Iterable[tuple[ServerHealth, Iterable[ServerHealth]]]],
+    ) -> None:
+        self.settings = health
+        self.routing = routing
+        # (primary-ish servers of a cluster, its replicas): lag is measured against the
+        # cluster's current writer.
+        self._replica_groups = replica_groups
+        self.servers: dict[str, ServerHealth] = {}
+        self._connections: dict[str, asyncpg.Connection] = {}
+        self._task: asyncio.Task[None] | None = None
+        self._wake = asyncio.Event()
+
+    def server(self, url: URL) -> ServerHealth:
+        """The health of `url`'s server, shared by every node on it (counted, see release)."""
+        endpoint = endpoint_of(url)
+        server = self.servers.get(endpoint)
+        if server is None:
+            server = self.servers[endpoint] = ServerHealth(endpoint, url, self.settings)
+        server.nodes += 1
+        return server
+
+    def release(self, server: ServerHealth) -> None:
+        """A node on `server` is gone; the last one stops its probing."""
+        server.nodes -= 1
+        if server.nodes <= 0 and self.servers.get(server.endpoint) is server:
+            del self.servers[server.endpoint]
+            connection = self._connections.pop(server.endpoint, None)
+            if connection is not None:
+                connection.terminate()
+
+    # -- lifecycle -----------------------------------------------------------------------
+
+    @property
+    def running(self) -> bool:
+        return self._task is not None and not self._task.done()
+
+    async def start(self) -> None:
+        """Probe everything once (so roles and lag are known), then keep probing."""
+        if self.running:
+            return
+        await self.probe_round()
+        self.start_soon()
+
+    def start_soon(self) -> None:
+        """Start without waiting for a first round (first use by a script); needs a loop."""
+        if not self.running:
+            self._wake = asyncio.Event()  # bound to the running loop
+            self._task = asyncio.create_task(self._run(), name="db-health-monitor")
+
+    async def stop(self) -> None:
+        task, self._task = self._task, None
+        if task is not None:
+            task.cancel()
+            with contextlib.suppress(asyncio.CancelledError):
+                await task
+        connections, self._connections = self._connections, {}
+        for connection in connections.values():
+            connection.terminate()
+
+    def wake(self) -> None:
+        """Probe now instead of at the next interval (after a suspected topology change)."""
+        self._wake.set()
+
+    async def _run(self) -> None:
+        while True:
+            started = time.monotonic()
+            try:
+                await self.probe_round()
+            except Exception:  # never let one bad round kill the monitor
+                logger.exception("health probe round failed")
+            remaining = self.settings.interval - (time.monotonic() - started)
+            if remaining > 0:
+                with contextlib.suppress(TimeoutError):
+                    await asyncio.wait_for(self._wake.wait(), remaining)
+            self._wake.clear()
+
+    # -- probing -------------------------------------------------------------------------
+
+    async def probe_round(self) -> None:
+        now = time.monotonic()
+        due = [server for server in list(self.servers.values()) if server.probe_due(now)]
+        await asyncio.gather(*(self._probe(server) for server in due))
+        self._update_lag()
+
+    async def _probe(self, server: ServerHealth) -> None:
+        try:
+            row = await self._query(server, reuse=True)
+        except (OSError, asyncpg.PostgresError, asyncpg.InterfaceError):  # incl. timeouts
+            # The kept connection may simply be stale (backend terminated, server restarted
+            # since the last round): judge the server on a fresh connection, not on that.
+            try:
+                row = await self._query(server, reuse=False)
+            except (OSError, asyncpg.PostgresError, asyncpg.InterfaceError) as exc:
+                server.eject(f"probe failed: {describe_error(exc)}")
+                return
+        server.record_probe(row)
+        server.admit()
+
+    async def _query(self, server: ServerHealth, *, reuse: bool) -> Any:
+        timeout = self.settings.probe_timeout
+        connection = self._connections.pop(server.endpoint, None)
+        if connection is not None and (not reuse or connection.is_closed()):
+            connection.terminate()
+            connection = None
+        if connection is None:
+            url = server.url
+            connection = await asyncpg.connect(
+                host=url.host,
+                port=url.port,
+                user=url.username,
+                password=url.password,
+                database=url.database,
+                timeout=timeout,
+                server_settings={"application_name": "session-router:health"},
+            )
+            connection.add_termination_listener(partial(self._probe_connection_lost, server))
+        try:
+            row = await connection.fetchrow(PROBE_SQL, timeout=timeout)
+        except BaseException:
+            connection.terminate()
+            raise
+        self._connections[server.endpoint] = connection
+        return row
+
+    def _probe_connection_lost(self, server: ServerHealth, connection: object) -> None:
+        # The monitor pops its connection before closing it itself; one that is still kept
+        # here was closed by the server: it crashed, restarted or is shutting down (or our
+        # backend was terminated). Probe now rather than at the next interval, so a dead
+        # server is ejected before traffic finds out.
+        if self._connections.get(server.endpoint) is connection:
+            del self._connections[server.endpoint]
+            if self.running:
+                self.wake()
+
+    def _update_lag(self) -> None:
+        max_seconds = self.routing.max_replica_lag_seconds
+        max_bytes = self.routing.max_replica_lag_bytes
+        for writers, replicas in self._replica_groups():
+            writer_lsn = writers.lsn if writers.up and writers.in_recovery is False else None
+            for replica in replicas:
+                if not replica.in_recovery:
+                    replica.fresh = True
+                    continue
+                if writer_lsn is not None and replica.lsn is not None:
+                    replica.lag_bytes = max(0, writer_lsn - replica.lsn)
+                    if replica.lag_bytes == 0:
+                        # Replayed all the primary had: the "seconds since the last replayed
+                        # transaction" figure only measures how idle the primary has been.
+                        replica.lag_seconds = 0.0
+                too_far_seconds = (
+                    max_seconds is not None and (replica.lag_seconds or 0.0) > max_seconds
+                )
+                too_far_bytes = max_bytes is not None and (replica.lag_bytes or 0) > max_bytes
+                fresh = not (too_far_seconds or too_far_bytes)
+                if fresh != replica.fresh:
+                    logger.warning(
+                        "%s %s reads (lag %s bytes, %.1fs)",
+                        replica.endpoint,
+                        "resumes" if fresh else "stops receiving",
+                        replica.lag_bytes,
+                        replica.lag_seconds or 0.0,
+                    )
+                replica.fresh = fresh

@@ -1,0 +1,110 @@
+"""`RoutedSession`: the sync session behind every routed `AsyncSession`, and its listeners.
+
+What a session does beyond SQLAlchemy's own: it runs its tenant's setup at the start of every
+transaction (schema and row tenants), marks every object it loads or saves with its tenant and
+refuses objects of another tenant, reads a write's WAL position right after its COMMIT when a
+consistency token is wanted, and lets `session.begin()` take over the transaction the router
+opened when it checked the connection out (so the SQLAlchemy idiom `async with db.begin():`
+works on a routed session).
+"""
+
+from __future__ import annotations
+
+import logging
+from typing import Any, TypeVar
+
+from sqlalchemy import Connection, TextClause, event
+from sqlalchemy.orm import Session, SessionTransaction
+from sqlalchemy.orm.attributes import instance_state
+
+from pg_session_router.core.errors import CrossTenantError
+from pg_session_router.db.consistency import read_wal_position
+
+logger = logging.getLogger(__name__)
+
+_O = TypeVar("_O", bound=object)
+
+
+class RoutedSession(Session):
+    """The sync session behind every routed `AsyncSession`; one tenant for its whole life.
+
+    `transaction_setup` is the statement run at the start of every transaction for tenants
+    placed by schema or by row (see `tenancy`); it is None for everything else, so the event
+    listener that reads it costs one attribute lookup on the common path. `tenant_id` marks every
+    object the session loads or saves, and objects marked for another tenant are refused.
+    """
+
+    transaction_setup: tuple[TextClause, dict[str, Any]] | None = None
+    tenant_id: str | None = None
+    #: Set around a COMMIT whose WAL position is wanted (a consistency token): the connection
+    #: to read it on, after the COMMIT but before the connection goes back to the pool.
+    position_connection: Connection | None = None
+    #: The WAL position read after the last such COMMIT, or None if it could not be read.
+    committed_position: int | None = None
+
+    #: The transaction the router began when it checked the connection out; `begin()` hands
+    #: it over once instead of raising "a transaction is already begun".
+    adoptable_transaction: SessionTransaction | None = None
+
+    def begin(self, nested: bool = False) -> SessionTransaction:
+        adoptable, self.adoptable_transaction = self.adoptable_transaction, None
+        if not nested and adoptable is not None and adoptable is self._transaction:
+            # Nothing has run in it but the router's checkout (and tenant setup): to the caller
+            # it is a fresh transaction, which `with session.begin():` commits at its end.
+            return adoptable
+        return super().begin(nested)
+
+    def merge(self, instance: _O, *args: Any, **kwargs: Any) -> _O:
+        _refuse_foreign(self, instance)
+        return super().merge(instance, *args, **kwargs)
+
+
+def _refuse_foreign(session: RoutedSession, instance: object) -> None:
+    owner = instance_state(instance).info.get("tenant")
+    if owner is not None and owner != session.tenant_id:
+        raise CrossTenantError(
+            f"an object of tenant {owner!r} cannot join a session of "
+            f"{session.tenant_id or 'no tenant'!r}: sessions never mix tenants"
+        )
+
+
+@event.listens_for(RoutedSession, "before_attach")
+def _check_attach(session: RoutedSession, instance: object) -> None:
+    _refuse_foreign(session, instance)
+
+
+@event.listens_for(RoutedSession, "loaded_as_persistent")
+@event.listens_for(RoutedSession, "pending_to_persistent")
+def _mark_tenant(session: RoutedSession, instance: object) -> None:
+    # Runs for every loaded object of every session: the cheapest possible (no `inspect()`,
+    # which goes through the inspection registry).
+    tenant = session.tenant_id
+    if tenant is not None:
+        instance_state(instance).info["tenant"] = tenant
+
+
+@event.listens_for(RoutedSession, "after_begin")
+def _run_transaction_setup(
+    session: RoutedSession, transaction: SessionTransaction, connection: Connection
+) -> None:
+    # Runs inside the transaction that just began, before any statement of the caller's, so
+    # ORM statements and raw text() alike see only the tenant's schema or rows.
+    setup = session.transaction_setup
+    if setup is not None:
+        connection.execute(setup[0], setup[1])
+
+
+@event.listens_for(RoutedSession, "after_commit")
+def _read_commit_position(session: RoutedSession) -> None:
+    # after_commit runs once the COMMIT succeeded and while the session still holds the
+    # connection: the position is read there on the asyncpg connection itself, outside any
+    # transaction (no BEGIN, no pool checkout). One attribute read for every other commit.
+    connection = session.position_connection
+    if connection is None:
+        return
+    session.committed_position = None
+    try:
+        session.committed_position = read_wal_position(connection)
+    except Exception:
+        # The write is committed: failing to read its position must not turn it into an error.
+        logger.warning("no consistency token after a committed write", exc_info=True)

@@ -1,0 +1,47 @@
+"""`router.status()`: what the router knows, as plain data for `/health/db` and operators.
+
+Per node: current and configured role, `up` or `ejected` (since when, why), lag, probes, pool
+use. Plus the tenancy figures. No URLs: node names only, so the result may be shown to
+clients without giving the topology away.
+"""
+
+from __future__ import annotations
+
+from typing import Any
+
+from pg_session_router.core.settings import DatabaseSettings
+from pg_session_router.db.admission import TenantAdmission
+from pg_session_router.db.health import HealthMonitor
+from pg_session_router.db.topology import Topology
+
+
+def router_status(
+    settings: DatabaseSettings,
+    topology: Topology,
+    admission: TenantAdmission,
+    monitor: HealthMonitor,
+) -> dict[str, Any]:
+    nodes = {
+        name: {
+            "role": node.role,
+            "configured_role": node.configured_role,
+            "weight": node.weight,
+            **node.health.snapshot(),
+            "pool": node.pool_status(),
+        }
+        for name, node in sorted(topology.nodes.items())
+    }
+    catalog = admission.registry.catalog
+    return {
+        "default_cluster": topology.default.name,
+        "monitor_running": monitor.running,
+        "health_interval": settings.health.interval,
+        "nodes": nodes,
+        "tenancy": {
+            "tenants": len(admission.registry),
+            "tenant_clusters": len(admission.engines),
+            "tenant_engines": admission.engines.engines,
+            "max_engines": admission.engines.max_engines,
+            "catalog_loads": catalog.loads if catalog is not None else None,
+        },
+    }

@@ -1,0 +1,341 @@
+"""The unit of work: open a session on the routed node (with retry), then COMMIT or end it.
+
+`SessionOpener.open` admits the tenant, routes the target, and checks a live connection out
+before handing the session over, retrying on the next eligible node while that is safe (a
+failure there means nothing ran). `UnitOfWork` is the async context manager around one
+session: on a clean exit a write COMMITs (and, when asked, reads its consistency token), a read
+just ends; on an error the transaction is rolled back and driver errors that mean something
+to the router become its own errors. The session is always closed, also when the task is
+cancelled, so the connection goes back to its pool.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import logging
+from collections.abc import Callable
+from typing import Any
+
+from sqlalchemy.exc import DBAPIError
+from sqlalchemy.ext.asyncio import AsyncSession
+from sqlalchemy.orm import Session
+
+from pg_session_router.core.errors import (
+    CommitOutcomeUnknownError,
+    ConnectionLostError,
+    EventLoopMismatchError,
+    ReadOnlySessionError,
+    TopologyChangedError,
+)
+from pg_session_router.db.admission import TenantAdmission
+from pg_session_router.db.consistency import ConsistencyToken, read_wal_position
+from pg_session_router.db.driver_errors import (
+    READ_ONLY_SQLSTATE,
+    describe_error,
+    is_connect_failure,
+    is_connection_loss,
+    server_refused,
+    sqlstate,
+)
+from pg_session_router.db.health import HealthMonitor
+from pg_session_router.db.retry import RetryPolicy
+from pg_session_router.db.routed_session import RoutedSession
+from pg_session_router.db.routing import Route
+from pg_session_router.db.targets import Target
+from pg_session_router.db.tenancy import Placement
+
+logger = logging.getLogger(__name__)
+
+RouteFn = Callable[[Target, Placement | None], Route]
+
+
+class SessionOpener:
+    """Opens routed sessions and ends them; shared by every `UnitOfWork` of one router."""
+
+    def __init__(
+        self,
+        route: RouteFn,
+        admission: TenantAdmission,
+        monitor: HealthMonitor,
+        retry: RetryPolicy,
+    ) -> None:
+        self._route = route
+        self.admission = admission
+        self.monitor = monitor
+        self.retry = retry
+        #: The event loop the pools belong to (set on first use, cleared by dispose).
+        self.loop: asyncio.AbstractEventLoop | None = None
+
+    def check_loop(self) -> None:
+        """Bind to the running loop on first use; refuse any other loop afterwards."""
+        loop = asyncio.get_running_loop()
+        if loop is self.loop:
+            return
+        if self.loop is not None and not self.loop.is_closed():
+            raise EventLoopMismatchError(
+                "this router's connection pools belong to another event loop; use one router "
+                "per event loop (in tests: a router per test, or dispose_router() after each)"
+            )
+        if self.loop is not None:
+            raise EventLoopMismatchError(
+                "this router was used on an event loop that is now closed, and its pools died "
+                "with it; dispose it and build a new one (or use RouterProvider, which does)"
+            )
+        self.loop = loop
+
+    async def open(self, target: Target, deadline_at: float | None) -> tuple[AsyncSession, Route]:
+        if self.loop is not asyncio.get_running_loop():
+            self.check_loop()
+        if not self.monitor.running:
+            self.monitor.start_soon()
+        try:  # the common case: first attempt, no retry machinery allocated
+            return await self._open_once(target)
+        except Exception as exc:
+            if not is_connect_failure(exc):
+                raise
+        return await self.retry.call(
+            lambda: self._open_once(target),
+            is_connect_failure,
+            deadline_at or self.retry.deadline_at(),
+            "open a session",
+        )
+
+    async def _open_once(self, target: Target) -> tuple[AsyncSession, Route]:
+        placement = None
+        if target.tenant is not None:
+            placement = await self.admission.placement(target.tenant)
+        route = self._route(target, placement)
+        # Counted before the first await: an idle tenant cluster may be evicted (its engines
+        # disposed) by another task, and this session is about to check out a connection.
+        route.cluster.in_flight += 1
+        try:
+            return await self._connect(route)
+        except BaseException:
+            self.admission.end_flight(route.cluster)
+            raise
+
+    async def _connect(self, route: Route) -> tuple[AsyncSession, Route]:
+        session = route.node.factory(route.read_only)()
+        routed: RoutedSession = session.sync_session  # type: ignore[assignment]
+        if route.placement is not None:
+            routed.tenant_id = route.placement.tenant_id
+            routed.transaction_setup = route.placement.transaction_setup
+        session.info["node"] = route.node.name
+        try:
+            # Checks out a connection (the pool discards ones the server closed) and runs the
+            # tenant setup, so a dead node shows up here, where retrying is always safe. This
+            # greenlet hop is most of what a read costs over a hand-written session; skipping
+            # it when the pool looks warm was tried and let a crash reach the caller's first
+            # statement (README, "Benchmarks").
+            await session.run_sync(_check_out)
+        except BaseException as exc:
+            await _close_quietly(session)
+            if isinstance(exc, Exception) and server_refused(exc):
+                route.node.health.eject(f"connect failed: {describe_error(exc)}")
+            raise
+        return session, route
+
+    async def commit(self, session: AsyncSession, route: Route, *, with_token: bool) -> None:
+        """COMMIT (with `with_token`, then read the WAL position) and close, in one greenlet
+        hop. Closing after a COMMIT does no I/O (the pool has nothing to roll back), so it
+        needs no protection from cancellation and can share the hop."""
+        step = _commit_position_close if with_token else _commit_close
+        if not session.in_transaction():  # the caller committed already
+            step = _position_close if with_token else _close
+        try:
+            lsn = await session.run_sync(step)
+        except Exception as exc:
+            if not is_connection_loss(exc):
+                translated = self.translate(exc, route)
+                if translated is exc:
+                    raise
+                raise translated from exc
+            raise CommitOutcomeUnknownError(
+                f"the connection to {route.node.name} was lost during COMMIT: the transaction "
+                "may or may not have been applied, and is not retried automatically"
+            ) from exc
+        if lsn is not None:
+            session.info["consistency_token"] = ConsistencyToken(route.cluster.key.stream, lsn)
+
+    def translate(self, exc: Exception, route: Route) -> Exception:
+        """Turn driver errors that mean something to the router into its own errors."""
+        if sqlstate(exc) == READ_ONLY_SQLSTATE:
+            if route.read_only:
+                return ReadOnlySessionError(
+                    f"write attempted in a read-only session on {route.node.name}; "
+                    "declare the route or target with write intent"
+                )
+            # A primary that turned read-only: a failover. Stop writing there now, and have the
+            # monitor look for the new primary at once instead of at the next interval.
+            route.node.health.in_recovery = True
+            self.monitor.wake()
+            return TopologyChangedError(
+                f"{route.node.name} is no longer a primary; nothing was written"
+            )
+        if is_connection_loss(exc):
+            return ConnectionLostError(
+                f"lost the connection to {route.node.name} mid-transaction; nothing was committed"
+            )
+        return exc
+
+
+class UnitOfWork:
+    """`router.session()`: one unit of work on one node, as an async context manager.
+
+    A class rather than an `@asynccontextmanager` generator: this is the hot path of every
+    request, and a generator-based manager costs an async generator, its hooks and two extra
+    frames per session. `commit_on_exit=False` gives SQLAlchemy's `async with maker() as s`
+    meaning (the caller commits; what is left uncommitted is rolled back).
+    """
+
+    __slots__ = (
+        "_commit_on_exit",
+        "_deadline_at",
+        "_opener",
+        "_route",
+        "_session",
+        "_target",
+        "_with_token",
+    )
+
+    def __init__(
+        self,
+        opener: SessionOpener,
+        target: Target,
+        *,
+        deadline_at: float | None = None,
+        with_token: bool = False,
+        commit_on_exit: bool = True,
+    ) -> None:
+        self._opener = opener
+        self._target = target
+        self._deadline_at = deadline_at
+        self._with_token = with_token
+        self._commit_on_exit = commit_on_exit
+
+    async def __aenter__(self) -> AsyncSession:
+        # in_flight is counted from here (when the route is chosen) to the end of __aexit__.
+        self._session, self._route = await self._opener.open(self._target, self._deadline_at)
+        routed: RoutedSession = self._session.sync_session  # type: ignore[assignment]
+        routed.adoptable_transaction = routed.get_transaction()
+        return self._session
+
+    async def __aexit__(
+        self, exc_type: type[BaseException] | None, exc: BaseException | None, tb: Any
+    ) -> None:
+        try:
+            if exc is None and not self._route.read_only and self._wants_commit():
+                await self._commit()
+            else:
+                await self._end(exc)
+        finally:
+            self._opener.admission.end_flight(self._route.cluster)
+
+    def _wants_commit(self) -> bool:
+        # Without commit_on_exit, only a caller's own COMMIT counts (its token is still read).
+        return self._commit_on_exit or not self._session.in_transaction()
+
+    async def _commit(self) -> None:
+        # The common write path: COMMIT and close share one greenlet hop. When that fails, the
+        # session is closed like after any other error.
+        session = self._session
+        try:
+            await self._opener.commit(session, self._route, with_token=self._with_token)
+        except BaseException:
+            await _close_shielded(session)
+            raise
+
+    async def _end(self, exc: BaseException | None) -> None:
+        """A read that succeeded, a write the caller left uncommitted, or any unit of work that
+        failed: no COMMIT."""
+        session, route = self._session, self._route
+        try:
+            if exc is None:
+                if route.read_only:
+                    _check_nothing_pending(session, route)  # then close() rolls back
+            else:
+                await _rollback_quietly(session)
+                if isinstance(exc, DBAPIError):
+                    translated = self._opener.translate(exc, route)
+                    if translated is not exc:
+                        raise translated from exc
+        finally:
+            await _close_shielded(session)
+
+
+def _check_out(session: Session) -> None:
+    # Through run_sync: one greenlet hop, without building an AsyncConnection proxy.
+    session.connection()
+
+
+def _close(session: Session) -> None:
+    session.close()
+
+
+def _commit_close(session: Session) -> None:
+    session.commit()
+    session.close()
+
+
+def _commit_position_close(session: Session) -> int | None:
+    # The position is read on the transaction's own connection between the COMMIT and its
+    # return to the pool (see RoutedSession.position_connection): one round trip, no checkout.
+    routed: RoutedSession = session  # type: ignore[assignment]
+    routed.position_connection = session.connection()
+    try:
+        session.commit()
+    finally:
+        routed.position_connection = None
+    session.close()
+    return routed.committed_position
+
+
+def _position_close(session: Session) -> int | None:
+    # The caller committed already: the position on a new connection, in autocommit (no BEGIN
+    # or COMMIT round trips). Failing to read it must not turn a committed write into an error.
+    try:
+        connection = session.connection(execution_options={"isolation_level": "AUTOCOMMIT"})
+        position: int | None = read_wal_position(connection)
+    except Exception:
+        logger.warning("no consistency token after a committed write", exc_info=True)
+        position = None
+    session.close()
+    return position
+
+
+def _check_nothing_pending(session: AsyncSession, route: Route) -> None:
+    """A read session ends without COMMIT; refuse to drop ORM changes silently."""
+    # `Session._is_clean()` is private, but it is the check Session.flush() itself starts with:
+    # three truth tests, where the public `new`/`dirty`/`deleted` build sets (`dirty` scans the
+    # identity map) on every read. Only a session that may have changes pays for those; a
+    # test pins the behaviour (`test_session.py`, unsaved changes in a read session).
+    if session.sync_session._is_clean():
+        return
+    if session.new or session.dirty or session.deleted:
+        raise ReadOnlySessionError(
+            f"a read-only session on {route.node.name} has unsaved changes; "
+            "declare the route or target with write intent"
+        )
+
+
+async def _rollback_quietly(session: AsyncSession) -> None:
+    # The original error matters more than a failed rollback on a dead connection; close()
+    # invalidates such a connection anyway.
+    try:
+        await session.rollback()
+    except (DBAPIError, OSError):
+        logger.debug("rollback failed after an error", exc_info=True)
+
+
+async def _close_shielded(session: AsyncSession) -> None:
+    # close() may do I/O (a ROLLBACK). Shielded, it runs to completion in its own task even when
+    # the request's task is cancelled meanwhile, so the connection still goes back to its pool
+    # (what AsyncSession.__aexit__ does, without calling a dunder of someone else's class).
+    await asyncio.shield(session.close())
+
+
+async def _close_quietly(session: AsyncSession) -> None:
+    try:
+        await asyncio.shield(session.close())
+    except (DBAPIError, OSError):
+        logger.debug("close failed after a connect error", exc_info=True)

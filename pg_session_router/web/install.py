@@ -1,0 +1,64 @@
+"""`install_router(app)`: everything a FastAPI app needs from the router, in one call.
+
+It wraps the app's lifespan (settings checked and every server probed at startup, every pool
+closed at shutdown, around the app's own lifespan), adds the middleware that hands the router to
+the session dependencies and puts consistency tokens on write responses, installs the error
+handlers (each router error its HTTP status, never a bare 500), and builds the tenant
+resolver that `http.*` names.
+"""
+
+from __future__ import annotations
+
+from collections.abc import AsyncIterator
+from contextlib import asynccontextmanager
+from typing import Any
+
+from fastapi import FastAPI
+
+from pg_session_router.core.errors import ConfigError
+from pg_session_router.db.provider import RouterProvider, SettingsSource
+from pg_session_router.web.errors import install_error_handlers
+from pg_session_router.web.installation import STATE_KEY, RouterInstallation
+from pg_session_router.web.middleware import RouterMiddleware
+from pg_session_router.web.resolvers import TenantResolver
+
+
+def install_router(
+    app: FastAPI,
+    settings: SettingsSource | None = None,
+    *,
+    provider: RouterProvider | None = None,
+    tenant_resolver: TenantResolver | None = None,
+) -> RouterInstallation:
+    """Wire the router into `app`. Give `settings` (a `RouterSettings`, or a function that
+    loads them at startup), or a `provider` shared with scripts; not both.
+
+    `tenant_resolver`: your own `(request) -> tenant id | None`, for tenants that come from your
+    authentication; it replaces the one `http.tenant_resolver` names."""
+    if settings is not None and provider is not None:
+        raise ConfigError("install_router: give settings or a provider, not both")
+    if isinstance(getattr(app.state, STATE_KEY, None), RouterInstallation):
+        raise ConfigError("install_router: a router is already installed on this app")
+    installation = RouterInstallation(provider or RouterProvider(settings), tenant_resolver)
+    setattr(app.state, STATE_KEY, installation)
+    app.add_middleware(RouterMiddleware, installation=installation)
+    install_error_handlers(app)
+    _wrap_lifespan(app, installation)
+    return installation
+
+
+def _wrap_lifespan(app: FastAPI, installation: RouterInstallation) -> None:
+    inner = app.router.lifespan_context
+
+    @asynccontextmanager
+    async def lifespan(asgi_app: Any) -> AsyncIterator[Any]:
+        # The router starts before the app's own startup code (which may use it) and is
+        # disposed after its shutdown code.
+        await installation.start()
+        try:
+            async with inner(asgi_app) as state:
+                yield state
+        finally:
+            await installation.stop()
+
+    app.router.lifespan_context = lifespan

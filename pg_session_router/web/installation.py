@@ -1,0 +1,69 @@
+"""`RouterInstallation`: what `install_router` put on one FastAPI app.
+
+It holds the app's `RouterProvider` and the HTTP wiring read from `http.*` settings (the tenant
+resolver, whether writes carry consistency tokens). The middleware puts it in every request's
+scope, where the session dependencies find it: also in apps mounted under the one it was
+installed on, and without module globals.
+"""
+
+from __future__ import annotations
+
+from starlette.requests import HTTPConnection
+
+from pg_session_router.core.errors import RouterNotInstalledError
+from pg_session_router.db.provider import RouterProvider
+from pg_session_router.db.router import SessionRouter
+from pg_session_router.web.resolvers import TenantResolver, build_tenant_resolver
+
+#: The key of the installation in `scope["state"]` (what `request.state` reads).
+STATE_KEY = "pg_session_router"
+
+
+class RouterInstallation:
+    def __init__(self, provider: RouterProvider, resolver: TenantResolver | None = None) -> None:
+        self.provider = provider
+        self._custom_resolver = resolver
+        self._resolver: TenantResolver | None = None
+        self._tokens: bool | None = None
+
+    def configure(self) -> None:
+        """Read the settings and build the HTTP wiring (a bad configuration raises here)."""
+        http = self.provider.settings.http
+        self._resolver = self._custom_resolver or build_tenant_resolver(http)
+        self._tokens = http.consistency_tokens
+
+    @property
+    def tenant_resolver(self) -> TenantResolver:
+        if self._resolver is None:  # no lifespan ran (some test clients): configure now
+            self.configure()
+        assert self._resolver is not None
+        return self._resolver
+
+    @property
+    def consistency_tokens(self) -> bool:
+        if self._tokens is None:
+            self.configure()
+        return bool(self._tokens)
+
+    @property
+    def router(self) -> SessionRouter:
+        return self.provider.get()
+
+    async def start(self) -> None:
+        """At startup: settings checked, wiring built, every server probed once."""
+        self.configure()
+        await self.provider.get().start()
+
+    async def stop(self) -> None:
+        await self.provider.dispose()
+
+
+def installation_of(connection: HTTPConnection) -> RouterInstallation:
+    """The installation serving this request, or a `RouterNotInstalledError` saying what to do."""
+    installation = connection.scope.get("state", {}).get(STATE_KEY)
+    if not isinstance(installation, RouterInstallation):
+        raise RouterNotInstalledError(
+            "no session router on this app: call pg_session_router.install_router(app) at "
+            "startup (it adds the lifespan, middleware and error handlers that get_db needs)"
+        )
+    return installation

@@ -1,0 +1,135 @@
+"""Which tenant an HTTP request belongs to.
+
+A resolver is a callable `(request) -> tenant id | None`; None means the request names no
+tenant (fine on routes that need none; `TenantRequiredError` on those that do). The id is
+validated later, by the registry, whatever the resolver: a resolver only extracts it.
+
+- header (default): `X-Tenant-ID: acme`
+- subdomain: `acme.example.com` with `http.base_domain = "example.com"`
+- path: a path parameter, `/t/{tenant}/items` with `http.tenant_path_param = "tenant"`
+- token: the `http.token_claim` claim of an HS256-signed bearer token (JWT), verified with
+  `http.token_secret`; a missing, forged or expired token is `InvalidTokenError` (401).
+"""
+
+from __future__ import annotations
+
+import base64
+import binascii
+import hashlib
+import hmac
+import json
+import time
+from collections.abc import Callable
+from typing import Any
+
+from starlette.requests import Request
+
+from pg_session_router.core.errors import ConfigError, InvalidTokenError
+from pg_session_router.core.settings import DEFAULT_TENANT_HEADER, HttpSettings
+
+TenantResolver = Callable[[Request], str | None]
+
+
+class HeaderResolver:
+    def __init__(self, header: str = DEFAULT_TENANT_HEADER) -> None:
+        self.header = header.lower()
+
+    def __call__(self, request: Request) -> str | None:
+        return request.headers.get(self.header)
+
+
+class SubdomainResolver:
+    def __init__(self, base_domain: str) -> None:
+        self.suffix = "." + base_domain.lower().strip(".")
+
+    def __call__(self, request: Request) -> str | None:
+        host = request.headers.get("host", "").lower().rsplit(":", 1)[0]
+        if not host.endswith(self.suffix):
+            return None
+        label = host[: -len(self.suffix)]
+        # "a.b.example.com" is not a tenant subdomain: refuse rather than guess.
+        return label if label and "." not in label else ("" if label else None)
+
+
+class PathResolver:
+    def __init__(self, param: str = "tenant") -> None:
+        self.param = param
+
+    def __call__(self, request: Request) -> str | None:
+        value = request.path_params.get(self.param)
+        return value if isinstance(value, str) else None
+
+
+class TokenClaimResolver:
+    """Bearer JWT signed with HS256; only the claim is read, after the signature checks out."""
+
+    def __init__(self, secret: bytes, claim: str = "tenant") -> None:
+        self._secret = secret
+        self.claim = claim
+
+    def __call__(self, request: Request) -> str | None:
+        authorization = request.headers.get("authorization")
+        if authorization is None:
+            return None
+        scheme, _, token = authorization.partition(" ")
+        if scheme.lower() != "bearer" or not token:
+            raise InvalidTokenError("expected 'Authorization: Bearer <token>'")
+        claims = self._verify(token.strip())
+        tenant = claims.get(self.claim)
+        if not isinstance(tenant, str):
+            raise InvalidTokenError(f"the token has no {self.claim!r} claim")
+        return tenant
+
+    def _verify(self, token: str) -> dict[str, Any]:
+        try:
+            header_b64, payload_b64, signature_b64 = token.split(".")
+            header = json.loads(_b64decode(header_b64))
+            signature = _b64decode(signature_b64)
+            payload = json.loads(_b64decode(payload_b64))
+        except (ValueError, binascii.Error, UnicodeDecodeError):
+            raise InvalidTokenError("malformed token") from None
+        if not isinstance(header, dict) or header.get("alg") != "HS256":
+            raise InvalidTokenError("unsupported token algorithm (expected HS256)")
+        expected = hmac.new(
+            self._secret, f"{header_b64}.{payload_b64}".encode(), hashlib.sha256
+        ).digest()
+        if not hmac.compare_digest(expected, signature):
+            raise InvalidTokenError("token signature does not verify")
+        if not isinstance(payload, dict):
+            raise InvalidTokenError("malformed token")
+        expires = payload.get("exp")
+        if isinstance(expires, int | float) and expires < time.time():
+            raise InvalidTokenError("token expired")
+        return payload
+
+
+def _b64decode(part: str) -> bytes:
+    return base64.urlsafe_b64decode(part + "=" * (-len(part) % 4))
+
+
+def sign_token(claims: dict[str, Any], secret: bytes) -> str:
+    """An HS256 JWT for `claims` (for tests, demos and scripts)."""
+
+    def encode(data: bytes) -> str:
+        return base64.urlsafe_b64encode(data).rstrip(b"=").decode()
+
+    header = encode(json.dumps({"alg": "HS256", "typ": "JWT"}).encode())
+    payload = encode(json.dumps(claims).encode())
+    signature = hmac.new(secret, f"{header}.{payload}".encode(), hashlib.sha256).digest()
+    return f"{header}.{payload}.{encode(signature)}"
+
+
+def build_tenant_resolver(settings: HttpSettings) -> TenantResolver:
+    if settings.tenant_resolver == "subdomain":
+        if not settings.base_domain:
+            raise ConfigError("http.base_domain: required by tenant_resolver = 'subdomain'")
+        return SubdomainResolver(settings.base_domain)
+    if settings.tenant_resolver == "path":
+        return PathResolver(settings.tenant_path_param)
+    if settings.tenant_resolver == "token":
+        if settings.token_secret is None:
+            raise ConfigError("http.token_secret: required by tenant_resolver = 'token'")
+        return TokenClaimResolver(
+            settings.token_secret.get_secret_value().encode(), settings.token_claim
+        )
+    return HeaderResolver(settings.tenant_header)

@@ -1,0 +1,158 @@
+"""Real faults on loopback, and a steady read load to inflict them on.
+
+Used by the failover tests and by `bench/failover.py`; nothing here mocks the database.
+
+- `BlackholeServer`: accepts TCP connections and never says a word (a hung server, a
+  half-open firewall): connecting must time out, not hang.
+- `CommitCutter`: a TCP proxy in front of a real server that, once armed, forwards the client's
+  COMMIT and then cuts the connection before the answer comes back: the outcome is unknown.
+- `ReadLoad`: N tasks reading through `router.run` until stopped, counting failures and which
+  server answered each read.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import time
+from collections import Counter, deque
+from collections.abc import Awaitable, Callable
+from typing import Any
+
+from sqlalchemy import text
+
+from pg_session_router.db.router import SessionRouter
+
+
+async def eventually(
+    condition: Callable[[], Awaitable[bool] | bool], *, within: float, what: str
+) -> float:
+    """Wait until `condition()` holds; return the seconds it took. Fails at the deadline."""
+    started = time.monotonic()
+    while True:
+        result = condition()
+        if isinstance(result, Awaitable):
+            result = await result
+        if result:
+            return time.monotonic() - started
+        if time.monotonic() - started > within:
+            raise AssertionError(f"timed out after {within}s waiting for {what}")
+        await asyncio.sleep(0.01)
+
+
+class BlackholeServer:
+    def __init__(self) -> None:
+        self.port = 0
+        self.accepted = 0
+        self._server: asyncio.Server | None = None
+        self._writers: list[asyncio.StreamWriter] = []
+
+    async def __aenter__(self) -> BlackholeServer:
+        self._server = await asyncio.start_server(self._hold, "127.0.0.1", 0)
+        self.port = self._server.sockets[0].getsockname()[1]
+        return self
+
+    async def _hold(self, reader: asyncio.StreamReader, writer: asyncio.StreamWriter) -> None:
+        self.accepted += 1
+        self._writers.append(writer)
+        while await reader.read(65536):  # swallow the startup packet, answer nothing
+            pass
+
+    async def __aexit__(self, *exc_info: object) -> None:
+        for writer in self._writers:
+            writer.transport.abort()
+        assert self._server is not None
+        self._server.close()
+
+
+class CommitCutter:
+    def __init__(self, upstream_port: int) -> None:
+        self.upstream_port = upstream_port
+        self.port = 0
+        self.armed = False
+        self.cuts = 0
+        self._server: asyncio.Server | None = None
+        self._tasks: set[asyncio.Task[None]] = set()
+
+    async def __aenter__(self) -> CommitCutter:
+        self._server = await asyncio.start_server(self._relay, "127.0.0.1", 0)
+        self.port = self._server.sockets[0].getsockname()[1]
+        return self
+
+    async def __aexit__(self, *exc_info: object) -> None:
+        assert self._server is not None
+        self._server.close()
+        for task in self._tasks:
+            task.cancel()
+
+    async def _relay(self, client_r: asyncio.StreamReader, client_w: asyncio.StreamWriter) -> None:
+        server_r, server_w = await asyncio.open_connection("127.0.0.1", self.upstream_port)
+
+        def cut() -> None:
+            client_w.transport.abort()
+            server_w.close()
+
+        async def client_to_server() -> None:
+            while data := await client_r.read(65536):
+                server_w.write(data)
+                if self.armed and b"COMMIT" in data:
+                    # The COMMIT is on its way to the server; the answer will never return.
+                    self.cuts += 1
+                    cut()
+                    return
+                await server_w.drain()
+            cut()
+
+        async def server_to_client() -> None:
+            while data := await server_r.read(65536):
+                client_w.write(data)
+                await client_w.drain()
+            cut()
+
+        for pump in (client_to_server(), server_to_client()):
+            task = asyncio.create_task(pump)
+            self._tasks.add(task)
+            task.add_done_callback(self._tasks.discard)
+
+
+WHO_ANSWERS = text("SELECT inet_server_port()")
+
+
+class ReadLoad:
+    def __init__(self, router: SessionRouter, *, tasks: int = 20, target: str = "replica") -> None:
+        self.router = router
+        self.tasks = tasks
+        self.target = target
+        self.ports: Counter[int] = Counter()
+        self.recent: deque[tuple[float, int]] = deque(maxlen=1000)
+        self.failures: list[BaseException] = []
+        self._stopping = False
+        self._workers: list[asyncio.Task[None]] = []
+
+    async def _read(self, session: Any) -> int:
+        return int(await session.scalar(WHO_ANSWERS))
+
+    async def _work(self) -> None:
+        while not self._stopping:
+            try:
+                port = await self.router.run(self._read, self.target)
+            except Exception as exc:  # every failure is what the test counts
+                self.failures.append(exc)
+            else:
+                self.ports[port] += 1
+                self.recent.append((time.monotonic(), port))
+            await asyncio.sleep(0.002)
+
+    def served_by(self, port: int, *, after: float) -> bool:
+        return any(at >= after and p == port for at, p in self.recent)
+
+    async def __aenter__(self) -> ReadLoad:
+        self._workers = [asyncio.create_task(self._work()) for _ in range(self.tasks)]
+        return self
+
+    async def __aexit__(self, *exc_info: object) -> None:
+        self._stopping = True
+        await asyncio.gather(*self._workers)
+
+    @property
+    def total(self) -> int:
+        return sum(self.ports.values())
