@@ -21,9 +21,9 @@ from contextlib import contextmanager
 from pathlib import Path
 from typing import Any
 
+from app.core.config import CONFIG_FILE_ENV
 from app.demo import APP_ROLE, demo_config
 from bench.common import Series, bench_cluster, paired_ratio, parse_args, publish, table
-from app.core.config import CONFIG_FILE_ENV
 from pg_session_router.devcluster import DevCluster, free_port
 
 ROOT = Path(__file__).resolve().parent.parent

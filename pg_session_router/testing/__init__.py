@@ -32,7 +32,7 @@ import pytest
 from fastapi import FastAPI
 from sqlalchemy.ext.asyncio import AsyncSession
 
-from pg_session_router.core.settings import RouterSettings
+from pg_session_router.core.settings import HttpSettings, RouterSettings
 from pg_session_router.db.router import SessionRouter
 from pg_session_router.devcluster import DevCluster
 from pg_session_router.web.installation import STATE_KEY, RouterInstallation
@@ -94,13 +94,18 @@ async def session_router(router_settings: RouterSettings) -> AsyncIterator[Sessi
 
 
 @contextmanager
-def use_router(app: FastAPI, router: SessionRouter) -> Iterator[None]:
-    """Within the block, requests to `app` (and scripts sharing its provider) use `router`."""
+def use_router(
+    app: FastAPI, router: SessionRouter, *, http: HttpSettings | None = None
+) -> Iterator[None]:
+    """Within the block, requests to `app` (and scripts sharing its provider) use `router`,
+    with the HTTP wiring of `http` (default: `HttpSettings()`, header `X-Tenant-ID`, tokens on),
+    so the app's own configuration is not read."""
     installation = getattr(app.state, STATE_KEY, None)
     if not isinstance(installation, RouterInstallation):
         raise RuntimeError("use_router: call install_router(app) first")
     previous = installation.provider.current
     installation.provider.set(router)
+    installation.configure(http or HttpSettings())
     try:
         yield
     finally:

@@ -11,6 +11,7 @@ from __future__ import annotations
 from starlette.requests import HTTPConnection
 
 from pg_session_router.core.errors import RouterNotInstalledError
+from pg_session_router.core.settings import HttpSettings
 from pg_session_router.db.provider import RouterProvider
 from pg_session_router.db.router import SessionRouter
 from pg_session_router.web.resolvers import TenantResolver, build_tenant_resolver
@@ -26,9 +27,11 @@ class RouterInstallation:
         self._resolver: TenantResolver | None = None
         self._tokens: bool | None = None
 
-    def configure(self) -> None:
-        """Read the settings and build the HTTP wiring (a bad configuration raises here)."""
-        http = self.provider.settings.http
+    def configure(self, http: HttpSettings | None = None) -> None:
+        """Build the HTTP wiring from `http`, by default the provider's settings (read now:
+        a bad configuration raises here)."""
+        if http is None:
+            http = self.provider.settings.http
         self._resolver = self._custom_resolver or build_tenant_resolver(http)
         self._tokens = http.consistency_tokens
 
