@@ -193,7 +193,8 @@ import asyncio, threading
 from sqlalchemy import text
 from pg_session_router import EventLoopMismatchError, RouterProvider, RouterSettings
 
-provider = RouterProvider(RouterSettings(database={{"clusters": {{"main": {{"primary": "{url}"}}}}}}))
+main = {{"primary": "{url}"}}
+provider = RouterProvider(RouterSettings(database={{"clusters": {{"main": main}}}}))
 
 async def one_query():
     async with provider.get().session() as session:
