@@ -88,7 +88,56 @@ def test_init_arguments_override_everything(config_file: Path) -> None:
         (('schema = "globex"', 'schema = "bad-name;"'), "database.tenants.globex.schema"),
         (
             ('url = "postgresql+asyncpg://app:', 'cluster = "main"\nurl = "postgresql://app:'),
-            "database.tenants.acme.url",
+            "database.tenants.acme: give either url",
+        ),
+        # Storage that is not a tenant's own: reserved, shared, or claimed twice.
+        (('schema = "globex"', 'schema = "public"'), "database.tenants.globex.schema: schema"),
+        (('schema = "globex"', 'schema = "pg_catalog"'), "database.tenants.globex.schema"),
+        (('schema = "globex"', 'schema = "globex\\n"'), "database.tenants.globex.schema"),
+        (
+            (
+                'schema = "globex"',
+                'schema = "co_op"\n[database.tenants.co-op]\nstrategy = "schema"',
+            ),
+            "database.tenants.co-op: its schema 'co_op' in database 'app' is already used",
+        ),
+        (
+            (
+                'schema = "globex"',
+                'schema = "globex"\n[database.tenants.x]\nstrategy = "database"\ndatabase = "app"',
+            ),
+            "database.tenants.x: its database 'app' is already used by cluster main",
+        ),
+        (  # the same server as acme's own url, spelled through the cluster
+            (
+                'schema = "globex"',
+                'schema = "globex"\n[database.tenants.x]\nstrategy = "database"\ndatabase = "acme"',
+            ),
+            "database.tenants.x: its database 'acme' is already used by acme",
+        ),
+        (
+            (
+                'schema = "globex"',
+                'schema = "globex"\n[database.tenants.x]\nstrategy = "database"'
+                f'\ndatabase = "{"d" * 64}"',
+            ),
+            "database.tenants.x.database: a database name is",
+        ),
+        (
+            (
+                'schema = "globex"',
+                'schema = "globex"\n[database.tenants.x]\nstrategy = "database"'
+                '\ndatabase = "template1"',
+            ),
+            "database.tenants.x.database: database 'template1' is reserved",
+        ),
+        (
+            (
+                'schema = "globex"',
+                'schema = "globex"\n[database.tenants.thief]\n'
+                'strategy = "schema"\nschema = "globex"',
+            ),
+            "database.tenants.thief: its schema 'globex'",
         ),
     ],
 )

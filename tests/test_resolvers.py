@@ -62,7 +62,7 @@ async def test_header_resolver_with_a_custom_header(router: SessionRouter) -> No
 async def test_subdomain_resolver(router: SessionRouter) -> None:
     app = app_with(SubdomainResolver("example.com"))
     globex = await call(app, "/where", headers={"host": "globex.example.com:8443"})
-    assert globex.json()["where"] == 'app|"globex"'
+    assert globex.json()["where"] == 'app|"globex", pg_temp'
     assert (await call(app, "/where", headers={"host": "example.com"})).status_code == 400
     assert (await call(app, "/where", headers={"host": "a.b.example.com"})).status_code == 400
     assert (await call(app, "/where", headers={"host": "evil.com"})).status_code == 400

@@ -193,7 +193,8 @@ async def test_tenants_are_placed_by_their_strategy(router: SessionRouter) -> No
     globex = router.route(Target(tenant="globex"))
     assert globex.node.name == "main.primary"
     assert globex.placement is not None and globex.placement.transaction_setup is not None
-    assert globex.placement.transaction_setup[1] == {"name": "search_path", "value": '"globex"'}
+    setup = globex.placement.transaction_setup[1]
+    assert setup == {"path": '"globex", pg_temp', "tenant": "globex"}
 
 
 @pytest.mark.parametrize(

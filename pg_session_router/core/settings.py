@@ -16,10 +16,12 @@ configuration never prints the secret it contained.
 from __future__ import annotations
 
 import tomllib
+from collections.abc import Mapping
 from pathlib import Path
 from typing import Annotated, Any, Literal
 
 from pydantic import (
+    AfterValidator,
     BaseModel,
     BeforeValidator,
     ConfigDict,
@@ -30,6 +32,7 @@ from pydantic import (
     PositiveInt,
     SecretStr,
     ValidationError,
+    model_validator,
 )
 from pydantic_settings import (
     BaseSettings,
@@ -42,7 +45,15 @@ from sqlalchemy.engine import URL, make_url
 from sqlalchemy.exc import ArgumentError
 
 from pg_session_router.core.errors import ConfigError
-from pg_session_router.core.names import IDENTIFIER_PATTERN, TENANT_ID_RULE, is_tenant_id
+from pg_session_router.core.names import (
+    IDENTIFIER_RULE,
+    TENANT_ID_RULE,
+    database_problem,
+    default_schema_name,
+    is_identifier,
+    is_tenant_id,
+    schema_problem,
+)
 
 #: The environment prefix the library reads when the host names none.
 DEFAULT_ENV_PREFIX = "PGROUTER_"
@@ -157,6 +168,36 @@ class RetrySettings(_Section):
     max_backoff: PositiveFloat = 0.5
 
 
+def _identifier(value: str) -> str:
+    if not is_identifier(value):
+        raise ValueError(f"expected {IDENTIFIER_RULE}")
+    return value
+
+
+def _tenant_schema(value: str) -> str:
+    problem = schema_problem(value)
+    if problem is not None:
+        raise ValueError(problem)
+    return value
+
+
+def _tenant_database(value: str) -> str:
+    problem = database_problem(value)
+    if problem is not None:
+        raise ValueError(problem)
+    return value
+
+
+def _tenant_id(value: str) -> str:
+    if not is_tenant_id(value):
+        raise ValueError(f"a tenant id is {TENANT_ID_RULE}")
+    return value
+
+
+Identifier = Annotated[str, AfterValidator(_identifier)]
+TenantId = Annotated[str, AfterValidator(_tenant_id)]
+
+
 class TenantSettings(_Section):
     """Where one tenant's data lives.
 
@@ -165,14 +206,36 @@ class TenantSettings(_Section):
       or just `cluster` (a cluster of its own, its configured database).
     - `schema`: schema `schema` (default: the tenant id) in `cluster`'s database.
     - `row`: shared tables in `cluster`'s database, isolated by row-level security.
+
+    The one validation path for a tenant, whether it comes from the configuration file, a
+    catalog row or `add_tenant`; what depends on the other tenants and clusters (references,
+    storage owned by one tenant only) is `check_tenant` and `pg_session_router.core.storage`.
     """
 
     strategy: Literal["database", "schema", "row"]
     url: DatabaseUrl | None = None
-    cluster: str | None = None
-    database: str | None = None
-    schema_name: str | None = Field(default=None, alias="schema")
+    cluster: Identifier | None = None
+    database: Annotated[str, AfterValidator(_tenant_database)] | None = None
+    schema_name: Annotated[str, AfterValidator(_tenant_schema)] | None = Field(
+        default=None, alias="schema"
+    )
     active: bool = True
+
+    @model_validator(mode="after")
+    def _fields_fit_the_strategy(self) -> TenantSettings:
+        if self.strategy == "database":
+            if self.url is not None and (self.cluster or self.database):
+                raise ValueError("give either url, or cluster and/or database, not both")
+            if self.url is None and not (self.cluster or self.database):
+                raise ValueError("strategy 'database' needs url, database or cluster")
+            if self.url is not None:
+                _tenant_database(self.url.database or "")
+        elif self.url is not None or self.database is not None:
+            field = "url" if self.url is not None else "database"
+            raise ValueError(f"{field} is only for strategy 'database'")
+        if self.schema_name is not None and self.strategy != "schema":
+            raise ValueError("schema is only for strategy 'schema'")
+        return self
 
 
 class TenancySettings(_Section):
@@ -203,8 +266,8 @@ class SessionSettings(_Section):
 
 class DatabaseSettings(_Section):
     default_cluster: str = "main"
-    clusters: dict[str, ClusterSettings] = Field(default_factory=dict)
-    tenants: dict[str, TenantSettings] = Field(default_factory=dict)
+    clusters: dict[Identifier, ClusterSettings] = Field(default_factory=dict)
+    tenants: dict[TenantId, TenantSettings] = Field(default_factory=dict)
     #: Seconds to establish one connection (TCP + startup), so a silent server cannot hang us.
     connect_timeout: PositiveFloat = 2.0
     health: HealthSettings = HealthSettings()
@@ -317,8 +380,6 @@ def check_database_settings(database: DatabaseSettings) -> None:
             f"(configure database.clusters.{database.default_cluster}.primary)"
         )
     for name, cluster in database.clusters.items():
-        if not IDENTIFIER_PATTERN.match(name):
-            raise ConfigError(f"database.clusters.{name}: cluster names are [a-z_][a-z0-9_]*")
         if cluster.nodes and (cluster.primary or cluster.replicas):
             raise ConfigError(
                 f"database.clusters.{name}.nodes: give either nodes, or primary and replicas"
@@ -326,7 +387,10 @@ def check_database_settings(database: DatabaseSettings) -> None:
         if not cluster.nodes and cluster.primary is None:
             raise ConfigError(f"database.clusters.{name}.primary: required (or give nodes)")
     for tenant_id, tenant in database.tenants.items():
-        _check_tenant(database, tenant_id, tenant)
+        check_tenant(database, tenant_id, tenant)
+    conflict = first_storage_conflict(database, database.tenants)
+    if conflict is not None:
+        raise ConfigError(f"database.tenants.{conflict}")
     _check_connection_budget(database)
 
 
@@ -350,22 +414,22 @@ def _check_connection_budget(database: DatabaseSettings) -> None:
         )
 
 
-def _check_tenant(database: DatabaseSettings, tenant_id: str, tenant: TenantSettings) -> None:
+def first_storage_conflict(
+    database: DatabaseSettings, tenants: Mapping[str, TenantSettings]
+) -> str | None:
+    """`<tenant id>: <why>` for the first tenant whose storage is not its own alone, or None.
+    (Implemented in `storage`, which needs these classes; imported late to avoid a cycle.)"""
+    from pg_session_router.core.storage import first_conflict
+
+    return first_conflict(database, tenants)
+
+
+def check_tenant(database: DatabaseSettings, tenant_id: str, tenant: TenantSettings) -> None:
+    """What a tenant's settings must agree on with the rest of the configuration."""
     key = f"database.tenants.{tenant_id}"
-    if not is_tenant_id(tenant_id):
-        raise ConfigError(f"{key}: a tenant id is {TENANT_ID_RULE}")
     if tenant.cluster is not None and tenant.cluster not in database.clusters:
         raise ConfigError(f"{key}.cluster: no cluster named {tenant.cluster!r}")
-    if tenant.strategy == "database":
-        if tenant.url is not None and (tenant.cluster or tenant.database):
-            raise ConfigError(f"{key}.url: give either url, or cluster and/or database, not both")
-        if tenant.url is None and not (tenant.cluster or tenant.database):
-            raise ConfigError(f"{key}: strategy 'database' needs url, database or cluster")
-    elif tenant.url is not None or tenant.database is not None:
-        field = "url" if tenant.url is not None else "database"
-        raise ConfigError(f"{key}.{field}: only for strategy 'database'")
-    if tenant.schema_name is not None:
-        if tenant.strategy != "schema":
-            raise ConfigError(f"{key}.schema: only for strategy 'schema'")
-        if not IDENTIFIER_PATTERN.match(tenant.schema_name):
-            raise ConfigError(f"{key}.schema: a schema name is [a-z_][a-z0-9_]*, 1-63 long")
+    if tenant.strategy == "schema" and tenant.schema_name is None:
+        problem = schema_problem(default_schema_name(tenant_id))
+        if problem is not None:
+            raise ConfigError(f"{key}: {problem} (name the schema with `schema`)")

@@ -12,7 +12,8 @@ from __future__ import annotations
 from pg_session_router.core.settings import TenancySettings
 from pg_session_router.db.cluster import Cluster
 from pg_session_router.db.keys import ClusterKey
-from pg_session_router.db.tenancy import Placement, TenantRegistry
+from pg_session_router.db.registry import TenantRegistry
+from pg_session_router.db.tenancy import Placement
 from pg_session_router.db.tenant_clusters import TenantClusterCache
 from pg_session_router.db.topology import Topology
 

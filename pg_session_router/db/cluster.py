@@ -36,7 +36,7 @@ from pg_session_router.core.settings import (
 from pg_session_router.db.balancing import POLICIES, ReplicaPolicy
 from pg_session_router.db.health import HealthMonitor, ServerHealth
 from pg_session_router.db.keys import ClusterKey
-from pg_session_router.db.routed_session import RoutedSession
+from pg_session_router.db.routed_session import OWNER_KEY, UNKNOWN_OWNER, RoutedSession
 
 logger = logging.getLogger(__name__)
 
@@ -55,6 +55,22 @@ def _discard_closed_connections(dbapi_connection: Any, record: Any, proxy: Any) 
     driver = dbapi_connection.driver_connection
     if driver is not None and driver.is_closed():
         raise InvalidatePoolError("the server closed this pooled connection")
+    record.info[_ROUTED_KEY] = False
+
+
+_ROUTED_KEY = "pg_session_router.routed"
+
+
+@event.listens_for(RoutedSession, "after_begin")
+def _mark_routed(session: RoutedSession, transaction: Any, connection: Any) -> None:
+    connection.connection.info[_ROUTED_KEY] = True
+
+
+def _note_use_outside_the_router(dbapi_connection: Any, record: Any) -> None:
+    """Pool checkin hook: a connection used only outside routed sessions (`engine.connect()`)
+    may carry anything; its next routed owner resets it (see `reset_session_state`)."""
+    if not record.info.get(_ROUTED_KEY, True):
+        record.info[OWNER_KEY] = UNKNOWN_OWNER
 
 
 class Node:
@@ -92,6 +108,7 @@ class Node:
             },
         )
         event.listen(self.engine.sync_engine, "checkout", _discard_closed_connections)
+        event.listen(self.engine.sync_engine, "checkin", _note_use_outside_the_router)
         # Same pool; BEGIN becomes BEGIN READ ONLY. SQLAlchemy resets the flag on return.
         readonly_engine = self.engine.execution_options(postgresql_readonly=True)
         options: dict[str, Any] = {

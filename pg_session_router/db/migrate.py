@@ -21,9 +21,10 @@ from dataclasses import dataclass
 from sqlalchemy import Connection, MetaData, text
 
 from pg_session_router.core.names import quote_identifier
+from pg_session_router.db.catalog import catalog_metadata, tenants_table
 from pg_session_router.db.keys import ClusterKey
 from pg_session_router.db.router import SessionRouter
-from pg_session_router.db.tenancy import CURRENT_ROW_TENANT_SQL, catalog_metadata
+from pg_session_router.db.tenancy import CURRENT_ROW_TENANT_SQL, NO_TENANT_SQL
 
 logger = logging.getLogger(__name__)
 
@@ -89,21 +90,25 @@ def _migrate_sync(
     conn.execute(text("SELECT pg_advisory_xact_lock(:key)"), {"key": _MIGRATION_LOCK_KEY})
     if catalog:
         catalog_metadata.create_all(conn)
+        # Placements are for the router, not for tenants: invisible in a tenant's transaction.
+        _enable_row_security(conn, tenants_table.name, None, NO_TENANT_SQL)
     if schema is not None:
         conn.execute(text(f"CREATE SCHEMA IF NOT EXISTS {quote_identifier(schema)}"))
         conn = conn.execution_options(schema_translate_map={None: schema})
     metadata.create_all(conn)
     for table in metadata.sorted_tables:
         if "tenant_id" in table.c:
-            _enable_row_security(conn, table.name, schema)
+            _enable_row_security(conn, table.name, schema, _ROW_TENANT_CONDITION)
 
 
-def _enable_row_security(conn: Connection, table: str, schema: str | None) -> None:
+# A transaction without a tenant sees only rows without one: nothing leaks either way.
+_ROW_TENANT_CONDITION = f"tenant_id IS NOT DISTINCT FROM {CURRENT_ROW_TENANT_SQL}"
+
+
+def _enable_row_security(conn: Connection, table: str, schema: str | None, condition: str) -> None:
     name = quote_identifier(table)
     if schema is not None:
         name = f"{quote_identifier(schema)}.{name}"
-    # A transaction without a tenant sees only rows without one: nothing leaks either way.
-    condition = f"tenant_id IS NOT DISTINCT FROM {CURRENT_ROW_TENANT_SQL}"
     conn.execute(text(f"ALTER TABLE {name} ENABLE ROW LEVEL SECURITY"))
     conn.execute(text(f"ALTER TABLE {name} FORCE ROW LEVEL SECURITY"))
     conn.execute(text(f"DROP POLICY IF EXISTS tenant_isolation ON {name}"))

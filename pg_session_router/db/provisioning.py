@@ -29,13 +29,14 @@ from sqlalchemy.pool import NullPool
 from pg_session_router.core.errors import ConfigError, TenantConflictError, UnknownTenantError
 from pg_session_router.core.names import quote_identifier, validate_tenant_id
 from pg_session_router.core.settings import TenantSettings, check_database_settings
+from pg_session_router.db.catalog import tenants_table
 from pg_session_router.db.consistency import REPLAYED_POSITION
 from pg_session_router.db.driver_errors import sqlstate
 from pg_session_router.db.keys import ClusterKey
 from pg_session_router.db.migrate import MigrationTarget, migrate_target
 from pg_session_router.db.router import SessionRouter
 from pg_session_router.db.targets import Target
-from pg_session_router.db.tenancy import Placement, place, tenants_table
+from pg_session_router.db.tenancy import Placement, place
 
 _DUPLICATE_DATABASE = "42P04"
 #: Seconds `add_tenant` waits for replicas to replay the new tenant's storage.

@@ -16,6 +16,7 @@ from typing import Any, TypeVar
 from sqlalchemy import Connection, TextClause, event
 from sqlalchemy.orm import Session, SessionTransaction
 from sqlalchemy.orm.attributes import instance_state
+from sqlalchemy.util import await_only
 
 from pg_session_router.core.errors import CrossTenantError
 from pg_session_router.db.consistency import read_wal_position
@@ -89,9 +90,39 @@ def _run_transaction_setup(
 ) -> None:
     # Runs inside the transaction that just began, before any statement of the caller's, so
     # ORM statements and raw text() alike see only the tenant's schema or rows.
+    info = connection.connection.info
+    owner = session.tenant_id
+    if info.get(OWNER_KEY, owner) != owner:
+        reset_session_state(connection)
+    info[OWNER_KEY] = owner
     setup = session.transaction_setup
     if setup is not None:
         connection.execute(setup[0], setup[1])
+
+
+#: Who last used a pooled connection: a tenant id, None (no tenant), or `UNKNOWN_OWNER`
+#: (used outside a routed session, e.g. through `engine.connect()`), in the connection's info.
+OWNER_KEY = "pg_session_router.owner"
+UNKNOWN_OWNER = "<unknown>"
+# What a unit of work may leave on its connection beyond its transaction (the pool's own reset
+# is a ROLLBACK): session-level SETs, temporary tables, LISTENs, advisory locks, cursors.
+_RESET_SQL = (
+    "RESET ALL; DISCARD TEMP; DISCARD SEQUENCES; UNLISTEN *; "
+    "SELECT pg_advisory_unlock_all(); CLOSE ALL"
+)
+
+
+def reset_session_state(connection: Connection) -> None:
+    """Clear session state another owner may have left, before this owner's first statement.
+
+    One round trip, only when a pooled connection changes hands between tenants (or comes back
+    from use outside the router). It runs on the asyncpg connection before the transaction's
+    BEGIN, which SQLAlchemy's asyncpg dialect sends with the first statement: DISCARD cannot
+    run inside a transaction block.
+    """
+    driver = connection.connection.driver_connection
+    if driver is not None:
+        await_only(driver.execute(_RESET_SQL))
 
 
 @event.listens_for(RoutedSession, "after_commit")

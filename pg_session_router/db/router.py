@@ -27,16 +27,18 @@ from pg_session_router.core.settings import (
     check_database_settings,
 )
 from pg_session_router.db.admission import TenantAdmission
+from pg_session_router.db.catalog import TenantCatalog
 from pg_session_router.db.cluster import Cluster, Node
 from pg_session_router.db.consistency import ConsistencyToken, read_wal_position
 from pg_session_router.db.driver_errors import is_read_retryable, is_write_retryable
 from pg_session_router.db.health import HealthMonitor
 from pg_session_router.db.keys import ClusterKey
+from pg_session_router.db.registry import TenantRegistry
 from pg_session_router.db.retry import RetryPolicy
 from pg_session_router.db.routing import Route, route_in_cluster, why_unavailable
 from pg_session_router.db.status import router_status
 from pg_session_router.db.targets import Target
-from pg_session_router.db.tenancy import Placement, TenantCatalog, TenantRegistry
+from pg_session_router.db.tenancy import Placement
 from pg_session_router.db.topology import Topology
 from pg_session_router.db.unit_of_work import SessionOpener, UnitOfWork
 
@@ -54,14 +56,8 @@ class SessionRouter:
         self.monitor = HealthMonitor(
             settings.health, settings.routing, lambda: self._topology.replica_groups()
         )
-        self.tenants = TenantRegistry(
-            settings.tenants,
-            settings.default_cluster,
-            settings=settings.tenancy,
-            catalog=TenantCatalog(lambda: self.default_cluster.primary.engine)
-            if settings.tenancy.catalog
-            else None,
-        )
+        catalog = TenantCatalog(lambda: self.default_cluster.primary.engine, settings)
+        self.tenants = TenantRegistry(settings, catalog if settings.tenancy.catalog else None)
         self._topology = Topology(settings, self.monitor, self.tenants.settings_of)
         self._admission = TenantAdmission(self._topology, self.tenants, settings.tenancy)
         self.retry_policy = RetryPolicy(settings.retry)

@@ -1,0 +1,123 @@
+"""The `tenants` catalog table on the default cluster's primary, and reading it safely.
+
+The catalog is read whole, never id by id. Every row goes through the same validation as a
+tenant of the configuration file (`TenantSettings`, `check_tenant`) and the storage-ownership
+rules (`core.storage`); a row that fails any of them is logged and skipped, never routable, and
+never stops the rows after it. Row-level security hides the table from every transaction that
+has a tenant (`app.tenant_id` set), so no tenant's session can read other tenants' placements.
+"""
+
+from __future__ import annotations
+
+import logging
+from collections.abc import Callable, Mapping, Sequence
+from typing import Any
+
+from pydantic import ValidationError
+from sqlalchemy import (
+    Boolean,
+    CheckConstraint,
+    Column,
+    DateTime,
+    MetaData,
+    Table,
+    Text,
+    func,
+    select,
+    true,
+)
+from sqlalchemy.ext.asyncio import AsyncEngine
+
+from pg_session_router.core.errors import RouterError
+from pg_session_router.core.names import validate_tenant_id
+from pg_session_router.core.settings import (
+    DatabaseSettings,
+    TenantSettings,
+    check_tenant,
+    format_validation_error,
+)
+from pg_session_router.core.storage import (
+    Claim,
+    claim_of,
+    cluster_claims,
+    conflict_with,
+)
+
+logger = logging.getLogger(__name__)
+
+catalog_metadata = MetaData()
+tenants_table = Table(
+    "tenants",
+    catalog_metadata,
+    Column("id", Text, primary_key=True),
+    Column("strategy", Text, nullable=False),
+    Column("cluster", Text),
+    Column("url", Text),
+    Column("database", Text),
+    Column("schema", Text),
+    Column("active", Boolean, nullable=False, server_default=true()),
+    Column("created_at", DateTime(timezone=True), nullable=False, server_default=func.now()),
+    CheckConstraint("strategy IN ('database', 'schema', 'row')", name="tenants_strategy"),
+)
+
+SETTING_COLUMNS = ("strategy", "cluster", "url", "database", "schema", "active")
+
+
+def tenant_of_row(row: Mapping[Any, Any]) -> TenantSettings:
+    return TenantSettings.model_validate(
+        {key: row[key] for key in SETTING_COLUMNS if row[key] is not None}
+    )
+
+
+def accepted_rows(
+    database: DatabaseSettings, rows: Sequence[Mapping[Any, Any]]
+) -> dict[str, TenantSettings]:
+    """The rows that are valid tenants and claim storage nobody else claims (oldest first)."""
+    claims: list[Claim] = [
+        *cluster_claims(database),
+        *(claim_of(database, t, s) for t, s in database.tenants.items()),
+    ]
+    tenants: dict[str, TenantSettings] = {}
+    for row in rows:
+        try:
+            tenant_id = validate_tenant_id(row["id"])
+            if tenant_id in database.tenants:
+                continue  # the configuration file is the source of truth for its tenants
+            tenant = tenant_of_row(row)
+            check_tenant(database, tenant_id, tenant)
+            claim = claim_of(database, tenant_id, tenant)
+            other = conflict_with(claim, claims)
+            if other is not None:
+                raise ValueError(f"its {claim.describe()} is already used by {other.owner}")
+        except Exception as exc:  # one bad row must not take the others down
+            logger.warning("catalog row ignored: %s", _why(exc))
+            continue
+        claims.append(claim)
+        tenants[tenant_id] = tenant
+    return tenants
+
+
+def _why(exc: Exception) -> str:
+    # Name fields and rules, never the row's values (a URL may hold a password).
+    if isinstance(exc, ValidationError):
+        return format_validation_error(exc)
+    if isinstance(exc, ValueError | RouterError):
+        return str(exc).splitlines()[0]
+    return type(exc).__name__
+
+
+class TenantCatalog:
+    """Reads the whole `tenants` table; writes go through `pg_session_router.db.provisioning`."""
+
+    def __init__(self, engine: Callable[[], AsyncEngine], database: DatabaseSettings) -> None:
+        self._engine = engine
+        self._database = database
+        #: Catalog queries made (each reads the whole table).
+        self.loads = 0
+
+    async def load(self) -> dict[str, TenantSettings]:
+        self.loads += 1
+        query = select(tenants_table).order_by(tenants_table.c.created_at, tenants_table.c.id)
+        async with self._engine().connect() as connection:
+            rows = (await connection.execute(query)).mappings().all()
+        return accepted_rows(self._database, rows)
