@@ -77,11 +77,20 @@ def add_tenant_commands(parser: argparse.ArgumentParser) -> None:
     add.add_argument("--cluster", help="the cluster (default: the default cluster)")
     add.add_argument("--url", help="database: a server of its own")
     add.add_argument("--schema", help="schema: the schema name (default: the tenant id)")
+    add.add_argument(
+        "--adopt",
+        action="store_true",
+        help="use a database or schema that exists already (it must be this tenant's)",
+    )
     for name in ("disable", "enable"):
         actions.add_parser(name).add_argument("tenant_id")
     remove = actions.add_parser("remove", help="unregister (and with --drop, delete its data)")
     remove.add_argument("tenant_id")
-    remove.add_argument("--drop", action="store_true", help="drop its schema or database")
+    remove.add_argument(
+        "--drop",
+        action="store_true",
+        help="delete its data: its database, its schema, or (row tenants) its rows",
+    )
 
 
 async def tenants(args: argparse.Namespace) -> int:
@@ -105,14 +114,20 @@ async def tenants(args: argparse.Namespace) -> int:
                 "schema": args.schema,
             }
             tenant = TenantSettings.model_validate({k: v for k, v in fields.items() if v})
-            await provisioning.add_tenant(router, args.tenant_id, tenant, metadata=Base.metadata)
+            await provisioning.add_tenant(
+                router, args.tenant_id, tenant, metadata=Base.metadata, adopt=args.adopt
+            )
             print(f"added tenant {args.tenant_id} ({args.strategy})")
         elif args.action in ("disable", "enable"):
             await provisioning.set_active(router, args.tenant_id, active=args.action == "enable")
             print(f"{args.action}d tenant {args.tenant_id}")
         else:
-            await provisioning.remove_tenant(router, args.tenant_id, drop=args.drop)
-            print(f"removed tenant {args.tenant_id}" + (" and its data" if args.drop else ""))
+            removed = await provisioning.remove_tenant(
+                router, args.tenant_id, drop=args.drop, metadata=Base.metadata
+            )
+            print(
+                f"removed tenant {args.tenant_id}" + (f"; {removed.describe()}" if removed else "")
+            )
     finally:
         await router.dispose()
     return 0

@@ -42,7 +42,7 @@ async def thirty_tenants(router: SessionRouter) -> AsyncIterator[list[str]]:
         yield tenants
     finally:
         for tenant in tenants:
-            await provisioning.remove_tenant(router, tenant, drop=True)
+            await provisioning.remove_tenant(router, tenant, drop=True, metadata=Base.metadata)
 
 
 async def test_thousands_of_interleaved_requests_never_cross_tenants(

@@ -74,7 +74,7 @@ async def test_an_added_tenant_is_served_at_once_here_and_by_other_processes(
             async with process.session(tenant=tenant) as session:
                 await session.execute(text("DELETE FROM items"))
     finally:
-        await provisioning.remove_tenant(router, tenant, drop=True)
+        await provisioning.remove_tenant(router, tenant, drop=True, metadata=Base.metadata)
 
 
 async def test_disable_and_remove_take_effect_here_at_once_and_elsewhere_within_the_ttl(

@@ -1,13 +1,17 @@
 """Managing tenants at runtime: add, enable/disable, remove, list.
 
-Adding a tenant creates its storage (a database, or a schema; nothing for rows), brings its
-tables up to date, writes its row in the `tenants` catalog, and makes it routable in this
-process at once. Other processes see it on their next catalog reload: at once for an id they
-have not seen (a miss reloads, rate-limited), within `tenancy.catalog_ttl` for a change to one
-they know.
+Adding a tenant reserves it in the `tenants` catalog first, under an advisory lock shared by
+every process, after checking that its id and its storage are nobody else's (configuration and
+catalog alike): of two processes adding colliding tenants at once, exactly one succeeds and the
+other gets `TenantConflictError` before touching any storage. Then its storage is created (an
+existing database or schema is adopted only when asked), its tables are brought up to date, the
+replicas are waited for, and it becomes routable: at once in this process, in others on their
+next catalog reload (at once for an id they have not seen, within `tenancy.catalog_ttl` for a
+change to one they know). A failure on the way removes the reservation and what was created.
 
-Tenants defined in the configuration file are listed but not changed here: the file is their
-source of truth.
+Removing a tenant with `drop` deletes its data, and says what it deleted: its database or
+schema, or, for a row tenant, its rows in every tenant table. Tenants defined in the
+configuration file are listed but not changed here: the file is their source of truth.
 
 Creating a database needs the CREATEDB privilege; the role the app connects as can have it
 without being a superuser (row-level security still applies to it).
@@ -20,27 +24,26 @@ import logging
 import time
 from dataclasses import dataclass
 
-from sqlalchemy import MetaData, delete, insert, text, update
-from sqlalchemy.engine import URL
-from sqlalchemy.exc import ProgrammingError
-from sqlalchemy.ext.asyncio import create_async_engine
-from sqlalchemy.pool import NullPool
+from sqlalchemy import MetaData, delete, insert, select, text, update
+from sqlalchemy.ext.asyncio import AsyncSession
 
 from pg_session_router.core.errors import ConfigError, TenantConflictError, UnknownTenantError
-from pg_session_router.core.names import quote_identifier, validate_tenant_id
-from pg_session_router.core.settings import TenantSettings, check_database_settings
-from pg_session_router.db.catalog import tenants_table
+from pg_session_router.core.names import validate_tenant_id
+from pg_session_router.core.settings import TenantSettings, check_tenant
+from pg_session_router.core.storage import claim_of, cluster_claims, conflict_with
+from pg_session_router.db.catalog import accepted_rows, tenants_table
 from pg_session_router.db.consistency import REPLAYED_POSITION
-from pg_session_router.db.driver_errors import sqlstate
 from pg_session_router.db.keys import ClusterKey
 from pg_session_router.db.migrate import MigrationTarget, migrate_target
 from pg_session_router.db.router import SessionRouter
 from pg_session_router.db.targets import Target
 from pg_session_router.db.tenancy import Placement, place
+from pg_session_router.db.tenant_storage import DataRemoved, create_storage, drop_storage
 
-_DUPLICATE_DATABASE = "42P04"
 #: Seconds `add_tenant` waits for replicas to replay the new tenant's storage.
 REPLICATION_WAIT = 10.0
+# Held (transaction-scoped) by every process while it checks and reserves a tenant.
+_MANAGEMENT_LOCK = text(f"SELECT pg_advisory_xact_lock({0x5E55_7E47})")
 logger = logging.getLogger(__name__)
 
 
@@ -52,22 +55,73 @@ class TenantInfo:
 
 
 async def add_tenant(
-    router: SessionRouter, tenant_id: str, tenant: TenantSettings, *, metadata: MetaData
+    router: SessionRouter,
+    tenant_id: str,
+    tenant: TenantSettings,
+    *,
+    metadata: MetaData,
+    adopt: bool = False,
 ) -> Placement:
-    """Create the tenant's storage, bring `metadata`'s tables up in it, register it."""
+    """Reserve, create storage (adopting an existing one only with `adopt`), bring
+    `metadata`'s tables up in it, wait for the replicas, make it routable."""
     validate_tenant_id(tenant_id)
     _check_settings(router, tenant_id, tenant)
-    if router.tenants.catalog is not None:
-        await router.tenants.reload()  # another process may have added it
-    if tenant_id in router.tenants:
-        raise TenantConflictError(f"tenant {tenant_id!r} already exists")
     placement = place(tenant_id, tenant, router.tenants.default_cluster)
-    await _create_storage(router, placement, tenant)
-    await _migrate_tenant(router, placement, tenant, metadata)
-    async with router.session() as session:
-        await session.execute(insert(tenants_table).values(id=tenant_id, **_columns(tenant)))
+    await _reserve(router, tenant_id, tenant)
+    created = False
+    try:
+        created = await create_storage(router, placement, adopt=adopt)
+        await _migrate_tenant(router, placement, tenant, metadata)
+    except BaseException:
+        await _undo_add(router, placement, created=created)
+        raise
+    if tenant.active:
+        await _set_active_row(router, tenant_id, active=True)
     await wait_for_replicas(router, placement.cluster_key)
     return router.tenants.remember(tenant_id, tenant)
+
+
+async def _reserve(router: SessionRouter, tenant_id: str, tenant: TenantSettings) -> None:
+    """Under the management lock: refuse an id or storage someone has, then write the row
+    (disabled until the tenant is ready)."""
+    async with router.session() as session:
+        await session.execute(_MANAGEMENT_LOCK)
+        await _refuse_conflicts(router, session, tenant_id, tenant)
+        values = {**_columns(tenant), "active": False}
+        await session.execute(insert(tenants_table).values(id=tenant_id, **values))
+
+
+async def _refuse_conflicts(
+    router: SessionRouter, session: AsyncSession, tenant_id: str, tenant: TenantSettings
+) -> None:
+    settings = router.settings
+    rows = (await session.execute(select(tenants_table))).mappings().all()
+    if tenant_id in settings.tenants or any(row["id"] == tenant_id for row in rows):
+        raise TenantConflictError(f"tenant {tenant_id!r} already exists")
+    claims = [
+        *cluster_claims(settings),
+        *(claim_of(settings, t, s) for t, s in settings.tenants.items()),
+        *(claim_of(settings, t, s) for t, s in accepted_rows(settings, rows).items()),
+    ]
+    claim = claim_of(settings, tenant_id, tenant)
+    other = conflict_with(claim, claims)
+    if other is not None:
+        raise TenantConflictError(
+            f"tenant {tenant_id!r}: its {claim.describe()} is already used by {other.owner}"
+        )
+
+
+async def _undo_add(router: SessionRouter, placement: Placement, *, created: bool) -> None:
+    router.tenants.forget(placement.tenant_id)
+    await router.close_tenant_cluster(placement.cluster_key)
+    try:
+        if created:
+            await drop_storage(router, placement, None)
+    finally:
+        async with router.session() as session:
+            await session.execute(
+                delete(tenants_table).where(tenants_table.c.id == placement.tenant_id)
+            )
 
 
 async def wait_for_replicas(
@@ -99,23 +153,38 @@ async def wait_for_replicas(
 
 async def set_active(router: SessionRouter, tenant_id: str, *, active: bool) -> None:
     tenant = await _catalog_tenant(router, tenant_id)
+    await _set_active_row(router, tenant_id, active=active)
+    router.tenants.remember(tenant_id, tenant.model_copy(update={"active": active}))
+
+
+async def _set_active_row(router: SessionRouter, tenant_id: str, *, active: bool) -> None:
     async with router.session() as session:
         await session.execute(
             update(tenants_table).where(tenants_table.c.id == tenant_id).values(active=active)
         )
-    router.tenants.remember(tenant_id, tenant.model_copy(update={"active": active}))
 
 
-async def remove_tenant(router: SessionRouter, tenant_id: str, *, drop: bool = False) -> None:
-    """Unroutable at once here; with `drop`, its schema or database is deleted too."""
+async def remove_tenant(
+    router: SessionRouter,
+    tenant_id: str,
+    *,
+    drop: bool = False,
+    metadata: MetaData | None = None,
+) -> DataRemoved | None:
+    """Unroutable at once here. With `drop`, its data is deleted too (a row tenant's rows need
+    the `metadata` of the tenant tables); returns what was deleted."""
     tenant = await _catalog_tenant(router, tenant_id)
     placement = place(tenant_id, tenant, router.tenants.default_cluster)
+    if drop and placement.strategy == "row" and metadata is None:
+        raise ConfigError("dropping a row tenant's data needs the MetaData of the tenant tables")
+    # Disabled first: no new session writes while its data goes.
+    await set_active(router, tenant_id, active=False)
+    await router.close_tenant_cluster(placement.cluster_key)
+    removed = await drop_storage(router, placement, metadata) if drop else None
     async with router.session() as session:
         await session.execute(delete(tenants_table).where(tenants_table.c.id == tenant_id))
     router.tenants.forget(tenant_id)
-    await router.close_tenant_cluster(placement.cluster_key)
-    if drop:
-        await _drop_storage(router, placement, tenant)
+    return removed
 
 
 async def list_tenants(router: SessionRouter) -> list[TenantInfo]:
@@ -145,12 +214,18 @@ async def _catalog_tenant(router: SessionRouter, tenant_id: str) -> TenantSettin
 
 
 def _check_settings(router: SessionRouter, tenant_id: str, tenant: TenantSettings) -> None:
-    """The same checks as for tenants in the configuration file."""
-    settings = router.settings.model_copy(update={"tenants": {tenant_id: tenant}})
+    """The same checks as for tenants in the configuration file, and no secret in the
+    catalog: a URL there is readable by whoever reads the table."""
     try:
-        check_database_settings(settings)
+        check_tenant(router.settings, tenant_id, tenant)
     except ConfigError as exc:
         raise TenantConflictError(str(exc).replace("database.tenants.", "tenant ")) from None
+    if tenant.url is not None and tenant.url.password is not None:
+        raise ConfigError(
+            "url: a tenant added at runtime must not carry a password in its URL (the catalog "
+            "is a table, not a secret store): configure a server with credentials as a "
+            "cluster and place the tenant on it, or define the tenant in the configuration file"
+        )
 
 
 def _columns(tenant: TenantSettings) -> dict[str, object]:
@@ -164,65 +239,15 @@ def _columns(tenant: TenantSettings) -> dict[str, object]:
     }
 
 
-def _server_admin_url(router: SessionRouter, tenant: TenantSettings) -> URL:
-    """Where to run CREATE/DROP DATABASE: the tenant's server, on a database that exists."""
-    if tenant.url is not None:
-        return tenant.url.set(database="postgres")
-    cluster_name = tenant.cluster or router.tenants.default_cluster
-    return router.cluster(cluster_name).primary.url
-
-
-async def _on_server(url: URL, statement: str, *, ignore_sqlstate: str | None = None) -> None:
-    # CREATE/DROP DATABASE cannot run inside a transaction: a short-lived autocommit engine.
-    engine = create_async_engine(url, isolation_level="AUTOCOMMIT", poolclass=NullPool)
-    try:
-        async with engine.connect() as connection:
-            await connection.execute(text(statement))
-    except ProgrammingError as exc:
-        if ignore_sqlstate is None or sqlstate(exc) != ignore_sqlstate:
-            raise
-    finally:
-        await engine.dispose()
-
-
-async def _create_storage(
-    router: SessionRouter, placement: Placement, tenant: TenantSettings
-) -> None:
-    if placement.strategy == "database" and placement.database is not None:
-        await _on_server(
-            _server_admin_url(router, tenant),
-            f"CREATE DATABASE {quote_identifier(placement.database)}",
-            ignore_sqlstate=_DUPLICATE_DATABASE,
-        )
-    # A schema is created by its migration; rows need nothing.
-
-
 async def _migrate_tenant(
     router: SessionRouter, placement: Placement, tenant: TenantSettings, metadata: MetaData
 ) -> None:
     if placement.strategy == "row":
         return  # shared tables: migrated with their cluster
     # Building a tenant's cluster reads its settings from the registry: register it, disabled
-    # (not routable) until its row is in the catalog.
+    # (not routable) until it is ready.
     router.tenants.remember(placement.tenant_id, tenant.model_copy(update={"active": False}))
-    try:
-        target = MigrationTarget(
-            f"tenant {placement.tenant_id}", placement.cluster_key, placement.schema
-        )
-        await migrate_target(router, target, metadata)
-    except BaseException:
-        router.tenants.forget(placement.tenant_id)
-        raise
-
-
-async def _drop_storage(
-    router: SessionRouter, placement: Placement, tenant: TenantSettings
-) -> None:
-    if placement.strategy == "schema" and placement.schema is not None:
-        async with router.session(Target(cluster=placement.cluster_key.name)) as session:
-            await session.execute(text(f"DROP SCHEMA {quote_identifier(placement.schema)} CASCADE"))
-    elif placement.strategy == "database" and placement.database is not None:
-        await _on_server(
-            _server_admin_url(router, tenant),
-            f"DROP DATABASE IF EXISTS {quote_identifier(placement.database)} WITH (FORCE)",
-        )
+    target = MigrationTarget(
+        f"tenant {placement.tenant_id}", placement.cluster_key, placement.schema
+    )
+    await migrate_target(router, target, metadata)
