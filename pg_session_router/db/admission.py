@@ -9,13 +9,19 @@ the end of the unit of work, so an engine is never disposed under a running sess
 
 from __future__ import annotations
 
+import logging
+
+from pg_session_router.core.errors import ConfigError
 from pg_session_router.core.settings import TenancySettings
 from pg_session_router.db.cluster import Cluster
 from pg_session_router.db.keys import ClusterKey
 from pg_session_router.db.registry import TenantRegistry
+from pg_session_router.db.row_security import RowSecurityGuard
 from pg_session_router.db.tenancy import Placement
 from pg_session_router.db.tenant_clusters import TenantClusterCache
 from pg_session_router.db.topology import Topology
+
+logger = logging.getLogger(__name__)
 
 
 class TenantAdmission:
@@ -24,6 +30,7 @@ class TenantAdmission:
     ) -> None:
         self._topology = topology
         self.registry = registry
+        self.row_security = RowSecurityGuard()
         self.engines = TenantClusterCache(
             self._build,
             max_engines=settings.max_engines,
@@ -42,7 +49,21 @@ class TenantAdmission:
         cluster = self._topology.get(placement.cluster_key)
         if cluster is None or cluster.draining:
             await self._admit(placement.cluster_key)
+        if placement.strategy == "row" and not self.row_security.verified(placement.cluster_key):
+            await self.row_security.ensure(self.cluster(placement.cluster_key))
         return placement
+
+    async def check_row_security(self) -> None:
+        """At startup: every cluster that configured row tenants use (ConfigError if not
+        confined there). A server that cannot be reached now is checked on first use."""
+        keys = {p.cluster_key for p in self.registry if p.strategy == "row"}
+        for key in keys:
+            try:
+                await self.row_security.ensure(self.cluster(key))
+            except ConfigError:
+                raise
+            except Exception as exc:
+                logger.warning("row-level security not checked yet on %s: %s", key, exc)
 
     async def _admit(self, key: ClusterKey) -> None:
         if key.is_configured:

@@ -185,9 +185,11 @@ class SessionRouter:
     # -- lifecycle and introspection -------------------------------------------------------
 
     async def start(self) -> None:
-        """Probe every server once, then keep probing in the background."""
+        """Probe every server once, then keep probing in the background; refuse (ConfigError)
+        to serve configured row tenants where row-level security would not confine them."""
         self._opener.check_loop()
         await self.monitor.start()
+        await self._admission.check_row_security()
 
     @property
     def loop_closed(self) -> bool:
