@@ -25,7 +25,7 @@ from pg_session_router.web.resolvers import (
     sign_token,
 )
 
-SECRET = b"test-signing-key"
+SECRET = b"a-test-signing-key-of-32-bytes-ok"
 WHERE = text("SELECT current_database() || '|' || current_setting('search_path')")
 
 
@@ -79,12 +79,14 @@ async def test_path_resolver(router: SessionRouter) -> None:
 @pytest.mark.parametrize(
     ("claims", "key", "status"),
     [
-        ({"tenant": "acme"}, SECRET, 200),
         ({"tenant": "acme", "exp": +60}, SECRET, 200),
-        ({"tenant": "acme"}, b"another key", 401),
+        ({"tenant": "acme"}, SECRET, 401),  # no expiry: a token that never expires is refused
+        ({"tenant": "acme", "exp": "9999999999"}, SECRET, 401),  # not a number
+        ({"tenant": "acme", "exp": +60}, b"another key, also 32 bytes long!!", 401),
         ({"tenant": "acme", "exp": -1}, SECRET, 401),
-        ({"sub": "someone"}, SECRET, 401),
-        ({"tenant": "nobody"}, SECRET, 404),
+        ({"tenant": "acme", "exp": +60, "nbf": +30}, SECRET, 401),
+        ({"sub": "someone", "exp": +60}, SECRET, 401),
+        ({"tenant": "nobody", "exp": +60}, SECRET, 404),
         (None, SECRET, 401),
     ],
 )
@@ -94,8 +96,9 @@ async def test_token_claim_resolver(
     if claims is None:
         tokens = ["not.a.token", "garbage"]
     else:
-        if "exp" in claims:  # relative to now, when the test runs
-            claims = {**claims, "exp": time.time() + claims["exp"]}
+        for field in ("exp", "nbf"):  # relative to now, when the test runs
+            if isinstance(claims.get(field), int):
+                claims = {**claims, field: time.time() + claims[field]}
         tokens = [sign_token(claims, key)]
     app = app_with(TokenClaimResolver(SECRET))
     for token in tokens:
@@ -126,5 +129,6 @@ def test_resolver_settings_are_checked() -> None:
         build_tenant_resolver(HttpSettings(tenant_resolver="subdomain"))
     with pytest.raises(ConfigError, match=r"http\.token_secret"):
         build_tenant_resolver(HttpSettings(tenant_resolver="token"))
-    settings = HttpSettings(tenant_resolver="token", token_secret="hunter2")  # type: ignore[arg-type]
-    assert "hunter2" not in repr(settings)
+    secret = "hunter2-" * 5
+    settings = HttpSettings(tenant_resolver="token", token_secret=secret)  # type: ignore[arg-type]
+    assert secret not in repr(settings)

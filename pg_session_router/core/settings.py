@@ -281,6 +281,16 @@ class DatabaseSettings(_Section):
     max_connections: PositiveInt | None = None
 
 
+#: HMAC-SHA256 keys shorter than the hash are brute-forceable; an empty one is no key at all.
+MIN_SECRET_BYTES = 32
+
+
+def _long_enough_secret(secret: SecretStr) -> SecretStr:
+    if len(secret.get_secret_value().encode()) < MIN_SECRET_BYTES:
+        raise ValueError(f"at least {MIN_SECRET_BYTES} bytes")
+    return secret
+
+
 class HttpSettings(_Section):
     """How `install_router` wires a FastAPI app: the tenant resolver and consistency tokens."""
 
@@ -291,8 +301,11 @@ class HttpSettings(_Section):
     #: `path`: the name of the path parameter holding the tenant id.
     tenant_path_param: str = "tenant"
     #: `token`: HS256 signing key of the bearer token, and the claim naming the tenant.
-    token_secret: SecretStr | None = None
+    token_secret: Annotated[SecretStr, AfterValidator(_long_enough_secret)] | None = None
     token_claim: str = "tenant"  # noqa: S105 - a claim name, not a secret
+    #: `token`: when set, the token's `aud` must include it / its `iss` must equal it.
+    token_audience: str | None = None
+    token_issuer: str | None = None
     #: Write responses carry `X-Consistency-Token`; reads that send it back see the write.
     #: Costs one query after each write's COMMIT.
     consistency_tokens: bool = True

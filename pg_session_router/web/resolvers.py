@@ -20,12 +20,12 @@ import hmac
 import json
 import time
 from collections.abc import Callable
-from typing import Any
+from typing import Any, TypeGuard
 
 from starlette.requests import Request
 
 from pg_session_router.core.errors import ConfigError, InvalidTokenError
-from pg_session_router.core.settings import DEFAULT_TENANT_HEADER, HttpSettings
+from pg_session_router.core.settings import DEFAULT_TENANT_HEADER, MIN_SECRET_BYTES, HttpSettings
 
 TenantResolver = Callable[[Request], str | None]
 
@@ -60,12 +60,29 @@ class PathResolver:
         return value if isinstance(value, str) else None
 
 
-class TokenClaimResolver:
-    """Bearer JWT signed with HS256; only the claim is read, after the signature checks out."""
+#: Longer bearer tokens are refused before any decoding (a tenant claim needs a few hundred).
+MAX_TOKEN_LENGTH = 4096
 
-    def __init__(self, secret: bytes, claim: str = "tenant") -> None:
+
+class TokenClaimResolver:
+    """Bearer JWT signed with HS256. The signature is verified before any JSON is parsed;
+    then the token must carry a numeric `exp` in the future, a numeric `nbf` (if any) in the
+    past, and the configured `aud` and `iss` (if configured). Only then is the claim read."""
+
+    def __init__(
+        self,
+        secret: bytes,
+        claim: str = "tenant",
+        *,
+        audience: str | None = None,
+        issuer: str | None = None,
+    ) -> None:
+        if len(secret) < MIN_SECRET_BYTES:
+            raise ConfigError(f"http.token_secret: at least {MIN_SECRET_BYTES} bytes")
         self._secret = secret
         self.claim = claim
+        self.audience = audience
+        self.issuer = issuer
 
     def __call__(self, request: Request) -> str | None:
         authorization = request.headers.get("authorization")
@@ -81,26 +98,55 @@ class TokenClaimResolver:
         return tenant
 
     def _verify(self, token: str) -> dict[str, Any]:
+        if len(token) > MAX_TOKEN_LENGTH or token.count(".") != 2:
+            raise InvalidTokenError("malformed token")
+        signing_input, _, signature_b64 = token.rpartition(".")
         try:
-            header_b64, payload_b64, signature_b64 = token.split(".")
-            header = json.loads(_b64decode(header_b64))
+            signed = signing_input.encode("ascii")
             signature = _b64decode(signature_b64)
-            payload = json.loads(_b64decode(payload_b64))
-        except (ValueError, binascii.Error, UnicodeDecodeError):
+        except (ValueError, binascii.Error):
             raise InvalidTokenError("malformed token") from None
-        if not isinstance(header, dict) or header.get("alg") != "HS256":
-            raise InvalidTokenError("unsupported token algorithm (expected HS256)")
-        expected = hmac.new(
-            self._secret, f"{header_b64}.{payload_b64}".encode(), hashlib.sha256
-        ).digest()
+        expected = hmac.new(self._secret, signed, hashlib.sha256).digest()
         if not hmac.compare_digest(expected, signature):
             raise InvalidTokenError("token signature does not verify")
-        if not isinstance(payload, dict):
-            raise InvalidTokenError("malformed token")
-        expires = payload.get("exp")
-        if isinstance(expires, int | float) and expires < time.time():
-            raise InvalidTokenError("token expired")
+        header_b64, _, payload_b64 = signing_input.partition(".")
+        header, payload = _json_part(header_b64), _json_part(payload_b64)
+        if header.get("alg") != "HS256":
+            raise InvalidTokenError("unsupported token algorithm (expected HS256)")
+        self._check_claims(payload)
         return payload
+
+    def _check_claims(self, payload: dict[str, Any]) -> None:
+        now = time.time()
+        expires = payload.get("exp")
+        if not _is_number(expires):
+            raise InvalidTokenError("the token has no numeric 'exp' (expiry) claim")
+        if expires <= now:
+            raise InvalidTokenError("token expired")
+        not_before = payload.get("nbf")
+        if not_before is not None and (not _is_number(not_before) or not_before > now):
+            raise InvalidTokenError("token not valid yet")
+        if self.issuer is not None and payload.get("iss") != self.issuer:
+            raise InvalidTokenError("token issuer not accepted")
+        if self.audience is not None:
+            audience = payload.get("aud")
+            audiences = audience if isinstance(audience, list) else [audience]
+            if self.audience not in audiences:
+                raise InvalidTokenError("token audience not accepted")
+
+
+def _is_number(value: object) -> TypeGuard[float]:
+    return isinstance(value, int | float) and not isinstance(value, bool)
+
+
+def _json_part(part: str) -> dict[str, Any]:
+    try:
+        value = json.loads(_b64decode(part))
+    except (ValueError, binascii.Error, UnicodeDecodeError, RecursionError):
+        raise InvalidTokenError("malformed token") from None
+    if not isinstance(value, dict):
+        raise InvalidTokenError("malformed token")
+    return value
 
 
 def _b64decode(part: str) -> bytes:
@@ -130,6 +176,9 @@ def build_tenant_resolver(settings: HttpSettings) -> TenantResolver:
         if settings.token_secret is None:
             raise ConfigError("http.token_secret: required by tenant_resolver = 'token'")
         return TokenClaimResolver(
-            settings.token_secret.get_secret_value().encode(), settings.token_claim
+            settings.token_secret.get_secret_value().encode(),
+            settings.token_claim,
+            audience=settings.token_audience,
+            issuer=settings.token_issuer,
         )
     return HeaderResolver(settings.tenant_header)
