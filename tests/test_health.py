@@ -10,9 +10,10 @@ import httpx
 import pytest
 from sqlalchemy import text
 
-from app.main import app
-from pg_session_router.core.settings import HealthSettings
+from app.main import create_app
+from pg_session_router.core.settings import HealthSettings, HttpSettings, RouterSettings
 from pg_session_router.db.health import ServerHealth
+from pg_session_router.db.provider import RouterProvider
 from pg_session_router.db.router import SessionRouter
 from pg_session_router.devcluster import DevCluster
 from tests.support.faults import ReadLoad, eventually
@@ -81,8 +82,10 @@ def test_a_flapping_server_waits_longer_before_each_trial() -> None:
 
 
 async def test_status_and_health_route_show_roles_lag_and_pools(router: SessionRouter) -> None:
+    provider = RouterProvider(RouterSettings(http=HttpSettings(health_details_public=True)))
+    provider.set(router)
     async with httpx.AsyncClient(
-        transport=httpx.ASGITransport(app=app), base_url="http://test"
+        transport=httpx.ASGITransport(app=create_app(provider)), base_url="http://test"
     ) as client:
         response = await client.get("/health/db")
     body = response.json()

@@ -2,7 +2,9 @@
 
 Every class carries the HTTP status the example app answers with, so the mapping lives next to
 the meaning instead of in a table somewhere else. Messages are written for the person reading a
-log or a 4xx body: they name what was wrong, and never include a password or a full URL.
+log or a 4xx body: they name what was wrong, and never include a password or a full URL. A 5xx
+answers with the class's `public_detail` instead: it says what happened and never names a node,
+a server or a cluster (the message, with those, goes to the log).
 """
 
 from __future__ import annotations
@@ -14,10 +16,14 @@ class RouterError(Exception):
     status_code: int = 500
     #: A stable, machine-readable code for JSON error bodies.
     code: str = "router_error"
+    #: What a client is told when the status is 5xx (4xx bodies carry the message itself).
+    public_detail: str = "internal error in the database layer"
 
 
 class ConfigError(RouterError):
     """The configuration is invalid. Raised at startup, and names the offending key."""
+
+    public_detail = "the service is misconfigured"
 
     code = "config_error"
 
@@ -64,6 +70,8 @@ class TenantInactiveError(TenantError):
 class DatabaseUnavailableError(RouterError):
     """No node could serve the unit of work (after retries, where retrying was safe)."""
 
+    public_detail = "the database is unavailable right now; retry after the Retry-After delay"
+
     status_code = 503
     code = "database_unavailable"
 
@@ -79,11 +87,15 @@ class DatabaseUnavailableError(RouterError):
 class ReadOnlySessionError(RouterError):
     """A write was attempted through a session opened for reading."""
 
+    public_detail = "internal error: a write was attempted in a read-only session"
+
     code = "read_only_session"
 
 
 class NoNodeAvailableError(DatabaseUnavailableError):
     """Routing found no eligible node right now (all ejected, lagging, or none writable)."""
+
+    public_detail = "no database server can serve this request right now; retry shortly"
 
     code = "no_node_available"
 
@@ -91,11 +103,15 @@ class NoNodeAvailableError(DatabaseUnavailableError):
 class ConnectionLostError(DatabaseUnavailableError):
     """The connection died in the middle of a unit of work; the transaction was rolled back."""
 
+    public_detail = "the database connection was lost; nothing was committed; retry"
+
     code = "connection_lost"
 
 
 class TopologyChangedError(DatabaseUnavailableError):
     """A write reached a node that is no longer a primary (failover); nothing was written."""
+
+    public_detail = "the database primary changed; nothing was written; retry"
 
     code = "topology_changed"
 
@@ -106,6 +122,10 @@ class CommitOutcomeUnknownError(RouterError):
     Never retried automatically: replaying could apply the write twice. The caller must check
     (for example by an idempotency key) before trying again.
     """
+
+    public_detail = (
+        "the connection was lost during COMMIT: the change may or may not have been applied"
+    )
 
     code = "commit_outcome_unknown"
 
@@ -120,6 +140,8 @@ class TenantConflictError(TenantError):
 
 class CrossTenantError(TenantError):
     """An object loaded for one tenant was handed to another tenant's session."""
+
+    public_detail = "internal error: an object crossed tenants and was refused"
 
     status_code = 500
     code = "cross_tenant_object"

@@ -306,6 +306,10 @@ class HttpSettings(_Section):
     #: `token`: when set, the token's `aud` must include it / its `iss` must equal it.
     token_audience: str | None = None
     token_issuer: str | None = None
+    #: `GET /health/db` answers only `{"status": ...}` unless the request bears this token
+    #: (`Authorization: Bearer ...`), or details are public (a local or demo deployment).
+    health_token: Annotated[SecretStr, AfterValidator(_long_enough_secret)] | None = None
+    health_details_public: bool = False
     #: Write responses carry `X-Consistency-Token`; reads that send it back see the write.
     #: Costs one query after each write's COMMIT.
     consistency_tokens: bool = True

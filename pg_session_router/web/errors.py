@@ -24,9 +24,13 @@ def error_response(status: int, code: str, detail: str) -> JSONResponse:
 
 async def handle_router_error(request: Request, exc: Exception) -> JSONResponse:
     assert isinstance(exc, RouterError)
+    detail = str(exc)
     if exc.status_code >= 500:
+        # The message names nodes and causes: for the log. The client learns what happened
+        # and whether to retry, not the topology.
         logger.error("%s %s: %s", request.method, request.url.path, exc)
-    response = error_response(exc.status_code, exc.code, str(exc))
+        detail = exc.public_detail
+    response = error_response(exc.status_code, exc.code, detail)
     if isinstance(exc, DatabaseUnavailableError):
         response.headers["Retry-After"] = str(exc.retry_after)
     return response

@@ -26,6 +26,7 @@ class RouterInstallation:
         self._custom_resolver = resolver
         self._resolver: TenantResolver | None = None
         self._tokens: bool | None = None
+        self._http: HttpSettings | None = None
 
     def configure(self, http: HttpSettings | None = None) -> None:
         """Build the HTTP wiring from `http`, by default the provider's settings (read now:
@@ -34,6 +35,14 @@ class RouterInstallation:
             http = self.provider.settings.http
         self._resolver = self._custom_resolver or build_tenant_resolver(http)
         self._tokens = http.consistency_tokens
+        self._http = http
+
+    @property
+    def http(self) -> HttpSettings:
+        if self._http is None:
+            self.configure()
+        assert self._http is not None
+        return self._http
 
     @property
     def tenant_resolver(self) -> TenantResolver:
