@@ -6,10 +6,9 @@ from __future__ import annotations
 
 import os
 import re
-import socket
+import shutil
 import subprocess
 import sys
-import time
 from collections.abc import Iterator
 from pathlib import Path
 
@@ -18,11 +17,13 @@ import pytest
 from sqlalchemy import text
 
 from pg_session_router.db.router import SessionRouter
-from pg_session_router.devcluster import DevCluster, free_port
+from pg_session_router.devcluster import DevCluster
+from tests.support.servers import uvicorn_server
 
 from .conftest import APP_ROLE
 
 ROOT = Path(__file__).resolve().parent.parent
+_NOT_SHIPPED = (".venv", ".git", "*cache*", "*.egg-info", "build", "tests", "bench", "app")
 _FILE_BLOCK = re.compile(r"```(?:python|toml)\n# file: (?P<path>\S+)\n(?P<body>.*?)```", re.S)
 
 
@@ -37,8 +38,11 @@ def host_python(tmp_path_factory: pytest.TempPathFactory) -> Path:
     venv = tmp_path_factory.mktemp("host-venv")
     subprocess.run([sys.executable, "-m", "venv", str(venv)], check=True)
     python = venv / "bin" / "python"
+    # A copy, as a published sdist would be: pip's build leaves nothing in the checkout.
+    source = tmp_path_factory.mktemp("source") / "pg-session-router"
+    shutil.copytree(ROOT, source, ignore=shutil.ignore_patterns(*_NOT_SHIPPED))
     install = subprocess.run(
-        [str(python), "-m", "pip", "install", "-q", f"{ROOT}[testing]"],
+        [str(python), "-m", "pip", "install", "-q", f"{source}[testing]"],
         capture_output=True,
         text=True,
         timeout=600,
@@ -93,36 +97,14 @@ def host_server(
         f"replicas = [{replicas}]\n"
         "[database.health]\ninterval = 0.25\n"
     )
-    port = free_port()
-    log = tmp_path / "server.log"
-    with log.open("w") as output:
-        server = subprocess.Popen(
-            [str(host_python), "-m", "uvicorn", "app.main:app", "--port", str(port)],
-            cwd=host_project,
-            env=host_env(ROUTER_CONFIG_FILE=str(config)),
-            stdout=output,
-            stderr=subprocess.STDOUT,
-        )
-    try:
-        _wait_for_port(port, server, log)
-        yield f"http://127.0.0.1:{port}"
-    finally:
-        server.terminate()
-        server.wait(timeout=30)
-
-
-def _wait_for_port(
-    port: int, server: subprocess.Popen[bytes], log: Path, within: float = 60
-) -> None:
-    deadline = time.monotonic() + within
-    while time.monotonic() < deadline:
-        if server.poll() is not None:
-            raise AssertionError(f"host app exited: {log.read_text()[-3000:]}")
-        with socket.socket() as probe:
-            if probe.connect_ex(("127.0.0.1", port)) == 0:
-                return
-        time.sleep(0.05)
-    raise AssertionError("host app did not start listening")
+    with uvicorn_server(
+        host_python,
+        "app.main:app",
+        cwd=host_project,
+        env=host_env(ROUTER_CONFIG_FILE=str(config)),
+        log=tmp_path / "server.log",
+    ) as url:
+        yield url
 
 
 async def test_a_host_app_named_app_serves_through_the_router(

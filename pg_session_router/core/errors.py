@@ -176,3 +176,10 @@ class EventLoopMismatchError(RouterError):
     """
 
     code = "event_loop_mismatch"
+
+
+class TenantStorageMissingError(DatabaseUnavailableError):
+    """A tenant's tables are not there (its migrations have not run, or not yet everywhere)."""
+
+    code = "tenant_storage_missing"
+    public_detail = "this tenant's data is not available right now; retry later"

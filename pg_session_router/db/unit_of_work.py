@@ -25,12 +25,14 @@ from pg_session_router.core.errors import (
     ConnectionLostError,
     EventLoopMismatchError,
     ReadOnlySessionError,
+    TenantStorageMissingError,
     TopologyChangedError,
 )
 from pg_session_router.db.admission import TenantAdmission
 from pg_session_router.db.consistency import ConsistencyToken, read_wal_position
 from pg_session_router.db.driver_errors import (
     READ_ONLY_SQLSTATE,
+    UNDEFINED_TABLE_SQLSTATE,
     describe_error,
     is_connect_failure,
     is_connection_loss,
@@ -175,6 +177,13 @@ class SessionOpener:
         if is_connection_loss(exc):
             return ConnectionLostError(
                 f"lost the connection to {route.node.name} mid-transaction; nothing was committed"
+            )
+        if route.placement is not None and sqlstate(exc) == UNDEFINED_TABLE_SQLSTATE:
+            # A tenant's query names a table its storage lacks: not migrated (yet), an
+            # operator's matter; the client may retry later.
+            return TenantStorageMissingError(
+                f"tenant {route.placement.tenant_id!r} on {route.node.name}: a table is "
+                "missing (run the migrations for this tenant)"
             )
         return exc
 

@@ -8,14 +8,41 @@ the database is a 500 whose body says nothing about the server (the log has the 
 from __future__ import annotations
 
 import logging
+from http import HTTPStatus
+from typing import Any
 
 from fastapi import FastAPI, Request
+from fastapi.exceptions import RequestValidationError
 from fastapi.responses import JSONResponse
-from sqlalchemy.exc import DataError, IntegrityError
+from pydantic import BaseModel
+from sqlalchemy.exc import DataError, DBAPIError, IntegrityError
+from starlette.exceptions import HTTPException as StarletteHTTPException
 
 from pg_session_router.core.errors import DatabaseUnavailableError, RouterError
 
 logger = logging.getLogger(__name__)
+
+
+class ErrorBody(BaseModel):
+    """Every error response of the router's handlers."""
+
+    error: str
+    detail: str
+
+
+def _documented(description: str) -> dict[str, Any]:
+    return {"model": ErrorBody, "description": description}
+
+
+#: OpenAPI `responses` for routes that use a tenant session: every status they may answer.
+TENANT_ROUTE_RESPONSES: dict[int | str, dict[str, Any]] = {
+    400: _documented("no tenant, a malformed tenant id or consistency token, a bad value"),
+    401: _documented("the bearer token naming the tenant is missing, forged or expired"),
+    403: _documented("the tenant is disabled"),
+    404: _documented("unknown tenant, or no such object"),
+    409: _documented("the change conflicts with existing data"),
+    503: _documented("no database server can serve the request now; see Retry-After"),
+}
 
 
 def error_response(status: int, code: str, detail: str) -> JSONResponse:
@@ -44,7 +71,38 @@ async def handle_data_error(request: Request, exc: Exception) -> JSONResponse:
     return error_response(400, "invalid_value", "a value cannot be stored as given")
 
 
+async def handle_database_error(request: Request, exc: Exception) -> JSONResponse:
+    # Anything else from the database is a bug or an outage the router did not classify: the
+    # log gets the details, the client a body that names nothing about the server.
+    logger.error("%s %s: database error", request.method, request.url.path, exc_info=exc)
+    return error_response(500, "database_error", RouterError.public_detail)
+
+
+async def handle_validation_error(request: Request, exc: Exception) -> JSONResponse:
+    """FastAPI's 422, without echoing the input: its default handler echoes it, and fails
+    with a 500 on input it cannot encode again (a lone surrogate in a JSON string)."""
+    assert isinstance(exc, RequestValidationError)
+    errors = [
+        {"loc": list(error.get("loc", ())), "msg": str(error.get("msg", "")), "type": error["type"]}
+        for error in exc.errors()
+    ]
+    return JSONResponse({"error": "invalid_request", "detail": errors}, status_code=422)
+
+
+async def handle_http_exception(request: Request, exc: Exception) -> JSONResponse:
+    """The app's own `HTTPException`s in the same shape (`detail` stays where FastAPI puts it)."""
+    assert isinstance(exc, StarletteHTTPException)
+    code = HTTPStatus(exc.status_code).phrase.lower().replace(" ", "_").replace("-", "_")
+    response = JSONResponse({"error": code, "detail": exc.detail}, status_code=exc.status_code)
+    if exc.headers:
+        response.headers.update(exc.headers)
+    return response
+
+
 def install_error_handlers(app: FastAPI) -> None:
     app.add_exception_handler(RouterError, handle_router_error)
     app.add_exception_handler(IntegrityError, handle_integrity_error)
     app.add_exception_handler(DataError, handle_data_error)
+    app.add_exception_handler(DBAPIError, handle_database_error)
+    app.add_exception_handler(RequestValidationError, handle_validation_error)
+    app.add_exception_handler(StarletteHTTPException, handle_http_exception)

@@ -10,8 +10,9 @@ from sqlalchemy import select
 
 from app.models import Item
 from pg_session_router.web import TenantReadSession, TenantWriteSession
+from pg_session_router.web.errors import TENANT_ROUTE_RESPONSES
 
-router = APIRouter(prefix="/items", tags=["items"])
+router = APIRouter(prefix="/items", tags=["items"], responses=TENANT_ROUTE_RESPONSES)
 
 _MAX_ID = 2**63 - 1
 

@@ -12,8 +12,9 @@ from fastapi import APIRouter, Query
 from sqlalchemy import text
 
 from pg_session_router.web import TenantReadSession
+from pg_session_router.web.errors import TENANT_ROUTE_RESPONSES
 
-router = APIRouter(prefix="/reports", tags=["reports"])
+router = APIRouter(prefix="/reports", tags=["reports"], responses=TENANT_ROUTE_RESPONSES)
 
 _ITEMS = text("SELECT id, name FROM items ORDER BY id DESC LIMIT :limit")
 _COUNT = text("SELECT count(*) FROM items")
