@@ -40,6 +40,9 @@ strategy = "schema"
 
 [database.tenants.initech]
 strategy = "row"
+
+[http]
+health_details_public = true   # a local demo: show every node in /health/db
 """
 
 
