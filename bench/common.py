@@ -59,6 +59,8 @@ def settings_for(cluster: DevCluster, **overrides: Any) -> DatabaseSettings:
         "tenants": {
             "acme": {"strategy": "database", "database": "acme"},
             "globex": {"strategy": "schema"},
+            "soylent": {"strategy": "schema"},
+            "tyrell": {"strategy": "schema"},
             "initech": {"strategy": "row"},
         },
     }

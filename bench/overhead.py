@@ -14,6 +14,7 @@ from __future__ import annotations
 
 import asyncio
 import gc
+import itertools
 import random
 import time
 from collections.abc import Awaitable, Callable
@@ -91,6 +92,15 @@ async def build_variants(
 
         return op
 
+    def in_turn(tenants: list[str]) -> Op:
+        turns = itertools.cycle([Target(tenant=t, intent="read") for t in tenants])
+
+        async def op() -> None:
+            async with router.session(next(turns)) as session:
+                await session.execute(SELECT_1)
+
+        return op
+
     variants: dict[str, Op] = {
         "raw asyncpg pool": raw,
         BASELINE: hand_written(plain_maker),
@@ -101,6 +111,8 @@ async def build_variants(
         "router, tenant database (read)": routed(Target(tenant="acme", intent="read")),
         "router, tenant schema (read)": routed(Target(tenant="globex", intent="read")),
         "router, tenant row (read)": routed(Target(tenant="initech", intent="read")),
+        # Pooled connections change hands between tenants: each pays the session-state reset.
+        "router, 3 schema tenants in turn (read)": in_turn(["globex", "soylent", "tyrell"]),
     }
 
     async def close() -> None:

@@ -32,7 +32,7 @@ from pg_session_router.core.settings import RouterSettings
 from pg_session_router.db.catalog import tenants_table
 from pg_session_router.db.provider import RouterProvider
 from pg_session_router.db.router import SessionRouter
-from pg_session_router.devcluster import DevCluster
+from pg_session_router.devcluster import DevCluster, free_port
 from tests.support.servers import uvicorn_server
 
 from .conftest import APP_ROLE, database_settings, tenants_config
@@ -152,3 +152,28 @@ async def test_a_catalog_row_naming_an_unknown_cluster_is_a_404_not_a_500(
     finally:
         async with router.session() as session:
             await session.execute(tenants_table.delete().where(tenants_table.c.id == "lost"))
+
+
+async def test_a_503_names_no_server_and_the_log_has_the_details(
+    migrated: DevCluster, caplog: pytest.LogCaptureFixture
+) -> None:
+    port = free_port()
+    closed = f"postgresql+asyncpg://{APP_ROLE}@127.0.0.1:{port}/app"
+    settings = database_settings(
+        migrated, clusters={"main": {"primary": closed}}, retry={"deadline": 0.3}
+    )
+    provider = RouterProvider(RouterSettings())
+    provider.set(SessionRouter(settings))
+    try:
+        async with client_for(create_app(provider)) as client:
+            response = await client.post(
+                "/items", json={"name": "x"}, headers={"X-Tenant-ID": "initech"}
+            )
+    finally:
+        await provider.dispose()
+    assert response.status_code == 503 and response.headers["Retry-After"].isdigit()
+    assert str(port) not in response.text and "main." not in response.text
+    assert any(
+        str(port) in record.getMessage() or "main.primary" in record.getMessage()
+        for record in caplog.records
+    )

@@ -8,26 +8,34 @@ from __future__ import annotations
 import asyncio
 import time
 from collections.abc import AsyncIterator, Iterator
-from typing import Any
+from typing import Annotated, Any
 
 import httpx
 import pytest
+from fastapi import Depends, FastAPI
 from sqlalchemy import text
+from sqlalchemy.ext.asyncio import AsyncSession
 
+from app.db.session import get_db, provider
 from app.main import app
 from pg_session_router.core.errors import (
     CommitOutcomeUnknownError,
+    ConnectionLostError,
     DatabaseUnavailableError,
     TopologyChangedError,
 )
 from pg_session_router.db.router import SessionRouter
 from pg_session_router.db.targets import Target
 from pg_session_router.devcluster import DevCluster
-from tests.support.faults import BlackholeServer, CommitCutter, ReadLoad, eventually
+from pg_session_router.web import install_router
+from tests.support.faults import WHO_ANSWERS, BlackholeServer, CommitCutter, ReadLoad, eventually
 
 from .conftest import APP_ROLE, HEALTH_INTERVAL, database_settings
 
-SLACK = 0.5  # scheduling and pg_ctl latency on a loaded 2-core machine
+# Scheduling and pg_ctl latency on a loaded 2-core machine: bounds that such a machine meets
+# (bench/failover.py measures the real figures: ejection in about 0.1 s), kept well below the
+# interval or deadline that would make the behaviour under test moot.
+SLACK = 1.5
 
 
 @pytest.fixture(autouse=True)
@@ -74,7 +82,7 @@ async def test_a_crash_between_requests_is_noticed_at_once_not_at_the_next_probe
         await stop(pg, "replica1")
         await eventually(
             lambda: state_of(router, "main.replica1")["state"] == "ejected",
-            within=1 + SLACK,
+            within=5,  # the next probe is 60 s away
             what="replica1 ejected without traffic, long before its next probe",
         )
         for _ in range(20):
@@ -84,31 +92,159 @@ async def test_a_crash_between_requests_is_noticed_at_once_not_at_the_next_probe
         await router.dispose()
 
 
-async def test_a_replica_dying_under_load_fails_no_reads(
+async def test_a_replica_dying_under_load_fails_no_reads(migrated: DevCluster) -> None:
+    """20 readers through `router.run`; replica1 crashes right after a probe, so the next
+    scheduled one is a whole interval away: it is ejected long before that, no read fails, and
+    after its restart it serves again."""
+    pg = migrated
+    interval = 3.0
+    router = SessionRouter(
+        database_settings(pg, health={"interval": interval, "probe_timeout": 0.5})
+    )
+    replica1 = pg.nodes["replica1"].port
+    try:
+        await router.start()
+        async with ReadLoad(router, tasks=20) as load:
+            await eventually(lambda: load.ports[replica1] > 20, within=5, what="reads on replica1")
+            probes = state_of(router, "main.replica1")["probes"]
+            await eventually(
+                lambda: state_of(router, "main.replica1")["probes"] > probes,
+                within=interval + SLACK,
+                what="a scheduled probe of replica1",
+            )
+            assert state_of(router, "main.replica1")["state"] == "up"
+            stop_issued = time.time()
+            await stop(pg, "replica1")
+            await eventually(
+                lambda: state_of(router, "main.replica1")["state"] == "ejected",
+                within=interval,
+                what="replica1 ejected",
+            )
+            ejected = state_of(router, "main.replica1")
+            # Ejected by this crash, and well before the next scheduled probe could have done it.
+            assert stop_issued <= ejected["since"] < stop_issued + interval / 2
+            assert ejected["reason"]
+            reads_before = load.total
+            await eventually(lambda: load.total > reads_before + 200, within=5, what="more reads")
+            await asyncio.to_thread(pg.start_node, "replica1")
+            restarted_at = time.monotonic()
+            await eventually(
+                lambda: load.served_by(replica1, after=restarted_at),
+                within=2 * interval + SLACK,
+                what="replica1 serving reads again",
+            )
+        assert load.failures == []
+        assert state_of(router, "main.replica1")["state"] == "up"
+    finally:
+        await router.dispose()
+
+
+def readers_app() -> FastAPI:
+    """A route as users write it: plain `Depends(get_db)`, one session, no replay."""
+    checks = FastAPI()
+    install_router(checks, provider=provider)
+
+    @checks.get("/who")
+    async def who(db: Annotated[AsyncSession, Depends(get_db)]) -> dict[str, int]:
+        await db.execute(text("SELECT pg_sleep(0.005)"))
+        return {"port": int(await db.scalar(WHO_ANSWERS))}
+
+    return checks
+
+
+async def test_sessions_opened_after_a_replica_crash_all_succeed_without_replay(
     router: SessionRouter, pg: DevCluster
 ) -> None:
+    """What `get_db` gives a request is one session, never replayed. A replica crashes under 20
+    readers (10 over HTTP, 10 plain `router.session`): every session opened after the crash is
+    served (the checkout finds the dead connections, the node is ejected, another serves). A
+    read caught mid-query by the crash may fail, but as `ConnectionLostError`, a 503 with
+    Retry-After over HTTP."""
     replica1 = pg.nodes["replica1"].port
-    async with ReadLoad(router, tasks=20) as load:
-        await eventually(lambda: load.ports[replica1] > 20, within=5, what="reads on replica1")
-        stopped_at = await stop(pg, "replica1")
-        time_to_eject = await eventually(
-            lambda: state_of(router, "main.replica1")["state"] == "ejected",
-            within=HEALTH_INTERVAL + SLACK,
-            what="replica1 ejected",
-        )
-        reads_before = load.total
-        await eventually(lambda: load.total > reads_before + 200, within=5, what="more reads")
-        assert state_of(router, "main.replica1")["reason"]
-        await asyncio.to_thread(pg.start_node, "replica1")
-        restarted_at = time.monotonic()
-        await eventually(
-            lambda: load.served_by(replica1, after=restarted_at),
-            within=2 * HEALTH_INTERVAL + SLACK,
-            what="replica1 serving reads again",
-        )
-    assert load.failures == []
-    assert time.monotonic() - stopped_at > time_to_eject  # sanity: measured from the stop
-    assert state_of(router, "main.replica1")["state"] == "up"
+    # (when the read started, its outcome): a port, or the failure (a response or exception)
+    outcomes: list[tuple[float, object]] = []
+    stopping = False
+
+    async def http_reader(client: httpx.AsyncClient) -> None:
+        while not stopping:
+            started = time.monotonic()
+            try:
+                response = await client.get("/who")
+            except Exception as exc:  # judged below
+                outcomes.append((started, exc))
+                continue
+            ok = response.status_code == 200
+            outcomes.append((started, response.json()["port"] if ok else response))
+
+    async def session_reader() -> None:
+        while not stopping:
+            started = time.monotonic()
+            try:
+                async with router.session("replica") as session:
+                    await session.execute(text("SELECT pg_sleep(0.005)"))
+                    port = int(await session.scalar(WHO_ANSWERS))
+            except Exception as exc:  # judged below
+                outcomes.append((started, exc))
+            else:
+                outcomes.append((started, port))
+
+    async with httpx.AsyncClient(
+        transport=httpx.ASGITransport(app=readers_app()), base_url="http://test"
+    ) as client:
+        readers = [asyncio.create_task(http_reader(client)) for _ in range(10)]
+        readers += [asyncio.create_task(session_reader()) for _ in range(10)]
+        try:
+            await eventually(
+                lambda: sum(1 for _, port in outcomes if port == replica1) > 20,
+                within=5,
+                what="reads on replica1",
+            )
+            await stop(pg, "replica1")
+            crashed_at = time.monotonic()
+            await eventually(
+                lambda: sum(1 for at, _ in outcomes if at > crashed_at) > 300,
+                within=10,
+                what="reads after the crash",
+            )
+        finally:
+            stopping = True
+            await asyncio.gather(*readers)
+
+    opened_after = [outcome for at, outcome in outcomes if at > crashed_at]
+    failed_after = [outcome for outcome in opened_after if not isinstance(outcome, int)]
+    assert failed_after == []
+    assert state_of(router, "main.replica1")["state"] == "ejected"
+    for _, outcome in outcomes:
+        if isinstance(outcome, httpx.Response):
+            assert outcome.status_code == 503, outcome.text
+            assert outcome.json()["error"] == "connection_lost"
+            assert outcome.headers["Retry-After"].isdigit()
+        elif isinstance(outcome, BaseException):
+            assert isinstance(outcome, ConnectionLostError), repr(outcome)
+
+
+async def test_a_read_whose_connection_dies_before_it_ends_still_succeeds(
+    router: SessionRouter, pg: DevCluster
+) -> None:
+    checks = FastAPI()
+    install_router(checks, provider=provider)
+
+    @checks.get("/dies")
+    async def dies(db: Annotated[AsyncSession, Depends(get_db)]) -> dict[str, str]:
+        pid = await db.scalar(text("SELECT pg_backend_pid()"))
+        node = db.info["node"].split(".")[1]
+        raw = (await (await db.connection()).get_raw_connection()).driver_connection
+        assert raw is not None
+        await asyncio.to_thread(pg.sql, node, f"SELECT pg_terminate_backend({pid})")
+        await eventually(raw.is_closed, within=5, what="the session's connection to close")
+        return {"status": "read done"}
+
+    transport = httpx.ASGITransport(app=checks, raise_app_exceptions=False)
+    async with httpx.AsyncClient(transport=transport, base_url="http://test") as client:
+        response = await client.get("/dies")
+    # The read had its rows; its connection died after: discarded, and the request succeeds.
+    assert response.status_code == 200, response.text
+    assert response.json() == {"status": "read done"}
 
 
 async def test_terminated_backends_fail_no_requests(router: SessionRouter, pg: DevCluster) -> None:
@@ -173,7 +309,7 @@ async def test_a_replica_whose_replay_is_paused_stops_receiving_reads(
             )
         await eventually(
             lambda: not state_of(router, "main.replica1")["fresh"],
-            within=2 * HEALTH_INTERVAL + SLACK,
+            within=5,
             what="replica1 marked lagging",
         )
         async with ReadLoad(router, tasks=5) as load:
@@ -306,12 +442,33 @@ async def test_a_connection_lost_during_commit_is_an_unknown_outcome_never_repla
 
 
 async def test_a_write_on_a_node_that_is_read_only_is_a_topology_change(
-    router: SessionRouter,
+    migrated: DevCluster,
 ) -> None:
-    with pytest.raises(TopologyChangedError, match="no longer a primary"):
-        async with router.session(Target(node="main.replica1", intent="write")) as session:
-            await session.execute(text("INSERT INTO items (name) VALUES ('misrouted')"))
-    assert state_of(router, "main.replica1")["role"] == "replica"
+    """The router last saw replica1 as a primary (a failover happened since its last probe, and
+    the next one is a minute away). A write that reaches it marks it as a replica and wakes the
+    monitor: the change is the write's doing, not a scheduled probe's."""
+    router = SessionRouter(
+        database_settings(migrated, health={"interval": 60, "probe_timeout": 0.5})
+    )
+    try:
+        await router.start()
+        health = router.node("main.replica1").health
+        # start() probes once and starts the monitor, whose loop probes again at once; after
+        # that the next probe is a minute away.
+        await eventually(lambda: health.probes >= 2, within=5, what="the monitor's first round")
+        health.in_recovery = False  # what a probe before a failover would have left behind
+        assert state_of(router, "main.replica1")["role"] == "primary"
+        probes = health.probes
+        with pytest.raises(TopologyChangedError, match="no longer a primary"):
+            async with router.session(Target(node="main.replica1", intent="write")) as session:
+                await session.execute(text("INSERT INTO items (name) VALUES ('misrouted')"))
+        assert state_of(router, "main.replica1")["role"] == "replica"
+        await eventually(
+            lambda: health.probes > probes, within=5, what="the monitor woken by the write"
+        )
+        assert state_of(router, "main.replica1")["role"] == "replica"
+    finally:
+        await router.dispose()
 
 
 @pytest.fixture
@@ -332,7 +489,11 @@ async def discovering_router(small_cluster: DevCluster) -> AsyncIterator[Session
     nodes = [
         small_cluster.url(name, database="app", user=APP_ROLE) for name in ("replica1", "primary")
     ]
-    settings = database_settings(small_cluster, clusters={"main": {"nodes": nodes}}, tenants={})
+    # A retry deadline well above the promotion bound the test asserts, so that the bound, not
+    # the deadline, is what a slow discovery would fail.
+    settings = database_settings(
+        small_cluster, clusters={"main": {"nodes": nodes}}, tenants={}, retry={"deadline": 10.0}
+    )
     router = SessionRouter(settings)
     await router.start()
     try:
@@ -362,5 +523,6 @@ async def test_roles_are_discovered_and_a_promoted_replica_takes_the_writes(
 
     port = await router.run(insert)
     assert port == replica
+    # README: "within about two health intervals"; a loaded machine gets SLACK on top.
     assert time.monotonic() - promoted_at < 2 * HEALTH_INTERVAL + SLACK
     assert state_of(router, "main.node1")["role"] == "primary"

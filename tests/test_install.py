@@ -46,10 +46,12 @@ def installed(router: SessionRouter, app: FastAPI | None = None) -> FastAPI:
 
 
 async def count(router: SessionRouter, x: int) -> int:
+    """Rows with `x`, which are then deleted (the table is shared by other tests)."""
     async with router.session() as session:
         found = await session.scalar(
             text("SELECT count(*) FROM deferred_check WHERE x = :x"), {"x": x}
         )
+        await session.execute(text("DELETE FROM deferred_check WHERE x = :x"), {"x": x})
     return int(found or 0)
 
 

@@ -11,6 +11,7 @@ from pathlib import Path
 
 import pytest
 from sqlalchemy import func, inspect, select, text
+from sqlalchemy.exc import IntegrityError
 
 from app.db import session as public
 from app.db.session import get_db_context
@@ -49,11 +50,11 @@ async def test_rolls_back_on_error_and_reraises(router: SessionRouter) -> None:
 
 
 async def test_failed_commit_raises_and_keeps_nothing(router: SessionRouter) -> None:
-    with pytest.raises(Exception, match="deferred_unique"):
+    with pytest.raises(IntegrityError, match="deferred_unique"):
         async with get_db_context() as session:
             await session.execute(text("INSERT INTO deferred_check VALUES (7), (7)"))
     async with get_db_context() as session:
-        assert await session.scalar(text("SELECT count(*) FROM deferred_check")) == 0
+        assert await session.scalar(text("SELECT count(*) FROM deferred_check WHERE x = 7")) == 0
 
 
 async def test_connection_is_returned_on_success_error_and_cancellation(
@@ -78,7 +79,7 @@ async def test_connection_is_returned_on_success_error_and_cancellation(
         assert inspect(item).detached  # closed: no lazy load can check out a connection later
         assert ("consistency_token" in session.info) is with_token
 
-    with pytest.raises(Exception, match="deferred_unique"):  # the COMMIT itself fails
+    with pytest.raises(IntegrityError, match="deferred_unique"):  # the COMMIT itself fails
         async with router.session(consistency_token=True) as session:
             await session.execute(text("INSERT INTO deferred_check VALUES (8), (8)"))
     assert checked_out(router) == 0

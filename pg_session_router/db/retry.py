@@ -73,7 +73,9 @@ class RetryPolicy:
                     return await attempt_once()
         except RetryError as exc:
             last = exc.last_attempt.exception()
-            raise DatabaseUnavailableError(
+            # Keep the kind when the last attempt knew it (NoNodeAvailableError: none eligible).
+            kind = type(last) if isinstance(last, DatabaseUnavailableError) else None
+            raise (kind or DatabaseUnavailableError)(
                 f"could not {what} within {self.settings.deadline}s: {describe_error(last)}",
                 last_error=last,
             ) from last

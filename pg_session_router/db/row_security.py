@@ -29,7 +29,7 @@ SELECT (SELECT rolsuper OR rolbypassrls FROM pg_roles WHERE rolname = current_us
                JOIN pg_namespace n ON n.oid = c.relnamespace
                JOIN pg_attribute a ON a.attrelid = c.oid
               WHERE a.attname = 'tenant_id' AND NOT a.attisdropped
-                AND c.relkind IN ('r', 'p')
+                AND c.relkind IN ('r', 'p') AND c.relpersistence <> 't'
                 AND n.nspname = ANY (current_schemas(false))
                 AND NOT (c.relrowsecurity AND c.relforcerowsecurity)
               ORDER BY 1) AS unconfined

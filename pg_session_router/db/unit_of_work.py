@@ -269,7 +269,7 @@ class UnitOfWork:
                     if translated is not exc:
                         raise translated from exc
         finally:
-            await _close_shielded(session)
+            await _close_ending(session, route)
 
 
 def _check_out(session: Session) -> None:
@@ -341,6 +341,19 @@ async def _close_shielded(session: AsyncSession) -> None:
     # the request's task is cancelled meanwhile, so the connection still goes back to its pool
     # (what AsyncSession.__aexit__ does, without calling a dunder of someone else's class).
     await asyncio.shield(session.close())
+
+
+async def _close_ending(session: AsyncSession, route: Route) -> None:
+    """Close after work that ends without COMMIT. If the connection died after the last
+    statement, the ROLLBACK that close() sends fails: nothing was written, and a read has its
+    rows already, so the dead connection is discarded (SQLAlchemy invalidates it) and the unit
+    of work ends as it would have (a read that succeeded stays a success)."""
+    try:
+        await _close_shielded(session)
+    except Exception as exc:
+        if not is_connection_loss(exc):
+            raise
+        logger.info("connection to %s lost while ending a unit of work", route.node.name)
 
 
 async def _close_quietly(session: AsyncSession) -> None:

@@ -19,6 +19,7 @@ from sqlalchemy.exc import DataError, DBAPIError, IntegrityError
 from starlette.exceptions import HTTPException as StarletteHTTPException
 
 from pg_session_router.core.errors import DatabaseUnavailableError, RouterError
+from pg_session_router.db.driver_errors import sqlstate
 
 logger = logging.getLogger(__name__)
 
@@ -72,6 +73,10 @@ async def handle_data_error(request: Request, exc: Exception) -> JSONResponse:
 
 
 async def handle_database_error(request: Request, exc: Exception) -> JSONResponse:
+    # SQLAlchemy's asyncpg dialect raises a plain DBAPIError for SQLSTATE class 22 (data
+    # exception: out of range, invalid text representation...): input, so a 400 like DataError.
+    if (sqlstate(exc) or "").startswith("22"):
+        return await handle_data_error(request, exc)
     # Anything else from the database is a bug or an outage the router did not classify: the
     # log gets the details, the client a body that names nothing about the server.
     logger.error("%s %s: database error", request.method, request.url.path, exc_info=exc)
