@@ -36,7 +36,12 @@ from pg_session_router.core.settings import (
 from pg_session_router.db.balancing import POLICIES, ReplicaPolicy
 from pg_session_router.db.health import HealthMonitor, ServerHealth
 from pg_session_router.db.keys import ClusterKey
-from pg_session_router.db.routed_session import OWNER_KEY, UNKNOWN_OWNER, RoutedSession
+from pg_session_router.db.routed_session import (
+    OWNER_KEY,
+    ROUTED_KEY,
+    UNKNOWN_OWNER,
+    RoutedSession,
+)
 
 logger = logging.getLogger(__name__)
 
@@ -55,21 +60,13 @@ def _discard_closed_connections(dbapi_connection: Any, record: Any, proxy: Any) 
     driver = dbapi_connection.driver_connection
     if driver is not None and driver.is_closed():
         raise InvalidatePoolError("the server closed this pooled connection")
-    record.info[_ROUTED_KEY] = False
-
-
-_ROUTED_KEY = "pg_session_router.routed"
-
-
-@event.listens_for(RoutedSession, "after_begin")
-def _mark_routed(session: RoutedSession, transaction: Any, connection: Any) -> None:
-    connection.connection.info[_ROUTED_KEY] = True
+    record.info[ROUTED_KEY] = False
 
 
 def _note_use_outside_the_router(dbapi_connection: Any, record: Any) -> None:
     """Pool checkin hook: a connection used only outside routed sessions (`engine.connect()`)
     may carry anything; its next routed owner resets it (see `reset_session_state`)."""
-    if not record.info.get(_ROUTED_KEY, True):
+    if not record.info.get(ROUTED_KEY, True):
         record.info[OWNER_KEY] = UNKNOWN_OWNER
 
 

@@ -95,6 +95,7 @@ def _run_transaction_setup(
     if info.get(OWNER_KEY, owner) != owner:
         reset_session_state(connection)
     info[OWNER_KEY] = owner
+    info[ROUTED_KEY] = True  # used by a routed session (see cluster._note_use_outside_the_router)
     setup = session.transaction_setup
     if setup is not None:
         connection.execute(setup[0], setup[1])
@@ -103,6 +104,7 @@ def _run_transaction_setup(
 #: Who last used a pooled connection: a tenant id, None (no tenant), or `UNKNOWN_OWNER`
 #: (used outside a routed session, e.g. through `engine.connect()`), in the connection's info.
 OWNER_KEY = "pg_session_router.owner"
+ROUTED_KEY = "pg_session_router.routed"
 UNKNOWN_OWNER = "<unknown>"
 # What a unit of work may leave on its connection beyond its transaction (the pool's own reset
 # is a ROLLBACK): session-level SETs, temporary tables, LISTENs, advisory locks, cursors.
