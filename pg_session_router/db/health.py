@@ -110,7 +110,12 @@ class ServerHealth:
         self.in_recovery = bool(row["in_recovery"])
         self.lsn = int(row["lsn"])
         self.replay_paused = bool(row["paused"])
-        self.lag_seconds = float(row["lag_seconds"]) if self.in_recovery else 0.0
+        # NULL on a replica that has not replayed any commit yet: the seconds are unknown (the
+        # byte lag still decides); never a TypeError that would abort the probe round.
+        seconds = row["lag_seconds"]
+        self.lag_seconds = (
+            (float(seconds) if seconds is not None else None) if self.in_recovery else 0.0
+        )
         if not self.in_recovery:
             self.lag_bytes = 0
         self.last_probe_at = time.time()
@@ -227,14 +232,17 @@ class HealthMonitor:
         self._update_lag()
 
     async def _probe(self, server: ServerHealth) -> None:
+        # Any failure judges this server only: one server's odd error (asyncpg's own
+        # InternalClientError on a connection the server just terminated, say) must not abort
+        # the round for every other server.
         try:
             row = await self._query(server, reuse=True)
-        except (OSError, asyncpg.PostgresError, asyncpg.InterfaceError):  # incl. timeouts
+        except Exception:  # incl. timeouts
             # The kept connection may simply be stale (backend terminated, server restarted
             # since the last round): judge the server on a fresh connection, not on that.
             try:
                 row = await self._query(server, reuse=False)
-            except (OSError, asyncpg.PostgresError, asyncpg.InterfaceError) as exc:
+            except Exception as exc:
                 server.eject(f"probe failed: {describe_error(exc)}")
                 return
         server.record_probe(row)

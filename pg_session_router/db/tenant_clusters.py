@@ -25,6 +25,11 @@ from pg_session_router.db.keys import ClusterKey
 logger = logging.getLogger(__name__)
 
 
+def _loop_time(monotonic_deadline: float) -> float:
+    """A `time.monotonic()` deadline on the running loop's clock."""
+    return asyncio.get_running_loop().time() + (monotonic_deadline - time.monotonic())
+
+
 class TenantClusterCache:
     """The LRU of tenant clusters, bounded in engines (one per node)."""
 
@@ -65,26 +70,45 @@ class TenantClusterCache:
         return cluster
 
     async def acquire(self, key: ClusterKey) -> Cluster:
-        """The tenant's cluster, built when missing, after making room within the bound."""
+        """The tenant's cluster, built when missing, after making room within the bound.
+
+        One deadline for the whole wait, queueing for the lock included: a request never waits
+        longer than the pool timeout, however many are queued before it."""
+        deadline = time.monotonic() + self._wait_timeout
         if self._lock is None:
             self._lock = asyncio.Lock()
-        async with self._lock:
-            deadline = time.monotonic() + self._wait_timeout
-            cluster = self._lru.get(key)
-            if cluster is not None and not cluster.draining:
-                self.touch(key)
-                return cluster
-            if cluster is not None:  # being drained for someone else: let it go, then rebuild
-                await self._until_idle(cluster, deadline)
-                await self.evict(cluster)
-            cluster = self._build(key)
-            try:
-                await self._make_room(len(cluster.nodes), deadline)
-            except BaseException:
-                self._on_evict(cluster)
-                await cluster.dispose()
-                raise
-            return self._admit(key, cluster)
+        try:
+            async with asyncio.timeout_at(_loop_time(deadline)):
+                await self._lock.acquire()
+        except TimeoutError:
+            raise self._busy() from None
+        try:
+            return await self._acquire_locked(key, deadline)
+        finally:
+            self._lock.release()
+
+    async def _acquire_locked(self, key: ClusterKey, deadline: float) -> Cluster:
+        cluster = self._lru.get(key)
+        if cluster is not None and not cluster.draining:
+            self.touch(key)
+            return cluster
+        if cluster is not None:  # being drained for someone else: let it go, then rebuild
+            await self._until_idle(cluster, deadline)
+            await self.evict(cluster)
+        cluster = self._build(key)
+        try:
+            await self._make_room(len(cluster.nodes), deadline)
+        except BaseException:
+            self._on_evict(cluster)
+            await cluster.dispose()
+            raise
+        return self._admit(key, cluster)
+
+    def _busy(self) -> DatabaseUnavailableError:
+        return DatabaseUnavailableError(
+            f"all {self.engines} tenant database engines are busy "
+            "(database.tenancy.max_engines); try again shortly"
+        )
 
     async def _make_room(self, needed: int, deadline: float) -> None:
         while self.engines + needed > self.max_engines:
@@ -101,10 +125,9 @@ class TenantClusterCache:
         while cluster.in_flight > 0:
             remaining = deadline - time.monotonic()
             if remaining <= 0:
-                raise DatabaseUnavailableError(
-                    f"all {self.engines} tenant database engines are busy "
-                    "(database.tenancy.max_engines); try again shortly"
-                )
+                # Given up: the cluster goes on serving its own tenant as before.
+                cluster.draining = False
+                raise self._busy()
             self._idle.clear()
             with contextlib.suppress(TimeoutError):
                 await asyncio.wait_for(self._idle.wait(), remaining)

@@ -90,16 +90,15 @@ class SessionOpener:
             self.check_loop()
         if not self.monitor.running:
             self.monitor.start_soon()
+        # The deadline runs from the start of the unit of work, as in router.run (one rule).
+        deadline_at = deadline_at or self.retry.deadline_at()
         try:  # the common case: first attempt, no retry machinery allocated
             return await self._open_once(target)
         except Exception as exc:
             if not is_connect_failure(exc):
                 raise
         return await self.retry.call(
-            lambda: self._open_once(target),
-            is_connect_failure,
-            deadline_at or self.retry.deadline_at(),
-            "open a session",
+            lambda: self._open_once(target), is_connect_failure, deadline_at, "open a session"
         )
 
     async def _open_once(self, target: Target) -> tuple[AsyncSession, Route]:

@@ -1,0 +1,94 @@
+"""Reliability bugs found in review of the session-opening path, each pinned by a test.
+
+- a replica that has not replayed any commit yet reports no lag in seconds (NULL): the probe
+  must not fail on it (it would abort the probe round, and the app's startup);
+- the wait for room among tenant engines has one deadline, lock queueing included, and a
+  drain that gives up leaves the cluster serving as before;
+- the retry deadline runs from the start of the unit of work, in `session()` as in `run()`.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import time
+from typing import Any
+
+import pytest
+from sqlalchemy import text
+from sqlalchemy.engine import make_url
+
+from pg_session_router.core.errors import DatabaseUnavailableError
+from pg_session_router.core.settings import HealthSettings
+from pg_session_router.db.health import ServerHealth
+from pg_session_router.db.router import SessionRouter
+from pg_session_router.devcluster import DevCluster
+from tests.support.faults import BlackholeServer
+
+from .conftest import APP_ROLE, database_settings
+
+
+def test_a_replica_with_no_replayed_commit_yet_is_probed_without_error() -> None:
+    health = ServerHealth("db:5432", make_url("postgresql+asyncpg://u@db/x"), HealthSettings())
+    # What PROBE_SQL returns then: pg_last_xact_replay_timestamp() is NULL.
+    health.record_probe({"in_recovery": True, "lsn": 1234, "paused": False, "lag_seconds": None})
+    assert health.in_recovery is True and health.lag_seconds is None and health.lsn == 1234
+
+
+@pytest.fixture
+async def tight_engine_budget(migrated: DevCluster) -> Any:
+    # acme's cluster has 3 nodes (primary + 2 replicas): it alone fills a 3-engine budget.
+    router = SessionRouter(
+        database_settings(migrated, tenancy={"max_engines": 3, "pool": {"size": 1, "timeout": 0.5}})
+    )
+    try:
+        yield router
+    finally:
+        await router.dispose()
+
+
+async def test_queued_requests_for_room_each_wait_one_timeout_and_a_failed_drain_is_undone(
+    tight_engine_budget: SessionRouter,
+) -> None:
+    router = tight_engine_budget
+    async with router.session(tenant="acme") as held:  # acme's engines stay busy
+        await held.execute(text("SELECT 1"))
+
+        async def umbrella() -> float:
+            started = time.monotonic()
+            with pytest.raises(DatabaseUnavailableError, match="busy"):
+                async with router.session(tenant="umbrella"):
+                    pass
+            return time.monotonic() - started
+
+        started = time.monotonic()
+        waits = await asyncio.gather(*(umbrella() for _ in range(3)))
+        assert time.monotonic() - started < 0.5 + 0.7, waits  # not 3 x the pool timeout
+        # The drain gave up: acme is served at once, not parked behind it.
+        opened = time.monotonic()
+        async with router.session(tenant="acme", read_only=True) as again:
+            await again.execute(text("SELECT 1"))
+        assert time.monotonic() - opened < 0.4
+
+
+async def test_the_retry_deadline_counts_from_the_start_of_the_unit_of_work(
+    migrated: DevCluster,
+) -> None:
+    async with BlackholeServer() as blackhole:  # accepts, never answers: each try waits 1 s
+        silent = f"postgresql+asyncpg://{APP_ROLE}@127.0.0.1:{blackhole.port}/app"
+        settings = database_settings(
+            migrated,
+            clusters={"main": {"primary": silent}},
+            tenants={},
+            connect_timeout=1.0,
+            retry={"deadline": 1.0},
+        )
+        router = SessionRouter(settings)
+        started = time.monotonic()
+        try:
+            with pytest.raises(DatabaseUnavailableError):
+                async with router.session():
+                    pass
+        finally:
+            await router.dispose()
+    # One connect timeout fills the whole deadline: no second full round of retries after it.
+    assert time.monotonic() - started < 1.0 + 0.7
