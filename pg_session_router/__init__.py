@@ -26,10 +26,12 @@ from pg_session_router.core.errors import (
     TenantError,
     TenantInactiveError,
     TenantRequiredError,
+    TenantStorageMissingError,
     TopologyChangedError,
     UnknownTenantError,
 )
-from pg_session_router.core.settings import RouterSettings, load_settings
+from pg_session_router.core.settings import RouterSettings
+from pg_session_router.core.validation import load_settings
 from pg_session_router.db.consistency import ConsistencyToken
 from pg_session_router.db.provider import RouterProvider
 from pg_session_router.db.router import SessionRouter
@@ -59,6 +61,7 @@ __all__ = [
     "TenantError",
     "TenantInactiveError",
     "TenantRequiredError",
+    "TenantStorageMissingError",
     "TopologyChangedError",
     "UnknownTenantError",
     "load_settings",

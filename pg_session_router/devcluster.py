@@ -49,6 +49,14 @@ log_min_messages = warning
 """
 
 
+def _identifier(name: str) -> str:
+    return '"' + name.replace('"', '""') + '"'
+
+
+def _literal(value: str) -> str:
+    return "'" + value.replace("'", "''") + "'"
+
+
 class DevClusterError(RuntimeError):
     """A server command failed; the message carries its output."""
 
@@ -304,15 +312,17 @@ class DevCluster:
 
     def create_role(self, role: str, *, createdb: bool = False) -> None:
         """An ordinary login role (row-level security applies to it), optionally CREATEDB."""
-        exists = self.sql("primary", f"SELECT 1 FROM pg_roles WHERE rolname = '{role}'")
+        exists = self.sql("primary", f"SELECT 1 FROM pg_roles WHERE rolname = {_literal(role)}")
         if not exists:
             create = "CREATEDB" if createdb else "NOCREATEDB"
-            self.sql("primary", f'CREATE ROLE "{role}" LOGIN NOSUPERUSER NOBYPASSRLS {create}')
+            name = _identifier(role)
+            self.sql("primary", f"CREATE ROLE {name} LOGIN NOSUPERUSER NOBYPASSRLS {create}")
 
     def create_database(self, database: str, *, owner: str) -> None:
-        exists = self.sql("primary", f"SELECT 1 FROM pg_database WHERE datname = '{database}'")
-        if not exists:
-            self.sql("primary", f'CREATE DATABASE "{database}" OWNER "{owner}"')
+        query = f"SELECT 1 FROM pg_database WHERE datname = {_literal(database)}"
+        if not self.sql("primary", query):
+            name, role = _identifier(database), _identifier(owner)
+            self.sql("primary", f"CREATE DATABASE {name} OWNER {role}")
 
     # -- running server binaries ---------------------------------------------------------
 

@@ -131,6 +131,18 @@ def test_init_arguments_override_everything(config_file: Path) -> None:
             ),
             "database.tenants.x.database: database 'template1' is reserved",
         ),
+        (  # a schema named after the role the router connects as shadows "$user" paths
+            ('schema = "globex"', 'schema = "globex"\n[database.tenants.app]\nstrategy = "schema"'),
+            "database.tenants.app: schema 'app' is reserved (a role the router connects as)",
+        ),
+        (  # the default cluster's own database, spelled through another host name
+            (
+                'schema = "globex"',
+                'schema = "globex"\n[database.tenants.x]\nstrategy = "database"'
+                '\nurl = "postgresql://app@LOCALHOST:5432/app"',
+            ),
+            "database.tenants.x: its database 'app' is already used by cluster main",
+        ),
         (
             (
                 'schema = "globex"',

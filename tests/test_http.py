@@ -143,6 +143,23 @@ async def test_health_details_are_for_operators_only(router: SessionRouter) -> N
     assert "127.0.0.1" not in operator.text and "endpoint" not in nodes["main.primary"]
 
 
+async def test_health_details_name_no_address_even_in_failure_reasons(
+    router: SessionRouter,
+) -> None:
+    provider = RouterProvider(RouterSettings(http=HttpSettings(health_details_public=True)))
+    provider.set(router)
+    replica = router.node("main.replica2").health
+    replica.eject("probe failed: OSError: Connect call failed ('10.9.8.7', 5432)")
+    try:
+        async with client_for(create_app(provider)) as client:
+            body = (await client.get("/health/db")).json()
+    finally:
+        replica.admit()
+    assert body["status"] == "degraded"
+    assert body["nodes"]["main.replica2"]["reason"] == "probe failed: OSError"
+    assert "10.9.8.7" not in str(body)
+
+
 async def test_a_failed_commit_is_never_reported_as_success(router: SessionRouter) -> None:
     """Plain `Depends(get_db)`, as users write it: the commit happens before the response."""
     checks = FastAPI()

@@ -16,12 +16,15 @@ from typing import Annotated, Any
 
 import httpx
 import pytest
-from fastapi import Depends, FastAPI, Request
+from fastapi import Depends, FastAPI, HTTPException, Request
+from fastapi.exceptions import RequestValidationError
+from fastapi.responses import JSONResponse
 from sqlalchemy import text
 from sqlalchemy.ext.asyncio import AsyncSession
 
 from pg_session_router.core.errors import ConfigError, RouterNotInstalledError
-from pg_session_router.core.settings import RouterSettings, load_settings
+from pg_session_router.core.settings import RouterSettings
+from pg_session_router.core.validation import load_settings
 from pg_session_router.db.provider import RouterProvider
 from pg_session_router.db.router import SessionRouter
 from pg_session_router.devcluster import DevCluster
@@ -237,3 +240,26 @@ finally:
     lines = result.stdout.splitlines()
     assert lines[0] == "served 1 1"
     assert lines[1].startswith("refused: ") and "another event loop" in lines[1]
+
+
+async def test_the_hosts_own_handlers_are_kept_and_odd_statuses_never_crash(
+    router: SessionRouter,
+) -> None:
+    app = FastAPI()
+
+    @app.exception_handler(RequestValidationError)
+    async def own(request: Request, exc: Exception) -> JSONResponse:
+        return JSONResponse({"mine": True}, status_code=418)
+
+    installed(router, app)
+
+    @app.get("/n/{n}")
+    async def n(n: int) -> None:
+        raise HTTPException(status_code=n)
+
+    async with client_for(app) as client:
+        assert (await client.get("/n/not-a-number")).json() == {"mine": True}
+        unusual = await client.get("/n/499")
+        empty = await client.get("/n/204")
+    assert unusual.status_code == 499 and unusual.json()["error"] == "http_error"
+    assert empty.status_code == 204 and empty.content == b""

@@ -132,3 +132,13 @@ def test_resolver_settings_are_checked() -> None:
     secret = "hunter2-" * 5
     settings = HttpSettings(tenant_resolver="token", token_secret=secret)  # type: ignore[arg-type]
     assert secret not in repr(settings)
+
+
+async def test_two_tenant_headers_are_refused_never_guessed_between(router: SessionRouter) -> None:
+    app = app_with(HeaderResolver())
+    transport = httpx.ASGITransport(app=app)
+    async with httpx.AsyncClient(transport=transport, base_url="http://test") as client:
+        response = await client.get(
+            "/where", headers=[("X-Tenant-ID", "acme"), ("X-Tenant-ID", "globex")]
+        )
+    assert response.status_code == 400 and response.json()["error"] == "invalid_tenant"

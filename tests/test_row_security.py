@@ -76,3 +76,31 @@ async def test_a_tenant_table_without_forced_row_security_is_refused(
 async def test_an_ordinary_role_serves_row_tenants(router: SessionRouter) -> None:
     async with router.session(tenant="initech") as session:
         assert await session.scalar(text("SELECT current_setting('app.tenant_id')")) == "initech"
+
+
+async def test_a_replica_connecting_as_a_superuser_is_refused(migrated: DevCluster) -> None:
+    main = {
+        "primary": migrated.url(database="app", user=APP_ROLE),
+        "replicas": [migrated.url("replica1", database="app", user="postgres")],
+    }
+    router = SessionRouter(database_settings(migrated, clusters={"main": main}))
+    try:
+        with pytest.raises(ConfigError, match="role 'postgres'"):
+            await router.start()
+    finally:
+        await router.dispose()
+
+
+async def test_a_materialized_view_of_tenant_rows_is_refused(
+    migrated: DevCluster, router: SessionRouter
+) -> None:
+    async with router.session() as session:
+        await session.execute(text("CREATE MATERIALIZED VIEW every_item AS SELECT * FROM items"))
+    fresh = SessionRouter(database_settings(migrated))
+    try:
+        with pytest.raises(ConfigError, match="every_item"):
+            await fresh.start()
+    finally:
+        await fresh.dispose()
+        async with router.session() as session:
+            await session.execute(text("DROP MATERIALIZED VIEW every_item"))

@@ -223,3 +223,24 @@ async def test_tenant_transactions_cannot_read_the_catalog(
             await session.execute(
                 tenants_table.delete().where(tenants_table.c.id == "visible-to-the-router-only")
             )
+
+
+async def test_a_reused_row_tenant_id_does_not_inherit_rows_left_behind(
+    router: SessionRouter,
+) -> None:
+    tenant_id = unique("rows-")
+    await add(router, tenant_id, TenantSettings(strategy="row"))
+    async with router.session(tenant=tenant_id) as session:
+        session.add(Item(name="left-behind"))
+    await provisioning.remove_tenant(router, tenant_id)  # no --drop: the rows stay
+    try:
+        with pytest.raises(TenantConflictError, match="1 in items"):
+            await add(router, tenant_id, TenantSettings(strategy="row"))
+        assert tenant_id not in router.tenants
+        await add(router, tenant_id, TenantSettings(strategy="row"), adopt=True)
+        async with router.session(tenant=tenant_id) as session:
+            assert (await session.scalars(select(Item.name))).all() == ["left-behind"]
+    finally:
+        if tenant_id not in router.tenants:
+            await add(router, tenant_id, TenantSettings(strategy="row"), adopt=True)
+        await provisioning.remove_tenant(router, tenant_id, drop=True, metadata=Base.metadata)

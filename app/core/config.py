@@ -14,7 +14,7 @@ from typing import Any
 
 from pg_session_router.core.errors import ConfigError
 from pg_session_router.core.settings import RouterSettings
-from pg_session_router.core.settings import load_settings as load_router_settings
+from pg_session_router.core.validation import load_settings as load_router_settings
 
 ENV_PREFIX = "APP_"
 CONFIG_FILE_ENV = "APP_CONFIG_FILE"

@@ -15,10 +15,7 @@ configuration never prints the secret it contained.
 
 from __future__ import annotations
 
-import tomllib
-from collections.abc import Mapping
-from pathlib import Path
-from typing import Annotated, Any, Literal
+from typing import Annotated, Literal
 
 from pydantic import (
     AfterValidator,
@@ -44,12 +41,10 @@ from pydantic_settings import (
 from sqlalchemy.engine import URL, make_url
 from sqlalchemy.exc import ArgumentError
 
-from pg_session_router.core.errors import ConfigError
 from pg_session_router.core.names import (
     IDENTIFIER_RULE,
     TENANT_ID_RULE,
     database_problem,
-    default_schema_name,
     is_identifier,
     is_tenant_id,
     schema_problem,
@@ -343,42 +338,6 @@ class RouterSettings(BaseSettings):
         return (init_settings, env_settings, dotenv_settings, toml)
 
 
-def load_settings(
-    config_file: Path | str | None = None,
-    *,
-    env_prefix: str = DEFAULT_ENV_PREFIX,
-    env_file: Path | str | None = ".env",
-    **overrides: Any,
-) -> RouterSettings:
-    """Build and check settings; every problem becomes a `ConfigError` naming its key.
-
-    `config_file`: a TOML file (must exist when given). `env_prefix`: the prefix of the
-    environment variables read (`<prefix>DATABASE__CLUSTERS__MAIN__PRIMARY=...`).
-    """
-    path = Path(config_file) if config_file is not None else None
-    if path is not None and not path.is_file():
-        raise ConfigError(f"config file not found: {path}")
-    # A subclass per call carries the host's prefix and file into pydantic-settings' sources
-    # (they read them from model_config); built at startup only, so its cost does not matter.
-    configured = type(
-        "RouterSettings",
-        (RouterSettings,),
-        {
-            "model_config": SettingsConfigDict(
-                env_prefix=env_prefix, env_file=env_file, toml_file=path
-            )
-        },
-    )
-    try:
-        settings: RouterSettings = configured(**overrides)
-    except ValidationError as exc:
-        raise ConfigError(format_validation_error(exc)) from None
-    except tomllib.TOMLDecodeError as exc:
-        raise ConfigError(f"{path}: not valid TOML: {exc}") from None
-    check_database_settings(settings.database)
-    return settings
-
-
 def format_validation_error(exc: ValidationError, prefix: tuple[str | int, ...] = ()) -> str:
     """`database.clusters.main.primary: not a valid URL`, one line per problem, no input values."""
     lines = []
@@ -387,66 +346,3 @@ def format_validation_error(exc: ValidationError, prefix: tuple[str | int, ...] 
         message = error["msg"].removeprefix("Value error, ")
         lines.append(f"{key}: {message}")
     return "; ".join(lines)
-
-
-def check_database_settings(database: DatabaseSettings) -> None:
-    """Checks that span several keys (references between clusters and tenants)."""
-    if database.default_cluster not in database.clusters:
-        raise ConfigError(
-            f"database.default_cluster: no cluster named {database.default_cluster!r} "
-            f"(configure database.clusters.{database.default_cluster}.primary)"
-        )
-    for name, cluster in database.clusters.items():
-        if cluster.nodes and (cluster.primary or cluster.replicas):
-            raise ConfigError(
-                f"database.clusters.{name}.nodes: give either nodes, or primary and replicas"
-            )
-        if not cluster.nodes and cluster.primary is None:
-            raise ConfigError(f"database.clusters.{name}.primary: required (or give nodes)")
-    for tenant_id, tenant in database.tenants.items():
-        check_tenant(database, tenant_id, tenant)
-    conflict = first_storage_conflict(database, database.tenants)
-    if conflict is not None:
-        raise ConfigError(f"database.tenants.{conflict}")
-    _check_connection_budget(database)
-
-
-def pool_connections(pool: PoolSettings) -> int:
-    return pool.size + pool.max_overflow
-
-
-def _check_connection_budget(database: DatabaseSettings) -> None:
-    if database.max_connections is None:
-        return
-    clusters = sum(
-        pool_connections(c.pool) * (int(c.primary is not None) + len(c.replicas) + len(c.nodes))
-        for c in database.clusters.values()
-    )
-    tenants = database.tenancy.max_engines * pool_connections(database.tenancy.pool)
-    if clusters + tenants > database.max_connections:
-        raise ConfigError(
-            f"database.max_connections: the pools may open up to {clusters + tenants} "
-            f"connections ({clusters} for clusters, {tenants} for tenant engines: "
-            "tenancy.max_engines x tenancy.pool size + max_overflow); raise the cap or shrink them"
-        )
-
-
-def first_storage_conflict(
-    database: DatabaseSettings, tenants: Mapping[str, TenantSettings]
-) -> str | None:
-    """`<tenant id>: <why>` for the first tenant whose storage is not its own alone, or None.
-    (Implemented in `storage`, which needs these classes; imported late to avoid a cycle.)"""
-    from pg_session_router.core.storage import first_conflict
-
-    return first_conflict(database, tenants)
-
-
-def check_tenant(database: DatabaseSettings, tenant_id: str, tenant: TenantSettings) -> None:
-    """What a tenant's settings must agree on with the rest of the configuration."""
-    key = f"database.tenants.{tenant_id}"
-    if tenant.cluster is not None and tenant.cluster not in database.clusters:
-        raise ConfigError(f"{key}.cluster: no cluster named {tenant.cluster!r}")
-    if tenant.strategy == "schema" and tenant.schema_name is None:
-        problem = schema_problem(default_schema_name(tenant_id))
-        if problem is not None:
-            raise ConfigError(f"{key}: {problem} (name the schema with `schema`)")

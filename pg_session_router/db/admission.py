@@ -47,6 +47,10 @@ class TenantAdmission:
         if placement is None:
             placement = await self.registry.resolve(tenant_id)
         cluster = self._topology.get(placement.cluster_key)
+        if cluster is not None and _moved(cluster, placement):
+            # Removed and added again with another server: never route to the old one.
+            await self.close_cluster(placement.cluster_key)
+            cluster = None
         if cluster is None or cluster.draining:
             await self._admit(placement.cluster_key)
         if placement.strategy == "row" and not self.row_security.verified(placement.cluster_key):
@@ -98,3 +102,9 @@ class TenantAdmission:
     async def close(self) -> None:
         await self.registry.close()
         await self.engines.close()
+
+
+def _moved(cluster: Cluster, placement: Placement) -> bool:
+    """A tenant on a server of its own whose URL is no longer the one its engines use."""
+    url = placement.settings.url
+    return url is not None and cluster.nodes[0].url != url

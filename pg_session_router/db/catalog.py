@@ -33,15 +33,11 @@ from pg_session_router.core.names import validate_tenant_id
 from pg_session_router.core.settings import (
     DatabaseSettings,
     TenantSettings,
-    check_tenant,
     format_validation_error,
 )
-from pg_session_router.core.storage import (
-    Claim,
-    claim_of,
-    cluster_claims,
-    conflict_with,
-)
+from pg_session_router.core.storage import ClaimIndex, claim_of, cluster_claims
+from pg_session_router.core.validation import check_tenant
+from pg_session_router.db.routed_session import clean_for_the_router
 
 logger = logging.getLogger(__name__)
 
@@ -73,11 +69,7 @@ def accepted_rows(
     database: DatabaseSettings, rows: Sequence[Mapping[Any, Any]]
 ) -> dict[str, TenantSettings]:
     """The rows that are valid tenants and claim storage nobody else claims (oldest first)."""
-    claims: list[Claim] = [
-        *cluster_claims(database),
-        *(claim_of(database, t, s) for t, s in database.tenants.items()),
-    ]
-    tenants: dict[str, TenantSettings] = {}
+    valid: dict[str, TenantSettings] = {}
     for row in rows:
         try:
             tenant_id = validate_tenant_id(row["id"])
@@ -85,16 +77,29 @@ def accepted_rows(
                 continue  # the configuration file is the source of truth for its tenants
             tenant = tenant_of_row(row)
             check_tenant(database, tenant_id, tenant)
-            claim = claim_of(database, tenant_id, tenant)
-            other = conflict_with(claim, claims)
-            if other is not None:
-                raise ValueError(f"its {claim.describe()} is already used by {other.owner}")
         except Exception as exc:  # one bad row must not take the others down
             logger.warning("catalog row ignored: %s", _why(exc))
             continue
-        claims.append(claim)
-        tenants[tenant_id] = tenant
-    return tenants
+        valid[tenant_id] = tenant
+    every = {**database.tenants, **valid}
+    index = ClaimIndex(cluster_claims(database, every))
+    for tenant_id, tenant in database.tenants.items():
+        index.add(claim_of(database, tenant_id, tenant))
+    accepted: dict[str, TenantSettings] = {}
+    for tenant_id, tenant in valid.items():
+        claim = claim_of(database, tenant_id, tenant)
+        other = index.conflict(claim)
+        if other is not None:
+            logger.warning(
+                "catalog row ignored: %s: its %s is already used by %s",
+                tenant_id,
+                claim.describe(),
+                other.owner,
+            )
+            continue
+        index.add(claim)
+        accepted[tenant_id] = tenant
+    return accepted
 
 
 def _why(exc: Exception) -> str:
@@ -119,5 +124,6 @@ class TenantCatalog:
         self.loads += 1
         query = select(tenants_table).order_by(tenants_table.c.created_at, tenants_table.c.id)
         async with self._engine().connect() as connection:
+            await connection.run_sync(clean_for_the_router)
             rows = (await connection.execute(query)).mappings().all()
         return accepted_rows(self._database, rows)

@@ -98,6 +98,8 @@ class Node:
             pool_recycle=pool.recycle,
             pool_pre_ping=pool.pre_ping,
             echo=session.echo,
+            # Bound values (tenant data) never appear in error messages or logs.
+            hide_parameters=True,
             connect_args={
                 # asyncpg's `timeout` bounds TCP connect plus the startup handshake.
                 "timeout": connect_timeout,

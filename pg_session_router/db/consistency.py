@@ -19,7 +19,6 @@ import re
 from dataclasses import dataclass
 
 from sqlalchemy import Connection, text
-from sqlalchemy.util import await_only
 
 from pg_session_router.core.errors import ConnectionLostError, InvalidConsistencyTokenError
 
@@ -61,7 +60,7 @@ def read_wal_position(connection: Connection) -> int:
     straight to the asyncpg connection (no BEGIN, no statement compilation: one round trip), so
     it must run in SQLAlchemy's greenlet: inside `run_sync()` or a session event listener.
     """
-    driver = connection.connection.driver_connection
-    if driver is None:  # the connection was invalidated meanwhile
+    adapted = connection.connection.dbapi_connection
+    if adapted is None:  # the connection was invalidated meanwhile
         raise ConnectionLostError("the connection closed before the WAL position was read")
-    return int(await_only(driver.fetchval(WAL_POSITION_SQL)))
+    return int(adapted.run_async(lambda driver: driver.fetchval(WAL_POSITION_SQL)))

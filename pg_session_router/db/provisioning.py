@@ -29,16 +29,23 @@ from sqlalchemy.ext.asyncio import AsyncSession
 
 from pg_session_router.core.errors import ConfigError, TenantConflictError, UnknownTenantError
 from pg_session_router.core.names import validate_tenant_id
-from pg_session_router.core.settings import TenantSettings, check_tenant
-from pg_session_router.core.storage import claim_of, cluster_claims, conflict_with
+from pg_session_router.core.settings import TenantSettings
+from pg_session_router.core.storage import first_conflict
+from pg_session_router.core.validation import check_tenant
 from pg_session_router.db.catalog import accepted_rows, tenants_table
 from pg_session_router.db.consistency import REPLAYED_POSITION
+from pg_session_router.db.driver_errors import describe_error
 from pg_session_router.db.keys import ClusterKey
 from pg_session_router.db.migrate import MigrationTarget, migrate_target
 from pg_session_router.db.router import SessionRouter
 from pg_session_router.db.targets import Target
 from pg_session_router.db.tenancy import Placement, place
-from pg_session_router.db.tenant_storage import DataRemoved, create_storage, drop_storage
+from pg_session_router.db.tenant_storage import (
+    DataRemoved,
+    count_rows,
+    create_storage,
+    drop_storage,
+)
 
 #: Seconds `add_tenant` waits for replicas to replay the new tenant's storage.
 REPLICATION_WAIT = 10.0
@@ -70,15 +77,30 @@ async def add_tenant(
     await _reserve(router, tenant_id, tenant)
     created = False
     try:
+        if placement.strategy == "row" and not adopt:
+            await _refuse_leftover_rows(router, placement, metadata)
         created = await create_storage(router, placement, adopt=adopt)
         await _migrate_tenant(router, placement, tenant, metadata)
+        if tenant.active:
+            await _set_active_row(router, tenant_id, active=True)
     except BaseException:
         await _undo_add(router, placement, created=created)
         raise
-    if tenant.active:
-        await _set_active_row(router, tenant_id, active=True)
     await wait_for_replicas(router, placement.cluster_key)
     return router.tenants.remember(tenant_id, tenant)
+
+
+async def _refuse_leftover_rows(
+    router: SessionRouter, placement: Placement, metadata: MetaData
+) -> None:
+    """A row tenant's id reused: rows a former tenant of that id left are not inherited."""
+    leftovers = await count_rows(router, placement, metadata)
+    if any(leftovers.values()):
+        counts = ", ".join(f"{n} in {table}" for table, n in leftovers.items() if n)
+        raise TenantConflictError(
+            f"rows of a former tenant {placement.tenant_id!r} remain ({counts}): adopt them "
+            "explicitly (adopt=True, --adopt), or add and remove it with --drop first"
+        )
 
 
 async def _reserve(router: SessionRouter, tenant_id: str, tenant: TenantSettings) -> None:
@@ -98,17 +120,11 @@ async def _refuse_conflicts(
     rows = (await session.execute(select(tenants_table))).mappings().all()
     if tenant_id in settings.tenants or any(row["id"] == tenant_id for row in rows):
         raise TenantConflictError(f"tenant {tenant_id!r} already exists")
-    claims = [
-        *cluster_claims(settings),
-        *(claim_of(settings, t, s) for t, s in settings.tenants.items()),
-        *(claim_of(settings, t, s) for t, s in accepted_rows(settings, rows).items()),
-    ]
-    claim = claim_of(settings, tenant_id, tenant)
-    other = conflict_with(claim, claims)
-    if other is not None:
-        raise TenantConflictError(
-            f"tenant {tenant_id!r}: its {claim.describe()} is already used by {other.owner}"
-        )
+    # The same rules as for the configuration file: existing tenants first, the new one last.
+    every = {**settings.tenants, **accepted_rows(settings, rows), tenant_id: tenant}
+    conflict = first_conflict(settings, every)
+    if conflict is not None:
+        raise TenantConflictError(f"tenant {conflict}")
 
 
 async def _undo_add(router: SessionRouter, placement: Placement, *, created: bool) -> None:
@@ -136,19 +152,28 @@ async def wait_for_replicas(
         return True
     token = await router.consistency_token(base)
     deadline = time.monotonic() + within
+    replayed_everywhere = True
     for replica in base.replicas:
-        while replica.health.up:
-            async with router.session(Target(node=replica.name, intent="read")) as session:
-                replayed = await session.scalar(REPLAYED_POSITION)
-            if replayed is not None and replayed >= token.lsn:
-                break
-            if time.monotonic() > deadline:
-                logger.warning(
-                    "%s has not replayed the new tenant after %.0fs", replica.name, within
-                )
-                return False
-            await asyncio.sleep(0.02)
-    return True
+        try:
+            replayed_everywhere &= await _replayed(router, replica.name, token.lsn, deadline)
+        except Exception as exc:  # a replica dying meanwhile is the monitor's business
+            logger.warning("could not wait for %s: %s", replica.name, describe_error(exc))
+            replayed_everywhere = False
+    return replayed_everywhere
+
+
+async def _replayed(router: SessionRouter, replica: str, lsn: int, deadline: float) -> bool:
+    node = router.node(replica)
+    while node.health.up:
+        async with router.session(Target(node=replica, intent="read")) as session:
+            replayed = await session.scalar(REPLAYED_POSITION)
+        if replayed is not None and replayed >= lsn:
+            return True
+        if time.monotonic() > deadline:
+            logger.warning("%s has not replayed the new tenant in time", replica)
+            return False
+        await asyncio.sleep(0.02)
+    return False
 
 
 async def set_active(router: SessionRouter, tenant_id: str, *, active: bool) -> None:

@@ -99,10 +99,10 @@ class TenantRegistry:
         return in_flight or due
 
     def settings_of(self, tenant_id: str) -> TenantSettings:
-        return (self._configured.get(tenant_id) or self._catalogued[tenant_id]).settings
-
-    def is_configured(self, tenant_id: str) -> bool:
-        return tenant_id in self._configured
+        placement = self._configured.get(tenant_id) or self._catalogued.get(tenant_id)
+        if placement is None:  # removed (e.g. by a reload) while its cluster was being built
+            raise UnknownTenantError(f"unknown tenant {tenant_id!r}")
+        return placement.settings
 
     def __iter__(self) -> Iterator[Placement]:
         yield from self._configured.values()

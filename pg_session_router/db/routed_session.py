@@ -16,7 +16,6 @@ from typing import Any, TypeVar
 from sqlalchemy import Connection, TextClause, event
 from sqlalchemy.orm import Session, SessionTransaction
 from sqlalchemy.orm.attributes import instance_state
-from sqlalchemy.util import await_only
 
 from pg_session_router.core.errors import CrossTenantError
 from pg_session_router.db.consistency import read_wal_position
@@ -49,7 +48,7 @@ class RoutedSession(Session):
 
     def begin(self, nested: bool = False) -> SessionTransaction:
         adoptable, self.adoptable_transaction = self.adoptable_transaction, None
-        if not nested and adoptable is not None and adoptable is self._transaction:
+        if not nested and adoptable is not None and adoptable is self.get_transaction():
             # Nothing has run in it but the router's checkout (and tenant setup): to the caller
             # it is a fresh transaction, which `with session.begin():` commits at its end.
             return adoptable
@@ -109,9 +108,18 @@ UNKNOWN_OWNER = "<unknown>"
 # What a unit of work may leave on its connection beyond its transaction (the pool's own reset
 # is a ROLLBACK): session-level SETs, temporary tables, LISTENs, advisory locks, cursors.
 _RESET_SQL = (
-    "RESET ALL; DISCARD TEMP; DISCARD SEQUENCES; UNLISTEN *; "
-    "SELECT pg_advisory_unlock_all(); CLOSE ALL"
+    "RESET SESSION AUTHORIZATION; RESET ROLE; RESET ALL; DISCARD TEMP; DISCARD SEQUENCES; "
+    "UNLISTEN *; SELECT pg_advisory_unlock_all(); CLOSE ALL"
 )
+
+
+def clean_for_the_router(connection: Connection) -> None:
+    """For the router's own work outside routed sessions (catalog reads, checks, migrations)
+    on a pool shared with tenant sessions: start from a connection no tenant has touched."""
+    info = connection.connection.info
+    if info.get(OWNER_KEY) is not None:  # a tenant's, or unknown
+        reset_session_state(connection)
+        info[OWNER_KEY] = None
 
 
 def reset_session_state(connection: Connection) -> None:
@@ -122,9 +130,9 @@ def reset_session_state(connection: Connection) -> None:
     BEGIN, which SQLAlchemy's asyncpg dialect sends with the first statement: DISCARD cannot
     run inside a transaction block.
     """
-    driver = connection.connection.driver_connection
-    if driver is not None:
-        await_only(driver.execute(_RESET_SQL))
+    connection.connection.dbapi_connection.run_async(  # type: ignore[union-attr]
+        lambda driver: driver.execute(_RESET_SQL)
+    )
 
 
 @event.listens_for(RoutedSession, "after_commit")

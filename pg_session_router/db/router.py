@@ -21,11 +21,8 @@ from typing import Any, TypeVar
 from sqlalchemy.ext.asyncio import AsyncSession
 
 from pg_session_router.core.errors import NoNodeAvailableError, TargetError
-from pg_session_router.core.settings import (
-    DatabaseSettings,
-    RouterSettings,
-    check_database_settings,
-)
+from pg_session_router.core.settings import DatabaseSettings, RouterSettings
+from pg_session_router.core.validation import check_database_settings
 from pg_session_router.db.admission import TenantAdmission
 from pg_session_router.db.catalog import TenantCatalog
 from pg_session_router.db.cluster import Cluster, Node

@@ -11,12 +11,15 @@ tenants there (`ConfigError`, naming the cause) unless confinement holds.
 from __future__ import annotations
 
 import logging
+from typing import Any
 
 from sqlalchemy import text
 
 from pg_session_router.core.errors import ConfigError
 from pg_session_router.db.cluster import Cluster
+from pg_session_router.db.driver_errors import is_connect_failure
 from pg_session_router.db.keys import ClusterKey
+from pg_session_router.db.routed_session import clean_for_the_router
 
 logger = logging.getLogger(__name__)
 
@@ -29,7 +32,7 @@ SELECT (SELECT rolsuper OR rolbypassrls FROM pg_roles WHERE rolname = current_us
                JOIN pg_namespace n ON n.oid = c.relnamespace
                JOIN pg_attribute a ON a.attrelid = c.oid
               WHERE a.attname = 'tenant_id' AND NOT a.attisdropped
-                AND c.relkind IN ('r', 'p') AND c.relpersistence <> 't'
+                AND c.relkind IN ('r', 'p', 'm') AND c.relpersistence <> 't'
                 AND n.nspname = ANY (current_schemas(false))
                 AND NOT (c.relrowsecurity AND c.relforcerowsecurity)
               ORDER BY 1) AS unconfined
@@ -45,24 +48,36 @@ class RowSecurityGuard:
         return key in self._verified
 
     async def ensure(self, cluster: Cluster) -> None:
-        """Check once per cluster; `ConfigError` when row tenants would not be confined."""
+        """Check once per cluster, on every node (a replica's URL may name another role);
+        `ConfigError` when row tenants would not be confined. A node that cannot be reached
+        now is skipped: it serves nothing until it is up, and the check is then repeated
+        only for a cluster not yet verified (a router restart checks again)."""
         if cluster.key in self._verified:
             return
-        async with cluster.primary.engine.connect() as connection:
-            row = (await connection.execute(_CHECK)).one()
-        if row.bypasses:
-            raise ConfigError(
-                f"row tenants on cluster {cluster.name}: the router connects as role "
-                f"{row.role!r}, a superuser or a role with BYPASSRLS, which row-level security "
-                "does not confine; connect as an ordinary role"
-            )
-        if row.unconfined:
-            raise ConfigError(
-                f"row tenants on cluster {cluster.name}: {', '.join(row.unconfined)} "
-                "have a tenant_id column without forced row-level security; run the migrations "
-                "(they enable and force it)"
-            )
+        for node in cluster.nodes:
+            try:
+                async with node.engine.connect() as connection:
+                    await connection.run_sync(clean_for_the_router)
+                    row = (await connection.execute(_CHECK)).one()
+            except Exception as exc:
+                if not is_connect_failure(exc):
+                    raise
+                logger.warning("row-level security not checked on %s: unreachable", node.name)
+                continue
+            _judge(cluster, row)
         self._verified.add(cluster.key)
 
-    def forget(self) -> None:
-        self._verified.clear()
+
+def _judge(cluster: Cluster, row: Any) -> None:
+    if row.bypasses:
+        raise ConfigError(
+            f"row tenants on cluster {cluster.name}: the router connects as role "
+            f"{row.role!r}, a superuser or a role with BYPASSRLS, which row-level security "
+            "does not confine; connect as an ordinary role"
+        )
+    if row.unconfined:
+        raise ConfigError(
+            f"row tenants on cluster {cluster.name}: {', '.join(row.unconfined)} "
+            "have a tenant_id column without forced row-level security (or are materialized "
+            "views, which it never applies to); run the migrations (they enable and force it)"
+        )

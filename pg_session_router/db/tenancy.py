@@ -31,8 +31,9 @@ NO_TENANT_SQL = f"NULLIF(current_setting('{SERVED_TENANT_SETTING}', true), '') I
 #: The tenant of the current transaction (NULL without one): the column default of
 #: `tenant_id` columns and both sides of the row-level-security policies.
 CURRENT_ROW_TENANT_SQL = f"NULLIF(current_setting('{ROW_TENANT_SETTING}', true), '')"
-#: Row tenants keep PostgreSQL's default path, with the temporary schema moved to the end.
-ROW_TENANT_SEARCH_PATH = '"$user", public, pg_temp'
+#: Row tenants: the shared tables' schema, then the temporary one (no `"$user"`: a schema
+#: named after the role could otherwise come first).
+ROW_TENANT_SEARCH_PATH = "public, pg_temp"
 
 # Built once: compiled-statement caching keys on these objects. One statement, one round trip.
 _SCHEMA_SETUP = text(

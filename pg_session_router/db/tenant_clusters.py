@@ -112,6 +112,8 @@ class TenantClusterCache:
 
     async def _make_room(self, needed: int, deadline: float) -> None:
         while self.engines + needed > self.max_engines:
+            if not self._lru:  # more nodes than the whole budget (refused at startup too)
+                raise self._busy()
             victim = next((c for c in self._lru.values() if c.in_flight == 0), None)
             if victim is None:
                 # Every cluster is busy. Drain the least recently used one: its new sessions

@@ -109,6 +109,30 @@ async def drop_storage(
     return DataRemoved(rows=await delete_rows(router, placement, metadata))
 
 
+async def count_rows(
+    router: SessionRouter, placement: Placement, metadata: MetaData
+) -> dict[str, int]:
+    """The tenant's rows in every tenant table (row-level security lets it see only those)."""
+    counts: dict[str, int] = {}
+    async with router.session(Target(cluster=placement.cluster_key.name)) as session:
+        await session.execute(_AS_TENANT, {"tenant": placement.tenant_id})
+        for table in row_tables(metadata):
+            count = await session.scalar(
+                text(f"SELECT count(*) FROM {_table_name(table)} WHERE tenant_id = :tenant"),
+                {"tenant": placement.tenant_id},
+            )
+            counts[table.name] = int(count or 0)
+    return counts
+
+
+def _table_name(table: Table) -> str:
+    name = quote_identifier(table.name)
+    return f"{quote_identifier(table.schema)}.{name}" if table.schema else name
+
+
+_AS_TENANT = text(f"SELECT set_config('{ROW_TENANT_SETTING}', :tenant, true)")
+
+
 def row_tables(metadata: MetaData) -> list[Table]:
     return [table for table in metadata.sorted_tables if "tenant_id" in table.c]
 
@@ -120,9 +144,7 @@ async def delete_rows(
     counts: dict[str, int] = {}
     target = Target(cluster=placement.cluster_key.name)
     for table in reversed(row_tables(metadata)):
-        name = quote_identifier(table.name)
-        if table.schema:
-            name = f"{quote_identifier(table.schema)}.{name}"
+        name = _table_name(table)
         # Row-level security confines the DELETE to this tenant's rows; the WHERE says so too.
         statement = text(
             f"WITH doomed AS (SELECT ctid FROM {name} WHERE tenant_id = :tenant LIMIT :batch) "
@@ -131,10 +153,7 @@ async def delete_rows(
         counts[table.name] = 0
         while True:
             async with router.session(target) as session:
-                await session.execute(
-                    text(f"SELECT set_config('{ROW_TENANT_SETTING}', :tenant, true)"),
-                    {"tenant": placement.tenant_id},
-                )
+                await session.execute(_AS_TENANT, {"tenant": placement.tenant_id})
                 result = await session.execute(
                     statement, {"tenant": placement.tenant_id, "batch": batch}
                 )

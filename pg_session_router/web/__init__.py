@@ -21,6 +21,7 @@ from pg_session_router.web.dependencies import (
     request_target,
     require_tenant,
 )
+from pg_session_router.web.errors import install_error_handlers
 from pg_session_router.web.install import install_router
 from pg_session_router.web.installation import RouterInstallation, installation_of
 
@@ -40,6 +41,7 @@ __all__ = [
     "get_read_db",
     "get_sessionmaker",
     "get_write_db",
+    "install_error_handlers",
     "install_router",
     "installation_of",
     "request_target",

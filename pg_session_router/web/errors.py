@@ -12,8 +12,12 @@ from http import HTTPStatus
 from typing import Any
 
 from fastapi import FastAPI, Request
+from fastapi.exception_handlers import (
+    http_exception_handler,
+    request_validation_exception_handler,
+)
 from fastapi.exceptions import RequestValidationError
-from fastapi.responses import JSONResponse
+from fastapi.responses import JSONResponse, Response
 from pydantic import BaseModel
 from sqlalchemy.exc import DataError, DBAPIError, IntegrityError
 from starlette.exceptions import HTTPException as StarletteHTTPException
@@ -88,26 +92,56 @@ async def handle_validation_error(request: Request, exc: Exception) -> JSONRespo
     with a 500 on input it cannot encode again (a lone surrogate in a JSON string)."""
     assert isinstance(exc, RequestValidationError)
     errors = [
-        {"loc": list(error.get("loc", ())), "msg": str(error.get("msg", "")), "type": error["type"]}
+        {
+            "loc": [_printable(part) for part in error.get("loc", ())],
+            "msg": _printable(error.get("msg", "")),
+            "type": str(error["type"]),
+        }
         for error in exc.errors()
     ]
     return JSONResponse({"error": "invalid_request", "detail": errors}, status_code=422)
 
 
-async def handle_http_exception(request: Request, exc: Exception) -> JSONResponse:
+def _printable(value: object) -> object:
+    """A location part or message as JSON can carry it (a client's dict key may hold a lone
+    surrogate, which cannot be encoded)."""
+    if isinstance(value, int):
+        return value
+    return str(value).encode("utf-8", "replace").decode("utf-8")
+
+
+async def handle_http_exception(request: Request, exc: Exception) -> Response:
     """The app's own `HTTPException`s in the same shape (`detail` stays where FastAPI puts it)."""
     assert isinstance(exc, StarletteHTTPException)
-    code = HTTPStatus(exc.status_code).phrase.lower().replace(" ", "_").replace("-", "_")
-    response = JSONResponse({"error": code, "detail": exc.detail}, status_code=exc.status_code)
-    if exc.headers:
-        response.headers.update(exc.headers)
-    return response
+    headers = dict(exc.headers or {})
+    if exc.status_code in (204, 304) or exc.status_code < 200:
+        return Response(status_code=exc.status_code, headers=headers)  # no body allowed
+    try:
+        code = HTTPStatus(exc.status_code).phrase.lower().replace(" ", "_").replace("-", "_")
+    except ValueError:  # a status outside the standard list (499, ...)
+        code = "http_error"
+    body = {"error": code, "detail": exc.detail}
+    return JSONResponse(body, status_code=exc.status_code, headers=headers)
+
+
+#: What FastAPI registers by itself: replaced (a host's own handlers are kept).
+_FASTAPI_DEFAULTS = (http_exception_handler, request_validation_exception_handler)
+
+_HANDLERS: dict[type[Exception], Any] = {
+    RouterError: handle_router_error,
+    IntegrityError: handle_integrity_error,
+    DataError: handle_data_error,
+    DBAPIError: handle_database_error,
+    RequestValidationError: handle_validation_error,
+    StarletteHTTPException: handle_http_exception,
+}
 
 
 def install_error_handlers(app: FastAPI) -> None:
-    app.add_exception_handler(RouterError, handle_router_error)
-    app.add_exception_handler(IntegrityError, handle_integrity_error)
-    app.add_exception_handler(DataError, handle_data_error)
-    app.add_exception_handler(DBAPIError, handle_database_error)
-    app.add_exception_handler(RequestValidationError, handle_validation_error)
-    app.add_exception_handler(StarletteHTTPException, handle_http_exception)
+    """Each router error its status, database errors 4xx/500 without details, FastAPI's 422 and
+    HTTPExceptions in the same body shape. A handler the app registered itself for one of these
+    types is kept. Call it on a sub-app mounted under the app `install_router` was called on
+    (the router reaches it, the parent's handlers do not)."""
+    for exc_type, handler in _HANDLERS.items():
+        if app.exception_handlers.get(exc_type) in (None, *_FASTAPI_DEFAULTS):
+            app.add_exception_handler(exc_type, handler)

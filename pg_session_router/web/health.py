@@ -62,4 +62,6 @@ def public_status(router: SessionRouter) -> dict[str, Any]:
     status = router.status()
     for node in status["nodes"].values():
         node.pop("endpoint", None)
+        if node.get("reason"):  # "probe failed: OSError: Connect call failed ('10.0.0.2', ..."
+            node["reason"] = ": ".join(str(node["reason"]).split(": ")[:2])
     return status

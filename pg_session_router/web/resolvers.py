@@ -24,7 +24,7 @@ from typing import Any, TypeGuard
 
 from starlette.requests import Request
 
-from pg_session_router.core.errors import ConfigError, InvalidTokenError
+from pg_session_router.core.errors import ConfigError, InvalidTenantError, InvalidTokenError
 from pg_session_router.core.settings import DEFAULT_TENANT_HEADER, MIN_SECRET_BYTES, HttpSettings
 
 TenantResolver = Callable[[Request], str | None]
@@ -35,7 +35,12 @@ class HeaderResolver:
         self.header = header.lower()
 
     def __call__(self, request: Request) -> str | None:
-        return request.headers.get(self.header)
+        values = request.headers.getlist(self.header)
+        if len(values) > 1:
+            # A gateway that appends its header after the client's would otherwise let the
+            # client's value win: two values are refused, never guessed between.
+            raise InvalidTenantError(f"more than one {self.header} header")
+        return values[0] if values else None
 
 
 class SubdomainResolver:
