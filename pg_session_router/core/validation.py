@@ -83,16 +83,6 @@ def check_database_settings(database: DatabaseSettings) -> None:
     if conflict is not None:
         raise ConfigError(f"database.tenants.{conflict}")
     _check_connection_budget(database)
-    _check_engine_room(database)
-
-
-def _check_engine_room(database: DatabaseSettings) -> None:
-    largest = max((_node_count(c) for c in database.clusters.values()), default=1)
-    if database.tenancy.max_engines < largest:
-        raise ConfigError(
-            f"database.tenancy.max_engines: {database.tenancy.max_engines} is fewer than the "
-            f"{largest} nodes of the largest cluster a database tenant may be placed on"
-        )
 
 
 def _node_count(cluster: Any) -> int:
@@ -124,6 +114,13 @@ def check_tenant(database: DatabaseSettings, tenant_id: str, tenant: TenantSetti
     key = f"database.tenants.{tenant_id}"
     if tenant.cluster is not None and tenant.cluster not in database.clusters:
         raise ConfigError(f"{key}.cluster: no cluster named {tenant.cluster!r}")
+    if tenant.strategy == "database" and tenant.url is None:
+        nodes = _node_count(database.clusters[tenant.cluster or database.default_cluster])
+        if nodes > database.tenancy.max_engines:
+            raise ConfigError(
+                f"{key}: its cluster has {nodes} nodes, more engines than "
+                f"database.tenancy.max_engines ({database.tenancy.max_engines}) allows"
+            )
     if tenant.strategy == "schema":
         schema = tenant.schema_name or default_schema_name(tenant_id)
         problem = schema_problem(schema)
