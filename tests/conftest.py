@@ -101,6 +101,18 @@ async def router(migrated: DevCluster) -> AsyncIterator[SessionRouter]:
         await router.dispose()
 
 
+@pytest.fixture
+def restore_cluster(pg: DevCluster) -> Iterator[None]:
+    """For tests that stop or pause nodes: every node running and streaming again after."""
+    yield
+    for node in pg.nodes.values():
+        if not node.running:
+            pg.start_node(node.name)
+    for node in pg.replicas:
+        pg.resume_replay(node.name)
+    pg.wait_streaming(timeout=30)
+
+
 async def scalar(router: SessionRouter, sql: str, **session_args: Any) -> Any:
     async with router.session(**session_args) as session:
         return (await session.execute(text(sql))).scalar_one()

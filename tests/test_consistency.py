@@ -18,6 +18,7 @@ from pg_session_router.db.provider import RouterProvider
 from pg_session_router.db.router import SessionRouter
 from pg_session_router.db.targets import Target
 from pg_session_router.devcluster import DevCluster
+from pg_session_router.testing import paused_replay
 from tests.support.faults import eventually
 
 from .conftest import HEALTH_INTERVAL, database_settings
@@ -43,13 +44,8 @@ async def patient_router(migrated: DevCluster) -> AsyncIterator[SessionRouter]:
 
 @pytest.fixture
 def paused_replicas(pg: DevCluster) -> Iterator[None]:
-    for node in pg.replicas:
-        pg.pause_replay(node.name)
-    try:
+    with paused_replay(pg):  # the test kit's helper, as host apps use it
         yield
-    finally:
-        for node in pg.replicas:
-            pg.resume_replay(node.name)
 
 
 async def test_a_read_with_the_write_token_sees_the_write_while_replicas_lag(

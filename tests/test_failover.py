@@ -38,15 +38,7 @@ from .conftest import APP_ROLE, HEALTH_INTERVAL, database_settings
 SLACK = 1.5
 
 
-@pytest.fixture(autouse=True)
-def restore_cluster(pg: DevCluster) -> Iterator[None]:
-    yield
-    for node in pg.nodes.values():
-        if not node.running:
-            pg.start_node(node.name)
-    for node in pg.replicas:
-        pg.resume_replay(node.name)
-    pg.wait_streaming(timeout=30)
+pytestmark = pytest.mark.usefixtures("restore_cluster")
 
 
 def state_of(router: SessionRouter, node: str) -> dict[str, Any]:

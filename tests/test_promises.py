@@ -8,7 +8,6 @@ from __future__ import annotations
 import asyncio
 import time
 import uuid
-from collections.abc import Iterator
 from pathlib import Path
 from typing import Annotated, Any
 
@@ -40,15 +39,7 @@ WHERE = text(
 )
 
 
-@pytest.fixture(autouse=True)
-def restore_cluster(pg: DevCluster) -> Iterator[None]:
-    yield
-    for node in pg.nodes.values():
-        if not node.running:
-            pg.start_node(node.name)
-    for node in pg.replicas:
-        pg.resume_replay(node.name)
-    pg.wait_streaming(timeout=30)
+pytestmark = pytest.mark.usefixtures("restore_cluster")
 
 
 def client_for(asgi_app: FastAPI) -> httpx.AsyncClient:
