@@ -38,13 +38,15 @@ from tests.support.faults import WHO_ANSWERS, ReadLoad, eventually
 READERS = 20
 
 
-async def replica_kill(cluster: DevCluster, *, outage: float) -> dict[str, float]:
+async def replica_kill(
+    cluster: DevCluster, *, outage: float, replay: bool = True
+) -> dict[str, float]:
     router = SessionRouter(settings_for(cluster))
     await router.start()
     port = cluster.nodes["replica1"].port
     health = router.monitor.servers[f"127.0.0.1:{port}"]
     try:
-        async with ReadLoad(router, tasks=READERS) as load:
+        async with ReadLoad(router, tasks=READERS, replay=replay) as load:
             await eventually(lambda: load.ports[port] > 50, within=10, what="warm-up")
             stopped = time.monotonic()
             await asyncio.to_thread(cluster.stop_node, "replica1")
@@ -151,21 +153,26 @@ def summarize(rounds: list[dict[str, float]], key: str) -> Series:
 
 async def run(cluster: DevCluster, *, rounds: int, outage: float) -> str:
     replica = [await replica_kill(cluster, outage=outage) for _ in range(rounds)]
+    plain = [await replica_kill(cluster, outage=outage, replay=False) for _ in range(rounds)]
     naive = [await naive_replica_kill(cluster, outage=outage) for _ in range(rounds)]
     primary = [await primary_kill(cluster, outage=outage) for _ in range(rounds)]
 
     def fmt(series: Series, unit: str = "") -> str:
         return f"{series.median:.2f}{unit} (±{series.spread:.0%})"
 
+    def router_row(name: str, series: list[dict[str, float]]) -> tuple[Any, ...]:
+        return (
+            name,
+            f"{summarize(series, 'reads').median:,.0f}",
+            f"{summarize(series, 'failed').median:.0f}",
+            fmt(summarize(series, "eject_s"), " s"),
+            fmt(summarize(series, "readmit_s"), " s"),
+            fmt(summarize(series, "serve_s"), " s"),
+        )
+
     replica_rows: list[tuple[Any, ...]] = [
-        (
-            "router (health interval 1 s)",
-            f"{summarize(replica, 'reads').median:,.0f}",
-            f"{summarize(replica, 'failed').median:.0f}",
-            fmt(summarize(replica, "eject_s"), " s"),
-            fmt(summarize(replica, "readmit_s"), " s"),
-            fmt(summarize(replica, "serve_s"), " s"),
-        ),
+        router_row("router.run, replays (health interval 1 s)", replica),
+        router_row("router.session, no replay, as get_db reads", plain),
         (
             "baseline: round-robin engines, no health/retry",
             f"{summarize(naive, 'reads').median:,.0f}",

@@ -118,10 +118,20 @@ WHO_ANSWERS = text("SELECT inet_server_port()")
 
 
 class ReadLoad:
-    def __init__(self, router: SessionRouter, *, tasks: int = 20, target: str = "replica") -> None:
+    def __init__(
+        self,
+        router: SessionRouter,
+        *,
+        tasks: int = 20,
+        target: str = "replica",
+        replay: bool = True,
+    ) -> None:
+        """`tasks` readers in a loop; through `router.run` (which replays a read that failed
+        midway), or with `replay=False` through plain `router.session`, as `get_db` reads."""
         self.router = router
         self.tasks = tasks
         self.target = target
+        self.replay = replay
         self.ports: Counter[int] = Counter()
         self.recent: deque[tuple[float, int]] = deque(maxlen=1000)
         self.failures: list[BaseException] = []
@@ -134,13 +144,19 @@ class ReadLoad:
     async def _work(self) -> None:
         while not self._stopping:
             try:
-                port = await self.router.run(self._read, self.target)
+                port = await self._read_once()
             except Exception as exc:  # every failure is what the test counts
                 self.failures.append(exc)
             else:
                 self.ports[port] += 1
                 self.recent.append((time.monotonic(), port))
             await asyncio.sleep(0.002)
+
+    async def _read_once(self) -> int:
+        if self.replay:
+            return await self.router.run(self._read, self.target)
+        async with self.router.session(self.target) as session:
+            return await self._read(session)
 
     def served_by(self, port: int, *, after: float) -> bool:
         return any(at >= after and p == port for at, p in self.recent)
