@@ -110,6 +110,7 @@ class Node:
         event.listen(self.engine.sync_engine, "checkin", _note_use_outside_the_router)
         # Same pool; BEGIN becomes BEGIN READ ONLY. SQLAlchemy resets the flag on return.
         readonly_engine = self.engine.execution_options(postgresql_readonly=True)
+        self._readonly_sync_engine = readonly_engine.sync_engine
         options: dict[str, Any] = {
             "expire_on_commit": session.expire_on_commit,
             "autoflush": session.autoflush,
@@ -142,6 +143,12 @@ class Node:
         if read_only and self.role != "replica":
             return self.readonly_session_factory
         return self.session_factory
+
+    def sync_engine(self, read_only: bool) -> Any:
+        """The sync engine `factory(read_only)` binds its sessions to (to rebind one)."""
+        if read_only and self.role != "replica":
+            return self._readonly_sync_engine
+        return self.engine.sync_engine
 
     def in_use(self) -> int:
         checked_out = getattr(self.engine.pool, "checkedout", None)

@@ -2,8 +2,9 @@
 
 from __future__ import annotations
 
+import random
 import time
-from collections.abc import Awaitable, Callable
+from collections.abc import Awaitable, Callable, Iterator
 from typing import TypeVar
 
 from tenacity import (
@@ -41,6 +42,16 @@ class RetryPolicy:
 
     def deadline_at(self) -> float:
         return time.monotonic() + self.settings.deadline
+
+    def pauses(self) -> Iterator[float]:
+        """The pauses between attempts (exponential, capped, with jitter), for loops that run
+        where tenacity cannot (inside SQLAlchemy's greenlet)."""
+        pause = self.settings.initial_backoff
+        while True:
+            yield min(pause, self.settings.max_backoff) + random.uniform(  # noqa: S311
+                0, self.settings.initial_backoff
+            )
+            pause *= 2
 
     def retrying(
         self, predicate: Callable[[BaseException], bool], deadline_at: float

@@ -11,10 +11,12 @@ works on a routed session).
 from __future__ import annotations
 
 import logging
+from collections.abc import Callable
 from typing import Any, TypeVar
 
-from sqlalchemy import Connection, TextClause, event
-from sqlalchemy.orm import Session, SessionTransaction
+from sqlalchemy import Connection, Result, TextClause, event
+from sqlalchemy.exc import DBAPIError
+from sqlalchemy.orm import ORMExecuteState, Session, SessionTransaction
 from sqlalchemy.orm.attributes import instance_state
 
 from pg_session_router.core.errors import CrossTenantError
@@ -45,6 +47,13 @@ class RoutedSession(Session):
     #: The transaction the router began when it checked the connection out; `begin()` hands
     #: it over once instead of raising "a transaction is already begun".
     adoptable_transaction: SessionTransaction | None = None
+    #: Where the session is bound now (`routing.Route`); a replay may move it.
+    route: Any = None
+    #: Set by the unit of work: runs a statement again on a fresh connection when its
+    #: connection died (see `unit_of_work.StatementReplay`). None: no replay.
+    replay: Callable[[RoutedSession, ORMExecuteState, DBAPIError], Result[Any]] | None = None
+    #: Statements this session has run (a write replays only its first).
+    statements_run: int = 0
 
     def begin(self, nested: bool = False) -> SessionTransaction:
         adoptable, self.adoptable_transaction = self.adoptable_transaction, None
@@ -66,6 +75,22 @@ def _refuse_foreign(session: RoutedSession, instance: object) -> None:
             f"an object of tenant {owner!r} cannot join a session of "
             f"{session.tenant_id or 'no tenant'!r}: sessions never mix tenants"
         )
+
+
+@event.listens_for(RoutedSession, "do_orm_execute")
+def _replay_after_a_dead_connection(state: ORMExecuteState) -> Result[Any] | None:
+    # Every statement of `session.execute()` and friends (not the flush's): run it here, and
+    # hand a failure to the unit of work's replay, which runs it again or raises.
+    session: RoutedSession = state.session  # type: ignore[assignment]
+    replay = session.replay
+    if replay is None:
+        return None
+    try:
+        result = state.invoke_statement()
+    except DBAPIError as exc:
+        result = replay(session, state, exc)
+    session.statements_run += 1
+    return result
 
 
 @event.listens_for(RoutedSession, "before_attach")

@@ -13,12 +13,15 @@ from __future__ import annotations
 
 import asyncio
 import logging
+import time
 from collections.abc import Callable
 from typing import Any
 
+from sqlalchemy import Result
 from sqlalchemy.exc import DBAPIError
 from sqlalchemy.ext.asyncio import AsyncSession
-from sqlalchemy.orm import Session
+from sqlalchemy.orm import ORMExecuteState, Session
+from sqlalchemy.util import await_only
 
 from pg_session_router.core.errors import (
     CommitOutcomeUnknownError,
@@ -42,7 +45,7 @@ from pg_session_router.db.driver_errors import (
 from pg_session_router.db.health import HealthMonitor
 from pg_session_router.db.retry import RetryPolicy
 from pg_session_router.db.routed_session import RoutedSession
-from pg_session_router.db.routing import Route
+from pg_session_router.db.routing import Route, route_in_cluster
 from pg_session_router.db.targets import Target
 from pg_session_router.db.tenancy import Placement
 
@@ -122,6 +125,8 @@ class SessionOpener:
             routed.tenant_id = route.placement.tenant_id
             routed.transaction_setup = route.placement.transaction_setup
         session.info["node"] = route.node.name
+        routed.route = route
+        routed.replay = self.replay_statement
         try:
             # Checks out a connection (the pool discards ones the server closed) and runs the
             # tenant setup, so a dead node shows up here, where retrying is always safe. This
@@ -135,6 +140,47 @@ class SessionOpener:
                 route.node.health.eject(f"connect failed: {describe_error(exc)}")
             raise
         return session, route
+
+    def replay_statement(
+        self, session: RoutedSession, state: ORMExecuteState, error: DBAPIError
+    ) -> Result[Any]:
+        """A statement failed because its connection died. Nothing of the transaction can be
+        lost when the unit of work only reads (at READ COMMITTED each statement sees a fresh
+        snapshot anyway), or when this was a write's first statement (nothing reached the
+        server, or the server rolled it back with the connection): run it again on a fresh
+        connection, on the same node if it is up, else on the next eligible one that has
+        replayed at least as far, within `retry.deadline`. Anything else is raised as it was.
+        Runs inside SQLAlchemy's greenlet (`do_orm_execute`)."""
+        route: Route = session.route
+        if not is_connection_loss(error) or not (route.read_only or session.statements_run == 0):
+            raise error
+        self.monitor.wake()  # the server may be gone: have it probed now
+        min_lsn = route.node.health.lsn if route.read_only else None
+        deadline_at = self.retry.deadline_at()
+        last: BaseException = error
+        for pause in self.retry.pauses():
+            _discard_transaction(session)
+            try:
+                _rebind(session, reroute(route, min_lsn))
+                result = state.invoke_statement()
+            except Exception as exc:
+                if not (is_connect_failure(exc) or is_connection_loss(exc)):
+                    raise
+                if server_refused(exc):
+                    session.route.node.health.eject(f"connect failed: {describe_error(exc)}")
+                last = exc
+            else:
+                logger.info(
+                    "replayed a statement on %s after a dead connection", session.route.node.name
+                )
+                return result
+            if time.monotonic() + pause >= deadline_at:
+                break
+            await_only(asyncio.sleep(pause))
+        raise ConnectionLostError(
+            f"the connection to {route.node.name} died and no node could take the statement "
+            f"within {self.retry.settings.deadline}s: {describe_error(last)}"
+        ) from last
 
     async def commit(self, session: AsyncSession, route: Route, *, with_token: bool) -> None:
         """COMMIT (with `with_token`, then read the WAL position) and close, in one greenlet
@@ -231,6 +277,8 @@ class UnitOfWork:
     async def __aexit__(
         self, exc_type: type[BaseException] | None, exc: BaseException | None, tb: Any
     ) -> None:
+        # A replayed statement may have moved the session (same cluster, another node).
+        self._route = self._session.sync_session.route  # type: ignore[attr-defined]
         try:
             if exc is None and not self._route.read_only and self._wants_commit():
                 await self._commit()
@@ -269,6 +317,35 @@ class UnitOfWork:
                         raise translated from exc
         finally:
             await _close_ending(session, route)
+
+
+def reroute(route: Route, min_lsn: int | None) -> Route:
+    """Where a replayed statement goes: the same cluster, the same intent; a read only where
+    what the dead node had replayed has been replayed too."""
+    cluster = route.cluster
+    if not route.read_only:
+        target = Target()
+    elif route.node.role != "replica":
+        target = Target(intent="read", use_primary=True)
+    else:
+        after = ConsistencyToken(cluster.key.stream, min_lsn) if min_lsn is not None else None
+        target = Target(intent="read", after=after)
+    return route_in_cluster(cluster, target, route.placement)
+
+
+def _rebind(session: RoutedSession, route: Route) -> None:
+    session.bind = route.node.sync_engine(route.read_only)
+    session.route = route
+    session.info["node"] = route.node.name
+
+
+def _discard_transaction(session: Session) -> None:
+    # The dead connection was invalidated by SQLAlchemy; closing the transaction that held it
+    # may fail on it again, which changes nothing.
+    try:
+        session.rollback()
+    except Exception:
+        logger.debug("rollback after a dead connection failed", exc_info=True)
 
 
 def _check_out(session: Session) -> None:

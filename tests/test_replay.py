@@ -1,0 +1,92 @@
+"""A dead connection costs no request: statements are replayed on a fresh connection.
+
+Backends are terminated while the event loop is busy (asyncpg has not read the EOF yet, so the
+pool hands the dead connections out), and a replica dies under readers running multi-statement
+reads through plain sessions, the way `get_db` reads. Reads replay any statement; writes only
+their first (nothing can have been written), and are counted exactly once.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import uuid
+
+import pytest
+from sqlalchemy import text
+
+from pg_session_router.db.router import SessionRouter
+from pg_session_router.devcluster import DevCluster
+from tests.support.faults import WHO_ANSWERS, eventually
+
+pytestmark = pytest.mark.usefixtures("restore_cluster")
+
+KILL = (
+    "SELECT count(pg_terminate_backend(pid)) FROM pg_stat_activity "
+    "WHERE application_name LIKE 'session-router:main%' AND pid <> pg_backend_pid()"
+)
+
+
+async def test_backends_terminated_while_the_loop_is_busy_fail_no_request(
+    router: SessionRouter, pg: DevCluster
+) -> None:
+    marker = f"busy-{uuid.uuid4().hex[:8]}"
+
+    async def read() -> int:
+        async with router.session("replica") as session:
+            return int(await session.scalar(WHO_ANSWERS))
+
+    async def write(i: int) -> None:
+        async with router.session() as session:
+            await session.execute(
+                text("INSERT INTO items (name) VALUES (:name)"), {"name": f"{marker}-{i}"}
+            )
+
+    await asyncio.gather(*(read() for _ in range(30)), *(write(i) for i in range(20)))
+    # A blocking call: the loop reads no EOF while the servers close every pooled connection.
+    for node in pg.nodes:
+        pg.sql(node, KILL)
+    results = await asyncio.gather(
+        *(read() for _ in range(30)),
+        *(write(100 + i) for i in range(20)),
+        return_exceptions=True,
+    )
+    failures = [r for r in results if isinstance(r, BaseException)]
+    assert failures == [], failures
+    async with router.session() as session:
+        written = await session.scalar(
+            text("SELECT count(*) FROM items WHERE name LIKE :m"), {"m": f"{marker}-1__"}
+        )
+        await session.execute(text("DELETE FROM items WHERE name LIKE :m"), {"m": f"{marker}%"})
+    assert written == 20  # each write exactly once
+
+
+async def test_a_replica_dying_under_multi_statement_reads_fails_none(
+    router: SessionRouter, pg: DevCluster
+) -> None:
+    """Plain sessions, no `router.run`: statements that find the replica's connection dead are
+    replayed on the other replica or the primary."""
+    served: list[int] = []
+    failures: list[BaseException] = []
+    stopping = asyncio.Event()
+
+    async def reader() -> None:
+        while not stopping.is_set():
+            try:
+                async with router.session("replica") as session:
+                    for _ in range(3):
+                        served.append(int(await session.scalar(WHO_ANSWERS)))
+                        await session.execute(text("SELECT pg_sleep(0.002)"))
+            except Exception as exc:  # every failure is what the test counts
+                failures.append(exc)
+
+    readers = [asyncio.create_task(reader()) for _ in range(20)]
+    try:
+        replica1 = pg.nodes["replica1"].port
+        await eventually(lambda: served.count(replica1) > 30, within=10, what="reads on it")
+        await asyncio.to_thread(pg.stop_node, "replica1", "immediate")
+        before = len(served)
+        await eventually(lambda: len(served) > before + 300, within=15, what="reads after")
+    finally:
+        stopping.set()
+        await asyncio.gather(*readers)
+    assert failures == [], failures[:3]
