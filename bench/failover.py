@@ -172,7 +172,7 @@ async def run(cluster: DevCluster, *, rounds: int, outage: float) -> str:
 
     replica_rows: list[tuple[Any, ...]] = [
         router_row("router.run, replays (health interval 1 s)", replica),
-        router_row("router.session, no replay, as get_db reads", plain),
+        router_row("router.session, as get_db reads (statement replay only)", plain),
         (
             "baseline: round-robin engines, no health/retry",
             f"{summarize(naive, 'reads').median:,.0f}",
