@@ -192,9 +192,10 @@ async def test_tenants_are_placed_by_their_strategy(router: SessionRouter) -> No
     assert router.route(Target(tenant="umbrella")).node.name == "@umbrella.primary"
     globex = router.route(Target(tenant="globex"))
     assert globex.node.name == "main.primary"
-    assert globex.placement is not None and globex.placement.transaction_setup is not None
-    setup = globex.placement.transaction_setup[1]
-    assert setup == {"path": '"globex", pg_temp', "tenant": "globex"}
+    assert globex.placement is not None and globex.placement.connection_setup is not None
+    assert "set_config('search_path', '\"globex\", pg_temp', false)" in (
+        globex.placement.connection_setup
+    )
 
 
 @pytest.mark.parametrize(

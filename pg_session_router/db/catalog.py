@@ -37,7 +37,6 @@ from pg_session_router.core.settings import (
 )
 from pg_session_router.core.storage import ClaimIndex, claim_of, cluster_claims
 from pg_session_router.core.validation import check_tenant
-from pg_session_router.db.routed_session import clean_for_the_router
 
 logger = logging.getLogger(__name__)
 
@@ -124,6 +123,5 @@ class TenantCatalog:
         self.loads += 1
         query = select(tenants_table).order_by(tenants_table.c.created_at, tenants_table.c.id)
         async with self._engine().connect() as connection:
-            await connection.run_sync(clean_for_the_router)
             rows = (await connection.execute(query)).mappings().all()
         return accepted_rows(self._database, rows)

@@ -41,6 +41,7 @@ from pg_session_router.db.routed_session import (
     ROUTED_KEY,
     UNKNOWN_OWNER,
     RoutedSession,
+    clean_for_the_router,
 )
 
 logger = logging.getLogger(__name__)
@@ -68,6 +69,18 @@ def _note_use_outside_the_router(dbapi_connection: Any, record: Any) -> None:
     may carry anything; its next routed owner resets it (see `reset_session_state`)."""
     if not record.info.get(ROUTED_KEY, True):
         record.info[OWNER_KEY] = UNKNOWN_OWNER
+
+
+#: Execution option that marks the router's own engines over a node's pool.
+ROUTED_OPTION = "pg_session_router_routed"
+
+
+def _clean_for_use_outside_the_router(connection: Any) -> None:
+    """`engine_connect` hook: `engine.connect()` outside the router (a host's raw use of the
+    seed's `engine`, the catalog, checks, migrations) never gets a connection still set up for
+    a tenant, nor what a tenant's session left on it."""
+    if not connection.get_execution_options().get(ROUTED_OPTION):
+        clean_for_the_router(connection)
 
 
 class Node:
@@ -108,15 +121,20 @@ class Node:
         )
         event.listen(self.engine.sync_engine, "checkout", _discard_closed_connections)
         event.listen(self.engine.sync_engine, "checkin", _note_use_outside_the_router)
-        # Same pool; BEGIN becomes BEGIN READ ONLY. SQLAlchemy resets the flag on return.
-        readonly_engine = self.engine.execution_options(postgresql_readonly=True)
+        event.listen(self.engine.sync_engine, "engine_connect", _clean_for_use_outside_the_router)
+        # The same pool, marked as the router's (connections a tenant's session set up are
+        # reset for anyone else); the read-only one turns BEGIN into BEGIN READ ONLY (SQLAlchemy
+        # resets the flag on return).
+        routed_engine = self.engine.execution_options(**{ROUTED_OPTION: True})
+        readonly_engine = routed_engine.execution_options(postgresql_readonly=True)
+        self._routed_sync_engine = routed_engine.sync_engine
         self._readonly_sync_engine = readonly_engine.sync_engine
         options: dict[str, Any] = {
             "expire_on_commit": session.expire_on_commit,
             "autoflush": session.autoflush,
             "sync_session_class": RoutedSession,
         }
-        self.session_factory = async_sessionmaker(self.engine, **options)
+        self.session_factory = async_sessionmaker(routed_engine, **options)
         self.readonly_session_factory = async_sessionmaker(readonly_engine, **options)
 
     @property
@@ -148,7 +166,7 @@ class Node:
         """The sync engine `factory(read_only)` binds its sessions to (to rebind one)."""
         if read_only and self.role != "replica":
             return self._readonly_sync_engine
-        return self.engine.sync_engine
+        return self._routed_sync_engine
 
     def in_use(self) -> int:
         checked_out = getattr(self.engine.pool, "checkedout", None)

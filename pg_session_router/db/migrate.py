@@ -23,7 +23,6 @@ from sqlalchemy import Connection, MetaData, text
 from pg_session_router.core.names import quote_identifier
 from pg_session_router.db.catalog import catalog_metadata, tenants_table
 from pg_session_router.db.keys import ClusterKey
-from pg_session_router.db.routed_session import clean_for_the_router
 from pg_session_router.db.router import SessionRouter
 from pg_session_router.db.tenancy import CURRENT_ROW_TENANT_SQL, NO_TENANT_SQL
 
@@ -88,7 +87,6 @@ async def migrate_target(
 def _migrate_sync(
     conn: Connection, metadata: MetaData, schema: str | None, *, catalog: bool
 ) -> None:
-    clean_for_the_router(conn)
     conn.execute(text("SELECT pg_advisory_xact_lock(:key)"), {"key": _MIGRATION_LOCK_KEY})
     if catalog:
         catalog_metadata.create_all(conn)

@@ -14,7 +14,7 @@ import logging
 from collections.abc import Callable
 from typing import Any, TypeVar
 
-from sqlalchemy import Connection, Result, TextClause, event
+from sqlalchemy import Connection, Result, event
 from sqlalchemy.exc import DBAPIError
 from sqlalchemy.orm import ORMExecuteState, Session, SessionTransaction
 from sqlalchemy.orm.attributes import instance_state
@@ -30,13 +30,13 @@ _O = TypeVar("_O", bound=object)
 class RoutedSession(Session):
     """The sync session behind every routed `AsyncSession`; one tenant for its whole life.
 
-    `transaction_setup` is the statement run at the start of every transaction for tenants
-    placed by schema or by row (see `tenancy`); it is None for everything else, so the event
-    listener that reads it costs one attribute lookup on the common path. `tenant_id` marks every
+    `connection_setup` is the statement that sets a pooled connection up for a tenant placed by
+    schema or by row (see `tenancy`), sent only when the connection served someone else before;
+    it is None for everything else. `tenant_id` marks every
     object the session loads or saves, and objects marked for another tenant are refused.
     """
 
-    transaction_setup: tuple[TextClause, dict[str, Any]] | None = None
+    connection_setup: str | None = None
     tenant_id: str | None = None
     #: Set around a COMMIT whose WAL position is wanted (a consistency token): the connection
     #: to read it on, after the COMMIT but before the connection goes back to the pool.
@@ -112,17 +112,16 @@ def _mark_tenant(session: RoutedSession, instance: object) -> None:
 def _run_transaction_setup(
     session: RoutedSession, transaction: SessionTransaction, connection: Connection
 ) -> None:
-    # Runs inside the transaction that just began, before any statement of the caller's, so
-    # ORM statements and raw text() alike see only the tenant's schema or rows.
+    # Runs when a transaction begins, before any statement of the caller's (and before the
+    # BEGIN itself, which SQLAlchemy's asyncpg dialect sends with the first statement), so ORM
+    # statements and raw text() alike see only the tenant's schema or rows.
     info = connection.connection.info
     owner = session.tenant_id
-    if info.get(OWNER_KEY, owner) != owner:
-        reset_session_state(connection)
-    info[OWNER_KEY] = owner
+    previous = info.get(OWNER_KEY, _FRESH)
+    if previous != owner:
+        prepare_connection(connection, reset=previous is not _FRESH, setup=session.connection_setup)
+        info[OWNER_KEY] = owner
     info[ROUTED_KEY] = True  # used by a routed session (see cluster._note_use_outside_the_router)
-    setup = session.transaction_setup
-    if setup is not None:
-        connection.execute(setup[0], setup[1])
 
 
 #: Who last used a pooled connection: a tenant id, None (no tenant), or `UNKNOWN_OWNER`
@@ -130,6 +129,7 @@ def _run_transaction_setup(
 OWNER_KEY = "pg_session_router.owner"
 ROUTED_KEY = "pg_session_router.routed"
 UNKNOWN_OWNER = "<unknown>"
+_FRESH = object()  # a new connection: nobody's state to reset
 # What a unit of work may leave on its connection beyond its transaction (the pool's own reset
 # is a ROLLBACK): session-level SETs, temporary tables, LISTENs, advisory locks, cursors.
 _RESET_SQL = (
@@ -147,17 +147,23 @@ def clean_for_the_router(connection: Connection) -> None:
         info[OWNER_KEY] = None
 
 
-def reset_session_state(connection: Connection) -> None:
-    """Clear session state another owner may have left, before this owner's first statement.
+def prepare_connection(connection: Connection, *, reset: bool, setup: str | None) -> None:
+    """Clear what another owner may have left, and set the connection up for its new owner.
 
-    One round trip, only when a pooled connection changes hands between tenants (or comes back
-    from use outside the router). It runs on the asyncpg connection before the transaction's
-    BEGIN, which SQLAlchemy's asyncpg dialect sends with the first statement: DISCARD cannot
-    run inside a transaction block.
+    One round trip (a simple-query batch), only when a pooled connection changes hands between
+    tenants, or comes back from use outside the router. It runs on the asyncpg connection
+    outside any transaction: DISCARD cannot run inside one, and settings made there last.
     """
-    connection.connection.dbapi_connection.run_async(  # type: ignore[union-attr]
-        lambda driver: driver.execute(_RESET_SQL)
-    )
+    batch = "; ".join(sql for sql in (_RESET_SQL if reset else None, setup) if sql)
+    if batch:
+        connection.connection.dbapi_connection.run_async(  # type: ignore[union-attr]
+            lambda driver: driver.execute(batch)
+        )
+
+
+def reset_session_state(connection: Connection) -> None:
+    """Clear session state another owner may have left (see `prepare_connection`)."""
+    prepare_connection(connection, reset=True, setup=None)
 
 
 @event.listens_for(RoutedSession, "after_commit")

@@ -19,7 +19,6 @@ from pg_session_router.core.errors import ConfigError
 from pg_session_router.db.cluster import Cluster
 from pg_session_router.db.driver_errors import is_connect_failure
 from pg_session_router.db.keys import ClusterKey
-from pg_session_router.db.routed_session import clean_for_the_router
 
 logger = logging.getLogger(__name__)
 
@@ -57,7 +56,6 @@ class RowSecurityGuard:
         for node in cluster.nodes:
             try:
                 async with node.engine.connect() as connection:
-                    await connection.run_sync(clean_for_the_router)
                     row = (await connection.execute(_CHECK)).one()
             except Exception as exc:
                 if not is_connect_failure(exc):

@@ -1,27 +1,30 @@
-"""Tenant placements: which cluster holds a tenant's data, and what confines each transaction.
+"""Tenant placements: which cluster holds a tenant's data, and what confines its sessions.
 
 A *placement strategy* answers, for one tenant, which cluster holds its data and what must run
 at the start of each transaction to confine it: nothing for `database` (its own database, its
-own engines); for `schema` and `row`, one statement that sets, for the transaction only
-(`set_config(..., true)`, so a pooled connection carries nothing into the next transaction):
+own engines); for `schema` and `row`, one statement that sets on the pooled connection:
 `search_path`, with `pg_temp` named last (a temporary table can never stand in for one of the
 tenant's tables); `pg_session_router.tenant`, the tenant being served (the catalog's
-row-level security hides every row from a transaction that has one); and for row tenants
+row-level security hides every row from a connection serving one); and for row tenants
 `app.tenant_id`, which the tenant tables' row-level security reads.
+
+The settings are the connection's, not the transaction's: the router remembers which tenant
+each pooled connection is set up for and sends nothing while it serves that tenant again, so
+a tenant session costs no round trip more than a plain one. When a connection changes hands
+(another tenant, no tenant, or use outside the router) it is reset first, in the same round
+trip (`routed_session.prepare_connection`), so nothing carries over to the next user.
 """
 
 from __future__ import annotations
 
 from dataclasses import dataclass
-from typing import Any, ClassVar
+from typing import ClassVar
 
 from sqlalchemy import TextClause, text
 
-from pg_session_router.core.names import default_schema_name, quote_identifier
+from pg_session_router.core.names import default_schema_name, quote_identifier, quote_literal
 from pg_session_router.core.settings import TenantSettings
 from pg_session_router.db.keys import ClusterKey
-
-TransactionSetup = tuple[TextClause, dict[str, Any]]
 
 ROW_TENANT_SETTING = "app.tenant_id"
 #: Set in every tenant transaction (schema and row tenants): the tenant being served.
@@ -35,16 +38,15 @@ CURRENT_ROW_TENANT_SQL = f"NULLIF(current_setting('{ROW_TENANT_SETTING}', true),
 #: named after the role could otherwise come first).
 ROW_TENANT_SEARCH_PATH = "public, pg_temp"
 
-# Built once: compiled-statement caching keys on these objects. One statement, one round trip.
-_SCHEMA_SETUP = text(
-    f"SELECT set_config('search_path', :path, true), "
-    f"set_config('{SERVED_TENANT_SETTING}', :tenant, true)"
-)
-_ROW_SETUP = text(
-    f"SELECT set_config('search_path', :path, true), "
-    f"set_config('{SERVED_TENANT_SETTING}', :tenant, true), "
-    f"set_config('{ROW_TENANT_SETTING}', :tenant, true)"
-)
+
+def connection_setup(tenant_id: str, search_path: str, *, rows: bool) -> str:
+    """The statement that sets a connection up for a tenant (ids and schema names are
+    validated before they get here; they are quoted all the same)."""
+    settings = [("search_path", search_path), (SERVED_TENANT_SETTING, tenant_id)]
+    if rows:
+        settings.append((ROW_TENANT_SETTING, tenant_id))
+    calls = ", ".join(f"set_config('{name}', {quote_literal(v)}, false)" for name, v in settings)
+    return f"SELECT {calls}"
 
 
 def current_row_tenant() -> TextClause:
@@ -54,12 +56,12 @@ def current_row_tenant() -> TextClause:
 
 @dataclass(frozen=True, slots=True)
 class Placement:
-    """Where a tenant lives: the cluster key and the per-transaction setup, if any."""
+    """Where a tenant lives: the cluster key and the connection setup, if any."""
 
     tenant_id: str
     settings: TenantSettings
     cluster_key: ClusterKey
-    transaction_setup: TransactionSetup | None
+    connection_setup: str | None
     #: `schema`: the schema holding the tenant's tables. `database`: the database name.
     schema: str | None = None
     database: str | None = None
@@ -95,27 +97,24 @@ class DatabaseStrategy:
 
 
 class SchemaStrategy:
-    """A schema in a shared database; every transaction starts with its `search_path`."""
+    """A schema in a shared database; its connections have its `search_path`."""
 
     name: ClassVar[str] = "schema"
 
     def place(self, tenant_id: str, settings: TenantSettings, default_cluster: str) -> Placement:
         schema = settings.schema_name or default_schema_name(tenant_id)
-        setup = (
-            _SCHEMA_SETUP,
-            {"path": f"{quote_identifier(schema)}, pg_temp", "tenant": tenant_id},
-        )
+        setup = connection_setup(tenant_id, f"{quote_identifier(schema)}, pg_temp", rows=False)
         cluster = ClusterKey.configured(settings.cluster or default_cluster)
         return Placement(tenant_id, settings, cluster, setup, schema=schema)
 
 
 class RowStrategy:
-    """Shared tables; every transaction sets `app.tenant_id`, which row-level security reads."""
+    """Shared tables; its connections set `app.tenant_id`, which row-level security reads."""
 
     name: ClassVar[str] = "row"
 
     def place(self, tenant_id: str, settings: TenantSettings, default_cluster: str) -> Placement:
-        setup = (_ROW_SETUP, {"path": ROW_TENANT_SEARCH_PATH, "tenant": tenant_id})
+        setup = connection_setup(tenant_id, ROW_TENANT_SEARCH_PATH, rows=True)
         cluster = ClusterKey.configured(settings.cluster or default_cluster)
         return Placement(tenant_id, settings, cluster, setup)
 

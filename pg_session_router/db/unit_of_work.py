@@ -123,7 +123,7 @@ class SessionOpener:
         routed: RoutedSession = session.sync_session  # type: ignore[assignment]
         if route.placement is not None:
             routed.tenant_id = route.placement.tenant_id
-            routed.transaction_setup = route.placement.transaction_setup
+            routed.connection_setup = route.placement.connection_setup
         session.info["node"] = route.node.name
         routed.route = route
         routed.replay = self.replay_statement
