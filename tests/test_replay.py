@@ -11,9 +11,11 @@ from __future__ import annotations
 import asyncio
 import uuid
 
+import httpx
 import pytest
 from sqlalchemy import text
 
+from app.main import app
 from pg_session_router.db.router import SessionRouter
 from pg_session_router.devcluster import DevCluster
 from tests.support.faults import WHO_ANSWERS, eventually
@@ -90,3 +92,34 @@ async def test_a_replica_dying_under_multi_statement_reads_fails_none(
         stopping.set()
         await asyncio.gather(*readers)
     assert failures == [], failures[:3]
+
+
+async def test_replicas_killed_and_restarted_under_http_readers_answer_only_2xx(
+    router: SessionRouter, pg: DevCluster
+) -> None:
+    """Through the example app (`get_db`, a schema tenant), replicas crash and come back one
+    after the other under 16 readers: no response other than a 2xx."""
+    statuses: list[int] = []
+    stopping = asyncio.Event()
+    transport = httpx.ASGITransport(app=app)
+    async with httpx.AsyncClient(transport=transport, base_url="http://test") as client:
+
+        async def reader() -> None:
+            while not stopping.is_set():
+                response = await client.get("/items?limit=5", headers={"X-Tenant-ID": "globex"})
+                statuses.append(response.status_code)
+
+        readers = [asyncio.create_task(reader()) for _ in range(16)]
+        try:
+            for name in ("replica1", "replica2", "replica1"):
+                await eventually(lambda: len(statuses) > 100, within=10, what="reads")
+                await asyncio.to_thread(pg.stop_node, name, "immediate")
+                before = len(statuses)
+                await eventually(lambda b=before: len(statuses) > b + 100, within=15, what="reads")
+                await asyncio.to_thread(pg.start_node, name)
+                await asyncio.to_thread(pg.wait_streaming)
+        finally:
+            stopping.set()
+            await asyncio.gather(*readers)
+    assert len(statuses) > 300
+    assert {s for s in statuses if not 200 <= s < 300} == set()
