@@ -29,6 +29,7 @@ import asyncpg
 from sqlalchemy.engine import URL
 
 from pg_session_router.core.settings import HealthSettings, RoutingSettings
+from pg_session_router.core.storage import server_of
 from pg_session_router.db.driver_errors import describe_error
 
 logger = logging.getLogger(__name__)
@@ -137,7 +138,8 @@ class ServerHealth:
 
 
 def endpoint_of(url: URL) -> str:
-    return f"{url.host}:{url.port or 5432}"
+    """One spelling per server (the one storage ownership uses): nodes on it share its health."""
+    return server_of(url)
 
 
 class HealthMonitor:
