@@ -15,7 +15,6 @@ from collections.abc import Callable
 from typing import Any, TypeVar
 
 from sqlalchemy import Connection, Result, event
-from sqlalchemy.exc import DBAPIError
 from sqlalchemy.orm import ORMExecuteState, Session, SessionTransaction
 from sqlalchemy.orm.attributes import instance_state
 
@@ -51,7 +50,7 @@ class RoutedSession(Session):
     route: Any = None
     #: Set by the unit of work: runs a statement again on a fresh connection when its
     #: connection died (see `unit_of_work.StatementReplay`). None: no replay.
-    replay: Callable[[RoutedSession, ORMExecuteState, DBAPIError], Result[Any]] | None = None
+    replay: Callable[[RoutedSession, ORMExecuteState, Exception], Result[Any]] | None = None
     #: Statements this session has run (a write replays only its first).
     statements_run: int = 0
 
@@ -87,7 +86,7 @@ def _replay_after_a_dead_connection(state: ORMExecuteState) -> Result[Any] | Non
         return None
     try:
         result = state.invoke_statement()
-    except DBAPIError as exc:
+    except Exception as exc:  # connect errors come unwrapped (OSError), the rest as DBAPIError
         result = replay(session, state, exc)
     session.statements_run += 1
     return result

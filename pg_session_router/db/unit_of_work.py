@@ -127,12 +127,17 @@ class SessionOpener:
         session.info["node"] = route.node.name
         routed.route = route
         routed.replay = self.replay_statement
+        if route.read_only:
+            # A read checks out on its first statement, like a hand-written session: a dead
+            # connection or node found there is handled by replaying that statement (any
+            # statement of a read may be replayed), so the eager checkout's greenlet hop
+            # would buy nothing.
+            return session, route
         try:
-            # Checks out a connection (the pool discards ones the server closed) and runs the
-            # tenant setup, so a dead node shows up here, where retrying is always safe. This
-            # greenlet hop is most of what a read costs over a hand-written session; skipping
-            # it when the pool looks warm was tried and let a crash reach the caller's first
-            # statement (README, "Benchmarks").
+            # A write checks out before the caller's first statement (the pool discards
+            # connections the server closed; the tenant setup runs), so a dead node shows up
+            # here, where retrying is always safe: a write whose first statement is its flush
+            # at COMMIT could not tell a connection that never was from a COMMIT lost midway.
             await session.run_sync(_check_out)
         except BaseException as exc:
             await _close_quietly(session)
@@ -142,7 +147,7 @@ class SessionOpener:
         return session, route
 
     def replay_statement(
-        self, session: RoutedSession, state: ORMExecuteState, error: DBAPIError
+        self, session: RoutedSession, state: ORMExecuteState, error: Exception
     ) -> Result[Any]:
         """A statement failed because its connection died. Nothing of the transaction can be
         lost when the unit of work only reads (at READ COMMITTED each statement sees a fresh
@@ -152,7 +157,10 @@ class SessionOpener:
         replayed at least as far, within `retry.deadline`. Anything else is raised as it was.
         Runs inside SQLAlchemy's greenlet (`do_orm_execute`)."""
         route: Route = session.route
-        if not is_connection_loss(error) or not (route.read_only or session.statements_run == 0):
+        # A connection that died, or one that could not be had (the server refusing, starting
+        # or shutting down): nothing of this statement was applied.
+        dead = is_connection_loss(error) or is_connect_failure(error)
+        if not dead or not (route.read_only or session.statements_run == 0):
             raise error
         self.monitor.wake()  # the server may be gone: have it probed now
         min_lsn = route.node.health.lsn if route.read_only else None
