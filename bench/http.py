@@ -34,8 +34,8 @@ ROUTES = {
 
 
 @contextmanager
-def served(module: str, env: dict[str, str]) -> Iterator[int]:
-    """uvicorn serving `module` on a free port, until the block ends."""
+def served(module: str, env: dict[str, str]) -> Iterator[tuple[int, int]]:
+    """uvicorn serving `module` on a free port, until the block ends: (port, pid)."""
     port = free_port()
     process = subprocess.Popen(
         [
@@ -56,10 +56,17 @@ def served(module: str, env: dict[str, str]) -> Iterator[int]:
     )
     try:
         wait_ready(port)
-        yield port
+        yield port, process.pid
     finally:
         process.terminate()
         process.wait(timeout=30)
+
+
+def cpu_seconds(pid: int) -> float:
+    """User + system CPU time of a process so far (from /proc): stable on a noisy VM where
+    throughput is not."""
+    fields = Path(f"/proc/{pid}/stat").read_text().rsplit(")", 1)[1].split()
+    return (int(fields[11]) + int(fields[12])) / os.sysconf("SC_CLK_TCK")
 
 
 def wait_ready(port: int, timeout: float = 30) -> None:
@@ -114,9 +121,21 @@ def app_envs(cluster: DevCluster, config_file: Path) -> dict[str, dict[str, str]
         "baseline: one engine, hand-written get_db": {
             "BASELINE_DATABASE_URL": cluster.url(database="acme", user=APP_ROLE)
         },
-        "router: example app": {CONFIG_FILE_ENV: str(config_file)},
-        TOKENS_OFF: {CONFIG_FILE_ENV: str(config_file), "APP_HTTP__CONSISTENCY_TOKENS": "false"},
+        "router: example app": {CONFIG_FILE_ENV: str(config_file), **SAME_POOL},
+        TOKENS_OFF: {
+            CONFIG_FILE_ENV: str(config_file),
+            "APP_HTTP__CONSISTENCY_TOKENS": "false",
+            **SAME_POOL,
+        },
     }
+
+
+#: The baseline engine's pool is SQLAlchemy's default, 5 + 5 overflow: the router's tenant
+#: engines (acme is a database tenant) get the same.
+SAME_POOL = {
+    "APP_DATABASE__TENANCY__POOL__SIZE": "5",
+    "APP_DATABASE__TENANCY__POOL__MAX_OVERFLOW": "5",
+}
 
 
 MODULES = {
@@ -145,17 +164,22 @@ def measure(
     duration: float,
 ) -> dict[tuple[str, str], dict[str, Series]]:
     results: dict[tuple[str, str], dict[str, Series]] = {}
+    names = list(apps)
     for round_number in range(rounds):
-        # Alternate the order: what runs first in a round tends to measure faster here.
-        order = list(apps.items())
-        if round_number % 2:
-            order.reverse()
-        for name, (module, env) in order:
+        # Rotate the order: each app runs first as often as the others (what runs first in a
+        # round tends to measure faster here).
+        shift = round_number % len(names)
+        for name in names[shift:] + names[:shift]:
+            module, env = apps[name]
             settle(cluster)
-            with served(module, env) as port:
-                load(port, next(iter(ROUTES)), connections=connections, duration=0.5)  # warm
+            with served(module, env) as (port, pid):
+                for route in ROUTES:  # warm every route, not only the first
+                    load(port, route, connections=connections, duration=0.5)
                 for route in ROUTES:
+                    cpu_before = cpu_seconds(pid)
                     figures = load(port, route, connections=connections, duration=duration)
+                    spent = cpu_seconds(pid) - cpu_before
+                    figures["cpu_us"] = spent / max(figures["requests"], 1) * 1e6
                     cell = results.setdefault((name, route), {k: Series(k) for k in figures})
                     for key, value in figures.items():
                         cell[key].values.append(value)
@@ -173,6 +197,8 @@ def report(results: dict[tuple[str, str], dict[str, Series]], baseline: str) -> 
                 f"{cell['rps'].median:,.0f}",
                 f"±{cell['rps'].spread:.0%}",
                 f"{paired_ratio(cell['rps'], base):.3f}",
+                f"{cell['cpu_us'].median:,.0f}",
+                f"{paired_ratio(cell['cpu_us'], results[(baseline, route)]['cpu_us']):.3f}",
                 f"{cell['p50_ms'].median:.1f}",
                 f"{cell['p99_ms'].median:.1f}",
                 f"{cell['errors'].median:.0f}",
@@ -186,6 +212,8 @@ def report(results: dict[tuple[str, str], dict[str, Series]], baseline: str) -> 
             "requests/s (median)",
             "spread",
             "vs baseline (median of per-round ratios)",
+            "server CPU µs per request",
+            "CPU vs baseline",
             "p50 ms",
             "p99 ms",
             "errors",
@@ -205,7 +233,9 @@ def main(argv: list[str] | None = None) -> str:
         "HTTP end to end",
         (
             f"{rounds} rounds; {connections} keep-alive connections for {duration:.1f} s per "
-            f"route; one uvicorn worker per app; load from a separate process.\n\n"
+            f"route (every route warmed first); one uvicorn worker per app, the same pool sizes; "
+            f"apps in a rotating order; only 2xx answers count as requests; server CPU from "
+            f"/proc; load from a separate process.\n\n"
             f"{report(results, next(iter(apps)))}"
         ),
     )

@@ -32,8 +32,9 @@ async def connection_loop(
                 if line.lower().startswith(b"content-length:"):
                     length = int(line.split(b":", 1)[1])
             await reader.readexactly(length)
-            latencies.append(time.perf_counter() - started)
-            if not 200 <= status < 300:
+            if 200 <= status < 300:  # only answers that served the request count
+                latencies.append(time.perf_counter() - started)
+            else:
                 errors.append(status)
     except (ConnectionError, asyncio.IncompleteReadError):
         errors.append(0)
