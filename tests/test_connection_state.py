@@ -7,11 +7,15 @@ pool, the way careless application code would, then opens a session for another 
 
 from __future__ import annotations
 
+import uuid
 from collections.abc import AsyncIterator
 
 import pytest
 from sqlalchemy import text
 
+from app.models import Base
+from pg_session_router.core.settings import TenantSettings
+from pg_session_router.db import provisioning
 from pg_session_router.db.router import SessionRouter
 from pg_session_router.devcluster import DevCluster
 
@@ -98,3 +102,37 @@ async def test_the_same_owner_keeps_its_connection_without_a_reset(
         await session.execute(text("CREATE TEMP TABLE scratch (x int)"))
     async with router.session(tenant="globex") as session:
         assert await session.scalar(text("SELECT count(*) FROM pg_temp.scratch")) == 0
+
+
+async def test_a_tenant_added_again_elsewhere_gets_its_connections_set_up_anew(
+    migrated: DevCluster,
+) -> None:
+    """Another process removes the tenant and adds it again in another schema; this process
+    learns the new placement (as a catalog reload does) while its pooled connection is still
+    set up for the old one: the next session must get the new setup, not the old schema."""
+    # This process reads no catalog (its reads would reset the connection and hide the case).
+    settings = database_settings(migrated, replicas=False, tenancy={"catalog": False})
+    pool = settings.clusters["main"].pool.model_copy(update={"size": 1, "max_overflow": 0})
+    main = settings.clusters["main"].model_copy(update={"pool": pool})
+    router = SessionRouter(settings.model_copy(update={"clusters": {"main": main}}))
+    other = SessionRouter(database_settings(migrated))
+    tenant = f"moving-{uuid.uuid4().hex[:6]}"
+    first, second = f"first_{tenant[-6:]}", f"second_{tenant[-6:]}"
+
+    def schema(name: str) -> TenantSettings:
+        return TenantSettings.model_validate({"strategy": "schema", "schema": name})
+
+    try:
+        await provisioning.add_tenant(other, tenant, schema(first), metadata=Base.metadata)
+        router.tenants.remember(tenant, schema(first))
+        async with router.session(tenant=tenant) as session:
+            assert (await session.scalar(text("SHOW search_path"))).startswith(f'"{first}"')
+        await provisioning.remove_tenant(other, tenant, drop=True)
+        await provisioning.add_tenant(other, tenant, schema(second), metadata=Base.metadata)
+        router.tenants.remember(tenant, schema(second))
+        async with router.session(tenant=tenant) as session:  # the same pooled connection
+            assert (await session.scalar(text("SHOW search_path"))).startswith(f'"{second}"')
+    finally:
+        await provisioning.remove_tenant(other, tenant, drop=True)
+        await other.dispose()
+        await router.dispose()

@@ -10,15 +10,21 @@ from __future__ import annotations
 
 import asyncio
 import uuid
+from collections.abc import AsyncIterator
+from typing import Any
 
 import httpx
 import pytest
-from sqlalchemy import text
+from sqlalchemy import func, select, text
 
 from app.main import app
+from app.models import Item
+from pg_session_router.core.errors import ConnectionLostError
 from pg_session_router.db.router import SessionRouter
 from pg_session_router.devcluster import DevCluster
 from tests.support.faults import WHO_ANSWERS, eventually
+
+from .conftest import database_settings
 
 pytestmark = pytest.mark.usefixtures("restore_cluster")
 
@@ -123,3 +129,87 @@ async def test_replicas_killed_and_restarted_under_http_readers_answer_only_2xx(
             await asyncio.gather(*readers)
     assert len(statuses) > 300
     assert {s for s in statuses if not 200 <= s < 300} == set()
+
+
+async def terminate_own_backend(session: Any, pg: DevCluster, node: str) -> None:
+    """Kill the session's backend (through the server, not through the session: using its
+    connection directly would make the session opaque to replay) and wait until it is gone."""
+    pid = await session.scalar(text("SELECT pg_backend_pid()"))
+    await asyncio.to_thread(pg.sql, node, f"SELECT pg_terminate_backend({pid})")
+    alive = f"SELECT count(*) FROM pg_stat_activity WHERE pid = {pid}"
+
+    async def gone() -> bool:
+        return await asyncio.to_thread(pg.sql, node, alive) == "0"
+
+    await eventually(gone, within=5, what="the backend to end")
+
+
+@pytest.fixture
+async def one_connection(migrated: DevCluster) -> AsyncIterator[SessionRouter]:
+    settings = database_settings(migrated, replicas=False)
+    pool = settings.clusters["main"].pool.model_copy(update={"size": 1, "max_overflow": 0})
+    main = settings.clusters["main"].model_copy(update={"pool": pool})
+    router = SessionRouter(settings.model_copy(update={"clusters": {"main": main}}))
+    try:
+        yield router
+    finally:
+        await router.dispose()
+
+
+async def kill_pooled_connection_unnoticed(router: SessionRouter, pg: DevCluster) -> None:
+    """The pool's one connection is terminated by a blocking call: the event loop has not
+    read the EOF when the next session checks the connection out."""
+    async with router.session() as session:
+        pid = await session.scalar(text("SELECT pg_backend_pid()"))
+    pg.sql("primary", f"SELECT pg_terminate_backend({pid})")
+
+
+async def test_a_write_with_pending_changes_is_never_replayed_without_them(
+    one_connection: SessionRouter, pg: DevCluster
+) -> None:
+    """The autoflush of the first statement sends the pending INSERT on a dead connection: a
+    replay would run the statement without it (a rollback discards pending objects) and then
+    commit "successfully"."""
+    name = f"pending-{uuid.uuid4().hex[:8]}"
+    await kill_pooled_connection_unnoticed(one_connection, pg)
+    with pytest.raises(ConnectionLostError):
+        async with one_connection.session() as session:
+            session.add(Item(name=name))
+            await session.execute(text("SELECT 1"))
+    async with one_connection.session() as session:
+        assert await session.scalar(select(func.count()).where(Item.name == name)) == 0
+
+
+async def test_a_fresh_write_whose_connection_died_is_replayed(
+    one_connection: SessionRouter, pg: DevCluster
+) -> None:
+    name = f"fresh-{uuid.uuid4().hex[:8]}"
+    await kill_pooled_connection_unnoticed(one_connection, pg)
+    async with one_connection.session() as session:
+        await session.execute(text("INSERT INTO items (name) VALUES (:n)"), {"n": name})
+    async with one_connection.session() as session:
+        assert await session.scalar(select(func.count()).where(Item.name == name)) == 1
+        await session.execute(text("DELETE FROM items WHERE name = :n"), {"n": name})
+
+
+async def test_inside_the_callers_begin_block_a_dead_connection_is_a_503_not_a_500(
+    one_connection: SessionRouter, pg: DevCluster
+) -> None:
+    await kill_pooled_connection_unnoticed(one_connection, pg)
+    with pytest.raises(ConnectionLostError):
+        async with one_connection.session() as session, session.begin():
+            await session.execute(text("SELECT 1"))
+
+
+async def test_objects_a_read_already_returned_stay_usable_after_a_replay(
+    router: SessionRouter, pg: DevCluster
+) -> None:
+    async with router.session() as session:  # a row to read
+        session.add(Item(name="survivor"))
+    pg.wait_replayed()
+    async with router.session("primary", read_only=True) as session:
+        item = (await session.scalars(select(Item).where(Item.name == "survivor"))).first()
+        assert item is not None
+        await terminate_own_backend(session, pg, "primary")
+        assert await session.scalar(text("SELECT 7")) == 7  # replayed
+        assert item.name == "survivor"  # still loaded, not expired

@@ -79,8 +79,15 @@ def _clean_for_use_outside_the_router(connection: Any) -> None:
     """`engine_connect` hook: `engine.connect()` outside the router (a host's raw use of the
     seed's `engine`, the catalog, checks, migrations) never gets a connection still set up for
     a tenant, nor what a tenant's session left on it."""
-    if not connection.get_execution_options().get(ROUTED_OPTION):
+    if connection.get_execution_options().get(ROUTED_OPTION):
+        return
+    try:
         clean_for_the_router(connection)
+    except Exception as exc:
+        # The connection is dead (or the reset failed): raising here, inside Connection's
+        # constructor, would leave the pooled connection checked out for ever. Invalidated,
+        # it is replaced on first use, and a new one has nobody's state.
+        connection.invalidate(exc)
 
 
 class Node:

@@ -37,6 +37,8 @@ _RECOVERY_CONFLICT_SQLSTATES = frozenset({"40001", "40P01"})
 NO_EJECT_SQLSTATES = frozenset({"53300"})
 # A server that refuses us at connect time (as opposed to a pooled connection that went stale).
 _REFUSED_SQLSTATES = frozenset({"57P03", "08001", "08004"})
+# Only ever raised while connecting: cannot connect now, too many connections, rejected.
+_CONNECT_ONLY_SQLSTATES = frozenset({"57P03", "53300", "08001", "08004"})
 #: read_only_sql_transaction: a write in a read-only transaction, or on a standby.
 READ_ONLY_SQLSTATE = "25006"
 UNDEFINED_TABLE_SQLSTATE = "42P01"
@@ -118,6 +120,16 @@ def is_write_retryable(exc: BaseException) -> bool:
     replayed.
     """
     return isinstance(exc, NoNodeAvailableError | TopologyChangedError | ConnectionLostError)
+
+
+def is_connect_refusal(exc: BaseException) -> bool:
+    """A connection could not be had at all (refused, unreachable, timed out, the server
+    starting or shutting down, too many connections): nothing was sent on it. Narrower than
+    `is_connect_failure`, for errors raised while a statement runs (a busy connection's
+    InterfaceError is not one)."""
+    if sqlstate(exc) in _CONNECT_ONLY_SQLSTATES:
+        return True
+    return any(isinstance(error, OSError) for error in error_chain(exc))
 
 
 def server_refused(exc: BaseException) -> bool:

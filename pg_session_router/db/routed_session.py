@@ -50,11 +50,20 @@ class RoutedSession(Session):
     route: Any = None
     #: Set by the unit of work: runs a statement again on a fresh connection when its
     #: connection died (see `unit_of_work.StatementReplay`). None: no replay.
-    replay: Callable[[RoutedSession, ORMExecuteState, Exception], Result[Any]] | None = None
-    #: Statements this session has run (a write replays only its first).
+    replay: Callable[[RoutedSession, ORMExecuteState, Exception, bool], Result[Any]] | None = None
+    #: Statements this session has sent: `execute()` and friends, and flushes (never reset:
+    #: a write replays only a statement nothing was sent before).
     statements_run: int = 0
+    #: The caller used a connection directly (`session.connection()`), or is inside its own
+    #: `session.begin()` block: what was sent is not known, so nothing is replayed.
+    opaque: bool = False
+
+    def connection(self, *args: Any, **kwargs: Any) -> Connection:
+        self.opaque = True  # the router's own checkout clears it again (unit_of_work)
+        return super().connection(*args, **kwargs)
 
     def begin(self, nested: bool = False) -> SessionTransaction:
+        self.opaque = True
         adoptable, self.adoptable_transaction = self.adoptable_transaction, None
         if not nested and adoptable is not None and adoptable is self.get_transaction():
             # Nothing has run in it but the router's checkout (and tenant setup): to the caller
@@ -84,12 +93,21 @@ def _replay_after_a_dead_connection(state: ORMExecuteState) -> Result[Any] | Non
     replay = session.replay
     if replay is None:
         return None
+    # Pending ORM changes would be flushed (sent) by this very statement's autoflush, and lost
+    # by a rollback: such a statement is never a write's first. `_is_clean()` is private, but
+    # three truth tests where the public new/dirty/deleted build sets on every statement.
+    clean = session._is_clean()
     try:
         result = state.invoke_statement()
     except Exception as exc:  # connect errors come unwrapped (OSError), the rest as DBAPIError
-        result = replay(session, state, exc)
+        result = replay(session, state, exc, clean)
     session.statements_run += 1
     return result
+
+
+@event.listens_for(RoutedSession, "after_flush")
+def _count_flush(session: RoutedSession, flush_context: Any) -> None:
+    session.statements_run += 1
 
 
 @event.listens_for(RoutedSession, "before_attach")
@@ -115,7 +133,8 @@ def _run_transaction_setup(
     # BEGIN itself, which SQLAlchemy's asyncpg dialect sends with the first statement), so ORM
     # statements and raw text() alike see only the tenant's schema or rows.
     info = connection.connection.info
-    owner = session.tenant_id
+    # Keyed on the setup too: a tenant removed and added again elsewhere gets set up anew.
+    owner = None if session.tenant_id is None else (session.tenant_id, session.connection_setup)
     previous = info.get(OWNER_KEY, _FRESH)
     if previous != owner:
         prepare_connection(connection, reset=previous is not _FRESH, setup=session.connection_setup)

@@ -38,6 +38,7 @@ from pg_session_router.db.driver_errors import (
     UNDEFINED_TABLE_SQLSTATE,
     describe_error,
     is_connect_failure,
+    is_connect_refusal,
     is_connection_loss,
     server_refused,
     sqlstate,
@@ -139,6 +140,7 @@ class SessionOpener:
             # here, where retrying is always safe: a write whose first statement is its flush
             # at COMMIT could not tell a connection that never was from a COMMIT lost midway.
             await session.run_sync(_check_out)
+            routed.opaque = False  # that was the router's checkout, not the caller's
         except BaseException as exc:
             await _close_quietly(session)
             if isinstance(exc, Exception) and server_refused(exc):
@@ -147,7 +149,7 @@ class SessionOpener:
         return session, route
 
     def replay_statement(
-        self, session: RoutedSession, state: ORMExecuteState, error: Exception
+        self, session: RoutedSession, state: ORMExecuteState, error: Exception, clean: bool
     ) -> Result[Any]:
         """A statement failed because its connection died. Nothing of the transaction can be
         lost when the unit of work only reads (at READ COMMITTED each statement sees a fresh
@@ -157,17 +159,14 @@ class SessionOpener:
         replayed at least as far, within `retry.deadline`. Anything else is raised as it was.
         Runs inside SQLAlchemy's greenlet (`do_orm_execute`)."""
         route: Route = session.route
-        # A connection that died, or one that could not be had (the server refusing, starting
-        # or shutting down): nothing of this statement was applied.
-        dead = is_connection_loss(error) or is_connect_failure(error)
-        if not dead or not (route.read_only or session.statements_run == 0):
+        if not _replayable(session, route, error, clean):
             raise error
         self.monitor.wake()  # the server may be gone: have it probed now
         min_lsn = route.node.health.lsn if route.read_only else None
         deadline_at = self.retry.deadline_at()
         last: BaseException = error
         for pause in self.retry.pauses():
-            _discard_transaction(session)
+            _discard_transaction(session, read_only=route.read_only)
             try:
                 _rebind(session, reroute(route, min_lsn))
                 result = state.invoke_statement()
@@ -327,6 +326,20 @@ class UnitOfWork:
             await _close_ending(session, route)
 
 
+def _replayable(session: RoutedSession, route: Route, error: Exception, clean: bool) -> bool:
+    """Replaying cannot lose or repeat anything: the connection died, or could not be had
+    (refused, the server starting or shutting down, too many connections), and either the
+    unit of work only reads at READ COMMITTED (each statement sees a fresh snapshot anyway),
+    or nothing of this write was sent before this statement and nothing was pending."""
+    if not (is_connection_loss(error) or is_connect_refusal(error)):
+        return False
+    if session.opaque:  # a connection used directly, or the caller's own begin() block
+        return False
+    if route.read_only:
+        return True
+    return clean and session.statements_run == 0
+
+
 def reroute(route: Route, min_lsn: int | None) -> Route:
     """Where a replayed statement goes: the same cluster, the same intent; a read only where
     what the dead node had replayed has been replayed too."""
@@ -347,13 +360,19 @@ def _rebind(session: RoutedSession, route: Route) -> None:
     session.info["node"] = route.node.name
 
 
-def _discard_transaction(session: Session) -> None:
-    # The dead connection was invalidated by SQLAlchemy; closing the transaction that held it
-    # may fail on it again, which changes nothing.
+def _discard_transaction(session: Session, *, read_only: bool) -> None:
+    # The dead connection was invalidated by SQLAlchemy; ending the transaction that held it
+    # may fail on it again, which changes nothing. A read's transaction is closed without a
+    # rollback's snapshot restore: objects the caller holds stay loaded (a rollback would
+    # expire them all). A write here has nothing pending: a rollback is what it needs.
     try:
-        session.rollback()
+        transaction = session.get_transaction()
+        if read_only and transaction is not None:
+            transaction.close()
+        else:
+            session.rollback()
     except Exception:
-        logger.debug("rollback after a dead connection failed", exc_info=True)
+        logger.debug("ending the transaction of a dead connection failed", exc_info=True)
 
 
 def _check_out(session: Session) -> None:
