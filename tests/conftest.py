@@ -101,6 +101,24 @@ async def router(migrated: DevCluster) -> AsyncIterator[SessionRouter]:
         await router.dispose()
 
 
+def one_connection_router(pg: DevCluster, **overrides: Any) -> SessionRouter:
+    """A router over the primary alone with a one-connection pool: the next session surely
+    gets the connection the previous one used."""
+    settings = database_settings(pg, replicas=False, **overrides)
+    pool = settings.clusters["main"].pool.model_copy(update={"size": 1, "max_overflow": 0})
+    main = settings.clusters["main"].model_copy(update={"pool": pool})
+    return SessionRouter(settings.model_copy(update={"clusters": {"main": main}}))
+
+
+@pytest.fixture
+async def one_connection(migrated: DevCluster) -> AsyncIterator[SessionRouter]:
+    router = one_connection_router(migrated)
+    try:
+        yield router
+    finally:
+        await router.dispose()
+
+
 @pytest.fixture
 def restore_cluster(pg: DevCluster) -> Iterator[None]:
     """For tests that stop or pause nodes: every node running and streaming again after."""

@@ -8,7 +8,6 @@ pool, the way careless application code would, then opens a session for another 
 from __future__ import annotations
 
 import uuid
-from collections.abc import AsyncIterator
 
 import pytest
 from sqlalchemy import text
@@ -19,19 +18,7 @@ from pg_session_router.db import provisioning
 from pg_session_router.db.router import SessionRouter
 from pg_session_router.devcluster import DevCluster
 
-from .conftest import database_settings
-
-
-@pytest.fixture
-async def one_connection(migrated: DevCluster) -> AsyncIterator[SessionRouter]:
-    settings = database_settings(migrated, replicas=False)
-    pool = settings.clusters["main"].pool.model_copy(update={"size": 1, "max_overflow": 0})
-    main = settings.clusters["main"].model_copy(update={"pool": pool})
-    router = SessionRouter(settings.model_copy(update={"clusters": {"main": main}}))
-    try:
-        yield router
-    finally:
-        await router.dispose()
+from .conftest import database_settings, one_connection_router
 
 
 async def backend_pid(router: SessionRouter, **target: str) -> int:
@@ -111,10 +98,7 @@ async def test_a_tenant_added_again_elsewhere_gets_its_connections_set_up_anew(
     learns the new placement (as a catalog reload does) while its pooled connection is still
     set up for the old one: the next session must get the new setup, not the old schema."""
     # This process reads no catalog (its reads would reset the connection and hide the case).
-    settings = database_settings(migrated, replicas=False, tenancy={"catalog": False})
-    pool = settings.clusters["main"].pool.model_copy(update={"size": 1, "max_overflow": 0})
-    main = settings.clusters["main"].model_copy(update={"pool": pool})
-    router = SessionRouter(settings.model_copy(update={"clusters": {"main": main}}))
+    router = one_connection_router(migrated, tenancy={"catalog": False})
     other = SessionRouter(database_settings(migrated))
     tenant = f"moving-{uuid.uuid4().hex[:6]}"
     first, second = f"first_{tenant[-6:]}", f"second_{tenant[-6:]}"

@@ -10,7 +10,6 @@ from __future__ import annotations
 
 import asyncio
 import uuid
-from collections.abc import AsyncIterator
 from typing import Any
 
 import httpx
@@ -23,8 +22,6 @@ from pg_session_router.core.errors import ConnectionLostError
 from pg_session_router.db.router import SessionRouter
 from pg_session_router.devcluster import DevCluster
 from tests.support.faults import WHO_ANSWERS, eventually
-
-from .conftest import database_settings
 
 pytestmark = pytest.mark.usefixtures("restore_cluster")
 
@@ -142,18 +139,6 @@ async def terminate_own_backend(session: Any, pg: DevCluster, node: str) -> None
         return await asyncio.to_thread(pg.sql, node, alive) == "0"
 
     await eventually(gone, within=5, what="the backend to end")
-
-
-@pytest.fixture
-async def one_connection(migrated: DevCluster) -> AsyncIterator[SessionRouter]:
-    settings = database_settings(migrated, replicas=False)
-    pool = settings.clusters["main"].pool.model_copy(update={"size": 1, "max_overflow": 0})
-    main = settings.clusters["main"].model_copy(update={"pool": pool})
-    router = SessionRouter(settings.model_copy(update={"clusters": {"main": main}}))
-    try:
-        yield router
-    finally:
-        await router.dispose()
 
 
 async def kill_pooled_connection_unnoticed(router: SessionRouter, pg: DevCluster) -> None:

@@ -15,7 +15,7 @@ from pg_session_router.core.errors import (
 from pg_session_router.db.router import SessionRouter
 from pg_session_router.devcluster import DevCluster
 
-from .conftest import scalar
+from .conftest import one_connection_router, scalar
 
 STATE = (
     "SELECT current_database() || '|' || current_setting('search_path') || '|' || "
@@ -90,13 +90,8 @@ async def test_a_row_tenant_cannot_write_rows_of_another(router: SessionRouter) 
 
 
 async def test_pooled_connections_carry_no_tenant_state(migrated: DevCluster) -> None:
-    # One connection per node, so the next session surely reuses the tenant's connection.
-    from .conftest import database_settings
-
-    settings = database_settings(migrated, replicas=False)
-    pool = settings.clusters["main"].pool.model_copy(update={"size": 1, "max_overflow": 0})
-    main = settings.clusters["main"].model_copy(update={"pool": pool})
-    router = SessionRouter(settings.model_copy(update={"clusters": {"main": main}}))
+    # One connection, so the next session surely reuses the tenant's connection.
+    router = one_connection_router(migrated)
     try:
         clean = await scalar(router, STATE)
         for tenant in ("globex", "initech"):

@@ -32,14 +32,11 @@ class TenantAdmission:
         self.registry = registry
         self.row_security = RowSecurityGuard()
         self.engines = TenantClusterCache(
-            self._build,
+            topology.build,
             max_engines=settings.max_engines,
             wait_timeout=settings.pool.timeout,
             on_evict=topology.forget,
         )
-
-    def _build(self, key: ClusterKey) -> Cluster:
-        return self._topology.build(key)
 
     async def placement(self, tenant_id: str) -> Placement:
         """The hot path is `cached` (a dictionary read); a miss may read the catalog."""

@@ -36,13 +36,7 @@ from pg_session_router.core.settings import (
 from pg_session_router.db.balancing import POLICIES, ReplicaPolicy
 from pg_session_router.db.health import HealthMonitor, ServerHealth
 from pg_session_router.db.keys import ClusterKey
-from pg_session_router.db.routed_session import (
-    OWNER_KEY,
-    ROUTED_KEY,
-    UNKNOWN_OWNER,
-    RoutedSession,
-    clean_for_the_router,
-)
+from pg_session_router.db.routed_session import RoutedSession, hand_out_raw
 
 logger = logging.getLogger(__name__)
 
@@ -61,14 +55,6 @@ def _discard_closed_connections(dbapi_connection: Any, record: Any, proxy: Any) 
     driver = dbapi_connection.driver_connection
     if driver is not None and driver.is_closed():
         raise InvalidatePoolError("the server closed this pooled connection")
-    record.info[ROUTED_KEY] = False
-
-
-def _note_use_outside_the_router(dbapi_connection: Any, record: Any) -> None:
-    """Pool checkin hook: a connection used only outside routed sessions (`engine.connect()`)
-    may carry anything; its next routed owner resets it (see `reset_session_state`)."""
-    if not record.info.get(ROUTED_KEY, True):
-        record.info[OWNER_KEY] = UNKNOWN_OWNER
 
 
 #: Execution option that marks the router's own engines over a node's pool.
@@ -82,7 +68,7 @@ def _clean_for_use_outside_the_router(connection: Any) -> None:
     if connection.get_execution_options().get(ROUTED_OPTION):
         return
     try:
-        clean_for_the_router(connection)
+        hand_out_raw(connection)
     except Exception as exc:
         # The connection is dead (or the reset failed): raising here, inside Connection's
         # constructor, would leave the pooled connection checked out for ever. Invalidated,
@@ -127,7 +113,6 @@ class Node:
             },
         )
         event.listen(self.engine.sync_engine, "checkout", _discard_closed_connections)
-        event.listen(self.engine.sync_engine, "checkin", _note_use_outside_the_router)
         event.listen(self.engine.sync_engine, "engine_connect", _clean_for_use_outside_the_router)
         # The same pool, marked as the router's (connections a tenant's session set up are
         # reset for anyone else); the read-only one turns BEGIN into BEGIN READ ONLY (SQLAlchemy

@@ -35,8 +35,6 @@ _LOSS_SQLSTATES = frozenset({"08000", "08003", "08006", "08007", "57P01", "57P02
 _RECOVERY_CONFLICT_SQLSTATES = frozenset({"40001", "40P01"})
 #: The server is alive but busy: retry elsewhere, but do not eject it.
 NO_EJECT_SQLSTATES = frozenset({"53300"})
-# A server that refuses us at connect time (as opposed to a pooled connection that went stale).
-_REFUSED_SQLSTATES = frozenset({"57P03", "08001", "08004"})
 # Only ever raised while connecting: cannot connect now, too many connections, rejected.
 _CONNECT_ONLY_SQLSTATES = frozenset({"57P03", "53300", "08001", "08004"})
 #: read_only_sql_transaction: a write in a read-only transaction, or on a standby.
@@ -133,10 +131,6 @@ def is_connect_refusal(exc: BaseException) -> bool:
 
 
 def server_refused(exc: BaseException) -> bool:
-    """The server (not one stale connection) failed us: unreachable, timed out, or refusing."""
-    state = sqlstate(exc)
-    if state in NO_EJECT_SQLSTATES:
-        return False
-    if state in _REFUSED_SQLSTATES:
-        return True
-    return any(isinstance(error, OSError) for error in error_chain(exc))
+    """The server (not one stale connection) failed us: unreachable, timed out, or refusing;
+    not merely busy (too many connections), which is retried elsewhere without ejecting it."""
+    return is_connect_refusal(exc) and sqlstate(exc) not in NO_EJECT_SQLSTATES

@@ -137,11 +137,6 @@ class ServerHealth:
         }
 
 
-def endpoint_of(url: URL) -> str:
-    """One spelling per server (the one storage ownership uses): nodes on it share its health."""
-    return server_of(url)
-
-
 class HealthMonitor:
     """Owns every `ServerHealth` of a router and probes them in a background task."""
 
@@ -163,7 +158,7 @@ class HealthMonitor:
 
     def server(self, url: URL) -> ServerHealth:
         """The health of `url`'s server, shared by every node on it (counted, see release)."""
-        endpoint = endpoint_of(url)
+        endpoint = server_of(url)  # nodes on one server share its health
         server = self.servers.get(endpoint)
         if server is None:
             server = self.servers[endpoint] = ServerHealth(endpoint, url, self.settings)

@@ -2,15 +2,17 @@
 
 from __future__ import annotations
 
-import random
+import asyncio
 import time
-from collections.abc import Awaitable, Callable, Iterator
-from typing import TypeVar
+from collections.abc import Awaitable, Callable
+from typing import Any, TypeVar
 
+from sqlalchemy.util import await_only
 from tenacity import (
     AsyncRetrying,
     RetryCallState,
     RetryError,
+    Retrying,
     retry_if_exception,
     wait_exponential,
     wait_random,
@@ -43,29 +45,34 @@ class RetryPolicy:
     def deadline_at(self) -> float:
         return time.monotonic() + self.settings.deadline
 
-    def pauses(self) -> Iterator[float]:
-        """The pauses between attempts (exponential, capped, with jitter), for loops that run
-        where tenacity cannot (inside SQLAlchemy's greenlet)."""
-        pause = self.settings.initial_backoff
-        while True:
-            yield min(pause, self.settings.max_backoff) + random.uniform(  # noqa: S311
-                0, self.settings.initial_backoff
+    def _strategy(
+        self, predicate: Callable[[BaseException], bool], deadline_at: float
+    ) -> dict[str, Any]:
+        return {
+            "stop": StopAtDeadline(deadline_at),
+            # Exponential from `initial_backoff`, capped, plus up to one initial step of jitter
+            # so that many clients retrying a failed node do not move in lockstep.
+            "wait": wait_exponential(
+                multiplier=self.settings.initial_backoff, max=self.settings.max_backoff
             )
-            pause *= 2
+            + wait_random(0, self.settings.initial_backoff),
+            "retry": retry_if_exception(predicate),
+            "reraise": False,
+        }
 
     def retrying(
         self, predicate: Callable[[BaseException], bool], deadline_at: float
     ) -> AsyncRetrying:
-        return AsyncRetrying(
-            stop=StopAtDeadline(deadline_at),
-            # Exponential from `initial_backoff`, capped, plus up to one initial step of jitter so
-            # that many clients retrying a failed node do not move in lockstep.
-            wait=wait_exponential(
-                multiplier=self.settings.initial_backoff, max=self.settings.max_backoff
-            )
-            + wait_random(0, self.settings.initial_backoff),
-            retry=retry_if_exception(predicate),
-            reraise=False,
+        return AsyncRetrying(**self._strategy(predicate, deadline_at))
+
+    def retrying_in_greenlet(
+        self, predicate: Callable[[BaseException], bool], deadline_at: float
+    ) -> Retrying:
+        """The same policy for code that runs inside SQLAlchemy's greenlet (an event listener):
+        synchronous attempts, sleeping on the event loop."""
+        return Retrying(
+            sleep=lambda seconds: await_only(asyncio.sleep(seconds)),
+            **self._strategy(predicate, deadline_at),
         )
 
     async def call(

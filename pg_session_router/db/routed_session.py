@@ -31,8 +31,8 @@ class RoutedSession(Session):
 
     `connection_setup` is the statement that sets a pooled connection up for a tenant placed by
     schema or by row (see `tenancy`), sent only when the connection served someone else before;
-    it is None for everything else. `tenant_id` marks every
-    object the session loads or saves, and objects marked for another tenant are refused.
+    it is None for everything else. `tenant_id` marks every object the session loads or saves,
+    and objects marked for another tenant are refused.
     """
 
     connection_setup: str | None = None
@@ -94,9 +94,10 @@ def _replay_after_a_dead_connection(state: ORMExecuteState) -> Result[Any] | Non
     if replay is None:
         return None
     # Pending ORM changes would be flushed (sent) by this very statement's autoflush, and lost
-    # by a rollback: such a statement is never a write's first. `_is_clean()` is private, but
-    # three truth tests where the public new/dirty/deleted build sets on every statement.
-    clean = session._is_clean()
+    # by a rollback: such a statement is never a write's first. Only a first statement needs
+    # the answer; `_is_clean()` is private, but three truth tests where the public
+    # new/dirty/deleted build sets.
+    clean = session.statements_run == 0 and session._is_clean()
     try:
         result = state.invoke_statement()
     except Exception as exc:  # connect errors come unwrapped (OSError), the rest as DBAPIError
@@ -139,13 +140,11 @@ def _run_transaction_setup(
     if previous != owner:
         prepare_connection(connection, reset=previous is not _FRESH, setup=session.connection_setup)
         info[OWNER_KEY] = owner
-    info[ROUTED_KEY] = True  # used by a routed session (see cluster._note_use_outside_the_router)
 
 
-#: Who last used a pooled connection: a tenant id, None (no tenant), or `UNKNOWN_OWNER`
-#: (used outside a routed session, e.g. through `engine.connect()`), in the connection's info.
+#: Whom a pooled connection is set up for, in its info: (tenant id, setup), None (no tenant),
+#: or `UNKNOWN_OWNER` (handed to a user outside the router, e.g. `engine.connect()`).
 OWNER_KEY = "pg_session_router.owner"
-ROUTED_KEY = "pg_session_router.routed"
 UNKNOWN_OWNER = "<unknown>"
 _FRESH = object()  # a new connection: nobody's state to reset
 # What a unit of work may leave on its connection beyond its transaction (the pool's own reset
@@ -156,13 +155,14 @@ _RESET_SQL = (
 )
 
 
-def clean_for_the_router(connection: Connection) -> None:
-    """For the router's own work outside routed sessions (catalog reads, checks, migrations)
-    on a pool shared with tenant sessions: start from a connection no tenant has touched."""
+def hand_out_raw(connection: Connection) -> None:
+    """A connection leaves the router's hands (`engine.connect()`: a host's raw use of the
+    seed's `engine`, the catalog, checks, migrations): it starts with nobody's tenant state,
+    and whatever its user leaves on it is reset before the next routed owner."""
     info = connection.connection.info
     if info.get(OWNER_KEY) is not None:  # a tenant's, or unknown
-        reset_session_state(connection)
-        info[OWNER_KEY] = None
+        prepare_connection(connection, reset=True, setup=None)
+    info[OWNER_KEY] = UNKNOWN_OWNER
 
 
 def prepare_connection(connection: Connection, *, reset: bool, setup: str | None) -> None:
@@ -177,11 +177,6 @@ def prepare_connection(connection: Connection, *, reset: bool, setup: str | None
         connection.connection.dbapi_connection.run_async(  # type: ignore[union-attr]
             lambda driver: driver.execute(batch)
         )
-
-
-def reset_session_state(connection: Connection) -> None:
-    """Clear session state another owner may have left (see `prepare_connection`)."""
-    prepare_connection(connection, reset=True, setup=None)
 
 
 @event.listens_for(RoutedSession, "after_commit")

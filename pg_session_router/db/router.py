@@ -36,6 +36,7 @@ from pg_session_router.db.routing import Route, route_in_cluster, why_unavailabl
 from pg_session_router.db.status import router_status
 from pg_session_router.db.targets import Target
 from pg_session_router.db.tenancy import Placement
+from pg_session_router.db.tenant_clusters import TenantClusterCache
 from pg_session_router.db.topology import Topology
 from pg_session_router.db.unit_of_work import SessionOpener, UnitOfWork
 
@@ -76,7 +77,7 @@ class SessionRouter:
         return self._topology.clusters
 
     @property
-    def tenant_clusters(self) -> Any:
+    def tenant_clusters(self) -> TenantClusterCache:
         """The LRU of tenant database engines (`engines`, `max_engines`, `len()`)."""
         return self._admission.engines
 

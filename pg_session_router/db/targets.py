@@ -11,6 +11,7 @@ A target names a cluster (or the default one), optionally a tenant, an intent (`
 
 from __future__ import annotations
 
+import functools
 from dataclasses import dataclass, replace
 from typing import Literal
 
@@ -38,6 +39,7 @@ class Target:
         return self.intent == "read"
 
     @classmethod
+    @functools.lru_cache(maxsize=256)  # scripts name a handful of targets, once per session
     def parse(cls, text: str) -> Target:
         cluster, sep, role = text.rpartition(":")
         if sep and not cluster:

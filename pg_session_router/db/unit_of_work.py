@@ -13,7 +13,6 @@ from __future__ import annotations
 
 import asyncio
 import logging
-import time
 from collections.abc import Callable
 from typing import Any
 
@@ -21,7 +20,7 @@ from sqlalchemy import Result
 from sqlalchemy.exc import DBAPIError
 from sqlalchemy.ext.asyncio import AsyncSession
 from sqlalchemy.orm import ORMExecuteState, Session
-from sqlalchemy.util import await_only
+from tenacity import RetryError
 
 from pg_session_router.core.errors import (
     CommitOutcomeUnknownError,
@@ -163,31 +162,20 @@ class SessionOpener:
             raise error
         self.monitor.wake()  # the server may be gone: have it probed now
         min_lsn = route.node.health.lsn if route.read_only else None
-        deadline_at = self.retry.deadline_at()
-        last: BaseException = error
-        for pause in self.retry.pauses():
-            _discard_transaction(session, read_only=route.read_only)
-            try:
-                _rebind(session, reroute(route, min_lsn))
-                result = state.invoke_statement()
-            except Exception as exc:
-                if not (is_connect_failure(exc) or is_connection_loss(exc)):
-                    raise
-                if server_refused(exc):
-                    session.route.node.health.eject(f"connect failed: {describe_error(exc)}")
-                last = exc
-            else:
-                logger.info(
-                    "replayed a statement on %s after a dead connection", session.route.node.name
-                )
-                return result
-            if time.monotonic() + pause >= deadline_at:
-                break
-            await_only(asyncio.sleep(pause))
-        raise ConnectionLostError(
-            f"the connection to {route.node.name} died and no node could take the statement "
-            f"within {self.retry.settings.deadline}s: {describe_error(last)}"
-        ) from last
+        retrying = self.retry.retrying_in_greenlet(_connection_trouble, self.retry.deadline_at())
+        try:
+            for attempt in retrying:
+                with attempt:
+                    result = _run_again(session, state, reroute(route, min_lsn))
+                    logger.info("replayed a statement on %s", session.route.node.name)
+                    return result
+        except RetryError as exc:
+            last = exc.last_attempt.exception()
+            raise ConnectionLostError(
+                f"the connection to {route.node.name} died and no node could take the "
+                f"statement within {self.retry.settings.deadline}s: {describe_error(last)}"
+            ) from last
+        raise AssertionError("unreachable: tenacity either returns or raises")
 
     async def commit(self, session: AsyncSession, route: Route, *, with_token: bool) -> None:
         """COMMIT (with `with_token`, then read the WAL position) and close, in one greenlet
@@ -338,6 +326,22 @@ def _replayable(session: RoutedSession, route: Route, error: Exception, clean: b
     if route.read_only:
         return True
     return clean and session.statements_run == 0
+
+
+def _connection_trouble(exc: BaseException) -> bool:
+    return is_connect_failure(exc) or is_connection_loss(exc)
+
+
+def _run_again(session: RoutedSession, state: ORMExecuteState, route: Route) -> Result[Any]:
+    """One replay attempt: the dead transaction ended, the session moved, the statement run."""
+    _discard_transaction(session, read_only=route.read_only)
+    _rebind(session, route)
+    try:
+        return state.invoke_statement()
+    except Exception as exc:
+        if server_refused(exc):
+            route.node.health.eject(f"connect failed: {describe_error(exc)}")
+        raise
 
 
 def reroute(route: Route, min_lsn: int | None) -> Route:

@@ -25,7 +25,6 @@ class RouterInstallation:
         self.provider = provider
         self._custom_resolver = resolver
         self._resolver: TenantResolver | None = None
-        self._tokens: bool | None = None
         self._http: HttpSettings | None = None
 
     def configure(self, http: HttpSettings | None = None) -> None:
@@ -34,7 +33,6 @@ class RouterInstallation:
         if http is None:
             http = self.provider.settings.http
         self._resolver = self._custom_resolver or build_tenant_resolver(http)
-        self._tokens = http.consistency_tokens
         self._http = http
 
     @property
@@ -53,9 +51,7 @@ class RouterInstallation:
 
     @property
     def consistency_tokens(self) -> bool:
-        if self._tokens is None:
-            self.configure()
-        return bool(self._tokens)
+        return self.http.consistency_tokens
 
     @property
     def router(self) -> SessionRouter:
