@@ -176,7 +176,7 @@ def test_command_line_adds_lists_disables_and_removes(migrated: DevCluster, tmp_
     duplicate = run("add", tenant, "--strategy", "schema")
     assert duplicate.returncode == 1 and "already exists" in duplicate.stderr
     bad = run("add", "Not Valid", "--strategy", "row")
-    assert bad.returncode == 1 and "malformed tenant id" in bad.stderr
+    assert bad.returncode == 2 and "malformed tenant id" in bad.stderr  # usage error
     assert run("remove", tenant, "--drop").returncode == 0
     assert tenant not in run("list").stdout
     exists = migrated.sql(

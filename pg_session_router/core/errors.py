@@ -183,3 +183,9 @@ class TenantStorageMissingError(DatabaseUnavailableError):
 
     code = "tenant_storage_missing"
     public_detail = "this tenant's data is not available right now; retry later"
+
+
+class MigrationError(RouterError):
+    """Bringing a target's tables to a revision failed; the target was left as it was."""
+
+    code = "migration_failed"

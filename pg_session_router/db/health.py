@@ -45,7 +45,8 @@ SELECT pg_is_in_recovery() AS in_recovery,
        CASE WHEN pg_is_in_recovery()
                  AND pg_last_wal_receive_lsn() IS DISTINCT FROM pg_last_wal_replay_lsn()
             THEN extract(epoch FROM now() - pg_last_xact_replay_timestamp())::float8
-            ELSE 0.0 END AS lag_seconds
+            ELSE 0.0 END AS lag_seconds,
+       current_setting('server_version') AS server_version
 """
 
 
@@ -68,6 +69,7 @@ class ServerHealth:
         self.replay_paused = False
         self.lag_seconds: float | None = None
         self.lag_bytes: int | None = None
+        self.server_version: str | None = None
         #: Within `routing.max_replica_lag_*`; maintained by the monitor, read on every read.
         self.fresh = True
         self.last_probe_at: float | None = None
@@ -111,6 +113,7 @@ class ServerHealth:
         self.in_recovery = bool(row["in_recovery"])
         self.lsn = int(row["lsn"])
         self.replay_paused = bool(row["paused"])
+        self.server_version = str(row["server_version"])
         # NULL on a replica that has not replayed any commit yet: the seconds are unknown (the
         # byte lag still decides); never a TypeError that would abort the probe round.
         seconds = row["lag_seconds"]
@@ -131,6 +134,7 @@ class ServerHealth:
             "replay_paused": self.replay_paused,
             "lag_bytes": self.lag_bytes,
             "lag_seconds": self.lag_seconds,
+            "server_version": self.server_version,
             "fresh": self.fresh,
             "last_probe_at": self.last_probe_at,
             "probes": self.probes,

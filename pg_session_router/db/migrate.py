@@ -1,11 +1,14 @@
-"""Bring an application's tables up to date on the default cluster and in every tenant.
+"""Schema management shared by every way of migrating: targets, locks, the catalog, RLS.
 
-The caller passes the `MetaData` to migrate (the reference app passes its example models');
-the router's own `tenants` catalog table is created on the default cluster alongside.
+A *migration target* is one place holding a copy of the application's tables: the default
+cluster's primary (which also holds the router's own `tenants` catalog and the tables shared by
+`row` tenants), each `schema` tenant's schema and each `database` tenant's database. Whatever
+brings tables up to date (`create_all` here, Alembic in `pg_session_router.migrations`) runs
+once per target, on its primary, in one transaction that first takes the target's advisory
+lock, so two processes migrating the same target at once take turns instead of racing.
 
-For now a `metadata.create_all` per target (Alembic comes later, behind the same
-`python -m app migrate` command). Each target is migrated in one transaction that first takes
-an advisory lock, so two processes migrating at once do not race on CREATE statements.
+`migrate(router, metadata)` is the simple way, `metadata.create_all` per target, for apps and
+tests without a revision history. The reference app uses Alembic.
 
 Row-level security: tables holding rows of `row`-placed tenants get a policy keyed on the
 transaction-local `app.tenant_id` setting, with FORCE ROW LEVEL SECURITY so that the table's
@@ -16,104 +19,185 @@ must connect as an ordinary role (the demo and the tests use one named `app`).
 from __future__ import annotations
 
 import logging
+from collections.abc import AsyncIterator, Awaitable, Callable, Iterable
+from contextlib import asynccontextmanager
 from dataclasses import dataclass
 
-from sqlalchemy import Connection, MetaData, text
+from sqlalchemy import Connection, MetaData, TextClause, text
+from sqlalchemy.ext.asyncio import AsyncConnection
 
+from pg_session_router.core.errors import UnknownTenantError
 from pg_session_router.core.names import quote_identifier
 from pg_session_router.db.catalog import catalog_metadata, tenants_table
 from pg_session_router.db.keys import ClusterKey
 from pg_session_router.db.router import SessionRouter
-from pg_session_router.db.tenancy import CURRENT_ROW_TENANT_SQL, NO_TENANT_SQL
+from pg_session_router.db.tenancy import CURRENT_ROW_TENANT_SQL, NO_TENANT_SQL, Placement
 
 logger = logging.getLogger(__name__)
 
-_MIGRATION_LOCK_KEY = 0x5E55_1011  # any constant shared by every migrating process
+# First key of every migration lock; the second is the target's schema (advisory locks are
+# per database, so a database target's lock is its own already).
+_MIGRATION_LOCK_CLASS = 0x5E55_1011
 
 
 @dataclass(frozen=True, slots=True)
 class MigrationTarget:
+    """One place to migrate. Small and picklable: worker processes receive these."""
+
     label: str
     cluster_key: ClusterKey
     schema: str | None = None
     #: The default cluster also holds the router's own `tenants` catalog table.
     catalog: bool = False
+    #: The tenant whose schema or database this is (None: a cluster's shared tables).
+    tenant_id: str | None = None
 
 
-def migration_targets(router: SessionRouter) -> list[MigrationTarget]:
-    """The default cluster's primary, then each tenant's database or schema (each once)."""
-    default = router.default_cluster.key
-    targets = [MigrationTarget(f"cluster {default}", default, catalog=True)]
-    databases = {default}
-    for placement in router.tenants:
-        if placement.strategy == "schema":
-            label = f"tenant {placement.tenant_id} (schema {placement.schema})"
-            targets.append(MigrationTarget(label, placement.cluster_key, placement.schema))
-        elif placement.cluster_key not in databases:
-            databases.add(placement.cluster_key)
-            label = f"tenant {placement.tenant_id} (database {placement.cluster_key})"
-            targets.append(MigrationTarget(label, placement.cluster_key))
+#: Brings one target up to date (`create_all`, an Alembic upgrade); raises on failure.
+TargetMigrator = Callable[[SessionRouter, MigrationTarget], Awaitable[None]]
+
+
+def default_target(router: SessionRouter) -> MigrationTarget:
+    key = router.default_cluster.key
+    return MigrationTarget(f"cluster {key}", key, catalog=True)
+
+
+def migration_targets(
+    router: SessionRouter,
+    *,
+    tenant_ids: Iterable[str] | None = None,
+    cluster: str | None = None,
+) -> list[MigrationTarget]:
+    """The default cluster's primary first, then each tenant's database or schema (each once).
+
+    `tenant_ids`: only these tenants' targets (a `row` tenant's is its cluster's shared
+    tables); an unknown id raises `UnknownTenantError`. `cluster`: only targets on that
+    configured cluster. The registry must be loaded (`router.tenants.reload()`)."""
+    chosen = None if tenant_ids is None else list(dict.fromkeys(tenant_ids))
+    for tenant_id in chosen or ():
+        if tenant_id not in router.tenants:
+            raise UnknownTenantError(f"unknown tenant {tenant_id!r}")
+    targets = [] if chosen is not None else [default_target(router)]
+    seen = {targets[0].cluster_key} if targets else set()
+    placements = sorted(router.tenants, key=lambda p: p.tenant_id)
+    for placement in placements:
+        if chosen is not None and placement.tenant_id not in chosen:
+            continue
+        target = target_of(router, placement)
+        if target.schema is None and target.cluster_key in seen:
+            continue
+        seen.add(target.cluster_key)
+        targets.append(target)
+    if cluster is not None:
+        targets = [t for t in targets if t.cluster_key.stream.split("@")[0] == cluster]
     return targets
 
 
+def target_of(router: SessionRouter, placement: Placement) -> MigrationTarget:
+    """Where a tenant's tables live: its schema, its database, or its cluster's shared tables."""
+    key, tenant_id = placement.cluster_key, placement.tenant_id
+    if placement.strategy == "schema":
+        label = f"tenant {tenant_id} (schema {placement.schema})"
+        return MigrationTarget(label, key, placement.schema, tenant_id=tenant_id)
+    if placement.strategy == "database":
+        return MigrationTarget(f"tenant {tenant_id} (database)", key, tenant_id=tenant_id)
+    if key == router.default_cluster.key:
+        return default_target(router)
+    return MigrationTarget(f"cluster {key}", key)
+
+
+def lock_statement(target: MigrationTarget) -> TextClause:
+    """Held until the target's transaction ends: one migrating process per target."""
+    return text("SELECT pg_advisory_xact_lock(:lock_class, hashtext(:schema))").bindparams(
+        lock_class=_MIGRATION_LOCK_CLASS, schema=target.schema or ""
+    )
+
+
+def search_path_statement(schema: str | None, *, local: bool = True) -> str:
+    """Unqualified names land in the target's schema, never in a schema named after the role
+    (the default path starts with "$user")."""
+    scope = "LOCAL " if local else ""
+    return f"SET {scope}search_path TO {quote_identifier(schema or 'public')}"
+
+
+def prepare_catalog(conn: Connection) -> None:
+    """The router's own `tenants` table, created when missing; hidden from tenant sessions.
+    The router owns this table, not the application's revision history."""
+    catalog_metadata.create_all(conn)
+    # Placements are for the router, not for tenants: invisible in a tenant's transaction.
+    enable_row_security(conn, tenants_table.name, None, NO_TENANT_SQL)
+
+
 async def migrate(router: SessionRouter, metadata: MetaData) -> list[str]:
-    """Migrate every target, including tenants of the catalog; returns what was migrated."""
-    default, *tenants = migration_targets(router)
-    await migrate_target(router, default, metadata)  # creates the catalog table, so read it after
+    """`create_all` on every target, including tenants of the catalog; returns their labels."""
+    default = default_target(router)
+    migrator = create_all_migrator(metadata)
+    await migrator(router, default)  # creates the catalog table, so read it after
     if router.tenants.catalog is not None:
         await router.tenants.reload()
-        default, *tenants = migration_targets(router)
-    for target in tenants:
-        await migrate_target(router, target, metadata)
-        logger.debug("migrated %s", target.label)
-    return [default.label, *(target.label for target in tenants)]
+    labels = [default.label]
+    for target in migration_targets(router)[1:]:
+        await migrator(router, target)
+        labels.append(target.label)
+    return labels
 
 
-async def migrate_target(
-    router: SessionRouter, target: MigrationTarget, metadata: MetaData
-) -> None:
-    """One target; a tenant database's engines are released right after (thousands of them
-    must not stay open because a migration visited them)."""
+def create_all_migrator(metadata: MetaData) -> TargetMigrator:
+    async def migrate_with_create_all(router: SessionRouter, target: MigrationTarget) -> None:
+        async with target_connection(router, target) as conn:
+            await conn.run_sync(_create_all, metadata, target)
+
+    return migrate_with_create_all
+
+
+@asynccontextmanager
+async def target_connection(
+    router: SessionRouter, target: MigrationTarget, *, lock: bool = True
+) -> AsyncIterator[AsyncConnection]:
+    """A transaction on the target's primary holding its migration lock (unless `lock` is
+    False, for reads), with its search path set. A tenant database's engines are released
+    right after: thousands of them must not stay open because a migration visited them."""
     was_open = target.cluster_key.name in router.clusters
-    cluster = router.cluster(target.cluster_key)
     try:
-        async with cluster.primary.engine.begin() as conn:
-            await conn.run_sync(_migrate_sync, metadata, target.schema, catalog=target.catalog)
+        async with router.cluster(target.cluster_key).primary.engine.begin() as conn:
+            if lock:
+                await conn.execute(lock_statement(target))
+            await conn.execute(text(search_path_statement(target.schema)))
+            yield conn
     finally:
         if not was_open:
             await router.close_tenant_cluster(target.cluster_key)
 
 
-def _migrate_sync(
-    conn: Connection, metadata: MetaData, schema: str | None, *, catalog: bool
-) -> None:
-    conn.execute(text("SELECT pg_advisory_xact_lock(:key)"), {"key": _MIGRATION_LOCK_KEY})
-    if catalog:
-        catalog_metadata.create_all(conn)
-        # Placements are for the router, not for tenants: invisible in a tenant's transaction.
-        _enable_row_security(conn, tenants_table.name, None, NO_TENANT_SQL)
-    if schema is not None:
-        conn.execute(text(f"CREATE SCHEMA IF NOT EXISTS {quote_identifier(schema)}"))
-        conn = conn.execution_options(schema_translate_map={None: schema})
+def _create_all(conn: Connection, metadata: MetaData, target: MigrationTarget) -> None:
+    if target.catalog:
+        prepare_catalog(conn)
+    if target.schema is not None:
+        conn.execute(text(f"CREATE SCHEMA IF NOT EXISTS {quote_identifier(target.schema)}"))
+        conn = conn.execution_options(schema_translate_map={None: target.schema})
     metadata.create_all(conn)
     for table in metadata.sorted_tables:
         if "tenant_id" in table.c:
-            _enable_row_security(conn, table.name, schema, _ROW_TENANT_CONDITION)
+            enable_row_security(conn, table.name, target.schema, ROW_TENANT_CONDITION)
 
 
-# A transaction without a tenant sees only rows without one: nothing leaks either way.
-_ROW_TENANT_CONDITION = f"tenant_id IS NOT DISTINCT FROM {CURRENT_ROW_TENANT_SQL}"
+#: A transaction without a tenant sees only rows without one: nothing leaks either way.
+ROW_TENANT_CONDITION = f"tenant_id IS NOT DISTINCT FROM {CURRENT_ROW_TENANT_SQL}"
 
 
-def _enable_row_security(conn: Connection, table: str, schema: str | None, condition: str) -> None:
+def row_security_statements(table: str, schema: str | None, condition: str) -> list[str]:
+    """ENABLE + FORCE row level security and the `tenant_isolation` policy on one table."""
     name = quote_identifier(table)
     if schema is not None:
         name = f"{quote_identifier(schema)}.{name}"
-    conn.execute(text(f"ALTER TABLE {name} ENABLE ROW LEVEL SECURITY"))
-    conn.execute(text(f"ALTER TABLE {name} FORCE ROW LEVEL SECURITY"))
-    conn.execute(text(f"DROP POLICY IF EXISTS tenant_isolation ON {name}"))
-    conn.execute(
-        text(
-            f"CREATE POLICY tenant_isolation ON {name} USING ({condition}) WITH CHECK ({condition})"
-        )
-    )
+    return [
+        f"ALTER TABLE {name} ENABLE ROW LEVEL SECURITY",
+        f"ALTER TABLE {name} FORCE ROW LEVEL SECURITY",
+        f"DROP POLICY IF EXISTS tenant_isolation ON {name}",
+        f"CREATE POLICY tenant_isolation ON {name} USING ({condition}) WITH CHECK ({condition})",
+    ]
+
+
+def enable_row_security(conn: Connection, table: str, schema: str | None, condition: str) -> None:
+    for statement in row_security_statements(table, schema, condition):
+        conn.execute(text(statement))

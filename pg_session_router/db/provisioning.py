@@ -36,7 +36,7 @@ from pg_session_router.db.catalog import accepted_rows, tenants_table
 from pg_session_router.db.consistency import REPLAYED_POSITION
 from pg_session_router.db.driver_errors import describe_error
 from pg_session_router.db.keys import ClusterKey
-from pg_session_router.db.migrate import MigrationTarget, migrate_target
+from pg_session_router.db.migrate import TargetMigrator, create_all_migrator, target_of
 from pg_session_router.db.router import SessionRouter
 from pg_session_router.db.targets import Target
 from pg_session_router.db.tenancy import Placement, place
@@ -68,9 +68,12 @@ async def add_tenant(
     *,
     metadata: MetaData,
     adopt: bool = False,
+    migrator: TargetMigrator | None = None,
 ) -> Placement:
-    """Reserve, create storage (adopting an existing one only with `adopt`), bring
-    `metadata`'s tables up in it, wait for the replicas, make it routable."""
+    """Reserve, create storage (adopting an existing one only with `adopt`), bring its tables
+    up to date (with `migrator`, by default `metadata.create_all`), wait for the replicas,
+    make it routable. `metadata` names the tenant tables (a reused row tenant id is checked
+    for leftover rows in them)."""
     validate_tenant_id(tenant_id)
     _check_settings(router, tenant_id, tenant)
     placement = place(tenant_id, tenant, router.tenants.default_cluster)
@@ -80,7 +83,7 @@ async def add_tenant(
         if placement.strategy == "row" and not adopt:
             await _refuse_leftover_rows(router, placement, metadata)
         created = await create_storage(router, placement, adopt=adopt)
-        await _migrate_tenant(router, placement, tenant, metadata)
+        await _migrate_tenant(router, placement, tenant, migrator or create_all_migrator(metadata))
         if tenant.active:
             await _set_active_row(router, tenant_id, active=True)
     except BaseException:
@@ -265,14 +268,11 @@ def _columns(tenant: TenantSettings) -> dict[str, object]:
 
 
 async def _migrate_tenant(
-    router: SessionRouter, placement: Placement, tenant: TenantSettings, metadata: MetaData
+    router: SessionRouter, placement: Placement, tenant: TenantSettings, migrator: TargetMigrator
 ) -> None:
     if placement.strategy == "row":
         return  # shared tables: migrated with their cluster
     # Building a tenant's cluster reads its settings from the registry: register it, disabled
     # (not routable) until it is ready.
     router.tenants.remember(placement.tenant_id, tenant.model_copy(update={"active": False}))
-    target = MigrationTarget(
-        f"tenant {placement.tenant_id}", placement.cluster_key, placement.schema
-    )
-    await migrate_target(router, target, metadata)
+    await migrator(router, target_of(router, placement))

@@ -160,6 +160,11 @@ class TenantRegistry:
                 catalogued[tenant_id] = placement
         self._catalogued = catalogued
 
+    @property
+    def catalog_unreachable(self) -> bool:
+        """The last catalog load failed (the table missing is not a failure: no tenants)."""
+        return self._load_failed
+
     def remember(self, tenant_id: str, tenant: TenantSettings) -> Placement:
         """Make a tenant routable in this process at once (after writing it to the catalog)."""
         placement = place(tenant_id, tenant, self.default_cluster)

@@ -1,0 +1,76 @@
+"""What every command shares: exit statuses, one-line errors, the consoles.
+
+Exit statuses: 0 done, 1 a failure (a node unreachable, a target failed), 2 usage or
+configuration (argparse's own status for bad arguments). Errors are one line on stderr naming
+what and where; the traceback only with `--debug`.
+"""
+
+from __future__ import annotations
+
+import argparse
+import sys
+from collections.abc import Callable
+
+from pydantic import ValidationError
+from rich.console import Console
+
+from pg_session_router.core.errors import ConfigError, RouterError, TenantError
+from pg_session_router.core.settings import format_validation_error
+from pg_session_router.db.driver_errors import describe_error
+
+EXIT_OK, EXIT_FAILED, EXIT_USAGE = 0, 1, 2
+
+
+def console(*, stderr: bool = False) -> Console:
+    """Rich output; wide and plain when not a terminal, so logs and pipes get whole lines."""
+    stream = sys.stderr if stderr else sys.stdout
+    terminal = stream.isatty()
+    return Console(file=stream, width=None if terminal else 200, no_color=not terminal)
+
+
+def run_command(command: Callable[[], int], *, debug: bool) -> int:
+    """Run a command, turning what goes wrong into one line and an exit status."""
+    if debug:
+        return command()
+    try:
+        return command()
+    except ConfigError as exc:
+        return _fail(f"configuration error: {exc}", EXIT_USAGE)
+    except ValidationError as exc:
+        return _fail(f"invalid input: {format_validation_error(exc)}", EXIT_USAGE)
+    except TenantError as exc:  # unknown or invalid tenant id, conflicting tenant
+        return _fail(f"error: {exc}", EXIT_USAGE if exc.status_code < 409 else EXIT_FAILED)
+    except RouterError as exc:
+        return _fail(f"error: {exc}", EXIT_FAILED)
+    except KeyboardInterrupt:
+        return _fail("interrupted", 130)
+    except Exception as exc:  # a driver or OS error: say what, not where in the code
+        return _fail(f"error: {describe_error(exc)} (--debug for the traceback)", EXIT_FAILED)
+
+
+def _fail(message: str, status: int) -> int:
+    print(message, file=sys.stderr)
+    return status
+
+
+def command_parser(
+    commands: argparse._SubParsersAction,  # type: ignore[type-arg]
+    name: str,
+    summary: str,
+    example: str,
+) -> argparse.ArgumentParser:
+    """A subcommand whose `--help` ends with an example."""
+    return commands.add_parser(  # type: ignore[no-any-return]
+        name,
+        help=summary,
+        description=summary,
+        epilog=f"example:\n  {example}",
+        formatter_class=argparse.RawDescriptionHelpFormatter,
+    )
+
+
+def positive_int(value: str) -> int:
+    number = int(value)
+    if number < 1:
+        raise argparse.ArgumentTypeError("must be at least 1")
+    return number

@@ -1,0 +1,29 @@
+"""Operations for revision scripts: what the router's tenancy needs of a table.
+
+    from pg_session_router.migrations.ops import enable_tenant_row_security
+    enable_tenant_row_security("items")   # in upgrade(), after op.create_table("items", ...)
+
+The statements are unqualified: they apply to the target being migrated (its search path).
+"""
+
+from __future__ import annotations
+
+from alembic import op
+
+from pg_session_router.core.names import quote_identifier
+from pg_session_router.db.migrate import ROW_TENANT_CONDITION, row_security_statements
+
+
+def enable_tenant_row_security(table: str) -> None:
+    """Rows of `row` tenants visible only to their tenant's transactions (FORCE: to the
+    table's owner too). The table needs a `tenant_id` column."""
+    for statement in row_security_statements(table, None, ROW_TENANT_CONDITION):
+        op.execute(statement)
+
+
+def disable_tenant_row_security(table: str) -> None:
+    """The reverse, for `downgrade()`."""
+    name = quote_identifier(table)
+    op.execute(f"DROP POLICY IF EXISTS tenant_isolation ON {name}")
+    op.execute(f"ALTER TABLE {name} NO FORCE ROW LEVEL SECURITY")
+    op.execute(f"ALTER TABLE {name} DISABLE ROW LEVEL SECURITY")

@@ -1,0 +1,246 @@
+"""Running an `Action` on migration targets, one transaction per target.
+
+Each target runs in its own transaction on its primary, under its advisory lock
+(`target_connection`): Alembic's DDL is transactional in PostgreSQL, so a target that fails
+is left exactly as it was, and a re-run resumes (targets at the revision asked for change
+nothing). One failing target never stops the others: its outcome says why.
+
+Concurrency uses processes (`workers.py`), never tasks: Alembic's `op` and `context` are
+module-level proxies to the migration running now, so two migrations interleaved on one
+event loop would send each other's DDL to the wrong tenant.
+"""
+
+from __future__ import annotations
+
+import logging
+import time
+from collections.abc import Callable, Iterable, Sequence
+
+from alembic import command
+from alembic.runtime.migration import MigrationContext
+from alembic.script import ScriptDirectory
+from sqlalchemy import Connection, text
+
+from pg_session_router.core.errors import ConfigError, MigrationError
+from pg_session_router.core.names import quote_identifier
+from pg_session_router.core.settings import RouterSettings
+from pg_session_router.db.driver_errors import describe_error
+from pg_session_router.db.migrate import (
+    MigrationTarget,
+    TargetMigrator,
+    default_target,
+    migration_targets,
+    prepare_catalog,
+    target_connection,
+)
+from pg_session_router.db.router import SessionRouter
+from pg_session_router.migrations.plan import Action, AlembicMigrations, TargetOutcome
+
+logger = logging.getLogger(__name__)
+
+OnOutcome = Callable[[TargetOutcome], None]
+
+
+async def migrate_targets(
+    settings: RouterSettings,
+    migrations: AlembicMigrations,
+    action: Action,
+    *,
+    tenant_ids: Sequence[str] | None = None,
+    cluster: str | None = None,
+    concurrency: int = 1,
+    on_planned: Callable[[int], None] | None = None,
+    on_outcome: OnOutcome | None = None,
+) -> list[TargetOutcome]:
+    """Every selected target (all of them by default), in order: the default cluster first
+    (it holds the tenant catalog, read after it is migrated), then the tenants, `concurrency`
+    at a time in worker processes. Returns one outcome per target."""
+    check_revision(migrations, action)
+    report = on_outcome or (lambda outcome: None)
+    router = SessionRouter.from_settings(settings)
+    try:
+        outcomes = []
+        if tenant_ids is None and action.writes and _selected(router, cluster):
+            first = await run_target(router, default_target(router), migrations, action)
+            report(first)
+            outcomes.append(first)
+        targets = await _targets(router, tenant_ids, cluster)
+        if outcomes:
+            targets = targets[1:]  # the default cluster, done above
+        if on_planned is not None:
+            on_planned(len(outcomes) + len(targets))
+        if concurrency > 1 and len(targets) > 1:
+            from pg_session_router.migrations.workers import run_in_workers
+
+            workers = min(concurrency, len(targets), _budget(settings))
+            outcomes += await run_in_workers(settings, migrations, action, targets, workers, report)
+        else:
+            for target in targets:
+                outcome = await run_target(router, target, migrations, action)
+                report(outcome)
+                outcomes.append(outcome)
+        return outcomes
+    finally:
+        await router.dispose()
+
+
+def _selected(router: SessionRouter, cluster: str | None) -> bool:
+    return cluster is None or router.default_cluster.key.name == cluster
+
+
+async def _targets(
+    router: SessionRouter, tenant_ids: Sequence[str] | None, cluster: str | None
+) -> list[MigrationTarget]:
+    if cluster is not None and cluster not in router.settings.clusters:
+        raise ConfigError(f"--cluster: no cluster named {cluster!r} in database.clusters")
+    if router.tenants.catalog is not None:
+        await router.tenants.reload()
+        if router.tenants.catalog_unreachable:
+            # Migrating "every tenant" without the catalog would silently skip most of them.
+            raise MigrationError("the tenant catalog on the default cluster is unreachable")
+    return migration_targets(router, tenant_ids=tenant_ids, cluster=cluster)
+
+
+def _budget(settings: RouterSettings) -> int:
+    """Worker processes the connection budget allows: each holds at most two connections
+    (its target's, and one to the default cluster for the catalog)."""
+    limit = settings.database.max_connections
+    return max(1, limit // 2) if limit else 1_000_000
+
+
+def check_revision(migrations: AlembicMigrations, action: Action) -> None:
+    """A revision that does not exist is a usage error, found before any target is touched."""
+    if action.kind == "current":
+        return
+    script = ScriptDirectory.from_config(migrations.alembic_config())
+    try:
+        script.get_revisions(action.revision)
+    except Exception as exc:
+        raise ConfigError(f"--to: {exc}") from None
+
+
+async def run_target(
+    router: SessionRouter, target: MigrationTarget, migrations: AlembicMigrations, action: Action
+) -> TargetOutcome:
+    """One target; never raises for a failure of the target itself (the outcome says it)."""
+    started = time.perf_counter()
+    try:
+        async with target_connection(router, target, lock=action.writes) as conn:
+            outcome = await conn.run_sync(_run_sync, target, migrations, action)
+    except Exception as exc:
+        logger.debug("migrating %s failed", target.label, exc_info=True)
+        return TargetOutcome(
+            target, "failed", seconds=time.perf_counter() - started, error=describe_error(exc)
+        )
+    return _with_time(outcome, time.perf_counter() - started)
+
+
+def _with_time(outcome: TargetOutcome, seconds: float) -> TargetOutcome:
+    return TargetOutcome(
+        outcome.target, outcome.result, outcome.before, outcome.after, seconds, sql=outcome.sql
+    )
+
+
+def _run_sync(
+    conn: Connection, target: MigrationTarget, migrations: AlembicMigrations, action: Action
+) -> TargetOutcome:
+    before = _revision(conn, target)
+    stamp = before is None and action.kind == "upgrade" and _holds_baseline(conn, migrations)
+    if action.kind == "current":
+        return TargetOutcome(target, "current", before, before)
+    if action.sql:
+        return _plan(conn, target, migrations, action, before, stamp=stamp)
+    config = migrations.alembic_config(connection=conn, schema=target.schema)
+    if target.catalog:
+        prepare_catalog(conn)
+    if target.schema is not None:
+        conn.execute(text(f"CREATE SCHEMA IF NOT EXISTS {quote_identifier(target.schema)}"))
+    if stamp:
+        assert migrations.baseline is not None
+        command.stamp(config, migrations.baseline.revision)
+    if action.kind == "upgrade":
+        command.upgrade(config, action.revision)
+    else:
+        command.downgrade(config, action.revision)
+    after = _revision(conn, target)
+    if stamp:
+        return TargetOutcome(target, "stamped", before, after)
+    if after == before:
+        return TargetOutcome(target, "unchanged", before, after)
+    return TargetOutcome(
+        target, "upgraded" if action.kind == "upgrade" else "downgraded", before, after
+    )
+
+
+def _plan(
+    conn: Connection,
+    target: MigrationTarget,
+    migrations: AlembicMigrations,
+    action: Action,
+    before: str | None,
+    *,
+    stamp: bool,
+) -> TargetOutcome:
+    """Offline mode: Alembic writes the SQL instead of running it."""
+    start = migrations.baseline.revision if stamp and migrations.baseline else before
+    config = migrations.alembic_config(schema=target.schema)
+    if start is None and action.kind == "upgrade":
+        command.upgrade(config, action.revision, sql=True)
+    elif start is None:
+        return TargetOutcome(target, "planned", before, before, sql="")
+    else:
+        run = command.upgrade if action.kind == "upgrade" else command.downgrade
+        run(config, f"{start}:{action.revision}", sql=True)
+    buffer = config.output_buffer
+    sql = buffer.getvalue() if buffer is not None else ""  # type: ignore[attr-defined]
+    if stamp:
+        sql = f"-- unversioned, holds the baseline tables: stamped at {start} first\n{sql}"
+    return TargetOutcome(target, "planned", before, None, sql=sql)
+
+
+def _revision(conn: Connection, target: MigrationTarget) -> str | None:
+    context = MigrationContext.configure(conn, opts={"version_table_schema": target.schema})
+    heads = context.get_current_heads()
+    return ",".join(sorted(heads)) if heads else None
+
+
+def _holds_baseline(conn: Connection, migrations: AlembicMigrations) -> bool:
+    """The target has the baseline's tables (in the current search path's schema), exactly."""
+    baseline = migrations.baseline
+    if baseline is None:
+        return False
+    rows = conn.execute(
+        text(
+            "SELECT table_name, column_name FROM information_schema.columns"
+            " WHERE table_schema = current_schema() AND table_name = ANY(:names)"
+        ),
+        {"names": list(baseline.tables)},
+    ).all()
+    found: dict[str, set[str]] = {}
+    for table, column in rows:
+        found.setdefault(table, set()).add(column)
+    if not found:
+        return False
+    if found != {name: set(columns) for name, columns in baseline.tables.items()}:
+        names = ", ".join(sorted(found))
+        raise MigrationError(
+            f"holds {names} but no version table, and not as revision {baseline.revision} "
+            "made them: not stamped (compare by hand, then `alembic stamp` or repair)"
+        )
+    return True
+
+
+def alembic_migrator(migrations: AlembicMigrations, action: Action | None = None) -> TargetMigrator:
+    """For `provisioning.add_tenant`: a new tenant's storage upgraded with the same code."""
+    chosen = action or Action()
+
+    async def migrate_with_alembic(router: SessionRouter, target: MigrationTarget) -> None:
+        outcome = await run_target(router, target, migrations, chosen)
+        if outcome.failed:
+            raise MigrationError(f"migrating {target.label} failed: {outcome.error}")
+
+    return migrate_with_alembic
+
+
+def failed_labels(outcomes: Iterable[TargetOutcome]) -> list[str]:
+    return [outcome.target.label for outcome in outcomes if outcome.failed]

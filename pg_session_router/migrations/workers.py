@@ -1,0 +1,161 @@
+"""Migrating targets in parallel, in worker processes.
+
+Why processes: Alembic's `op` and `context` are module-level proxies to the migration that
+is running, so two migrations on one event loop (or in two threads) would interleave and
+send one tenant's DDL to another. Each worker is a fresh interpreter (`spawn`: no inherited
+event loop, pools or sockets) with its own router, taking targets from a shared queue one at
+a time, so memory stays flat in the number of tenants and a slow tenant holds up one worker,
+not a batch. Results come back as they finish; a worker that dies costs the target it held a
+`failed` outcome, and the others finish the queue.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import multiprocessing
+import queue
+from collections.abc import Callable, Sequence
+from multiprocessing.process import BaseProcess
+from typing import Any
+
+from pg_session_router.core.settings import DatabaseSettings, RouterSettings
+from pg_session_router.db.migrate import MigrationTarget
+from pg_session_router.db.router import SessionRouter
+from pg_session_router.migrations.plan import Action, AlembicMigrations, TargetOutcome
+from pg_session_router.migrations.runner import run_target
+
+_POLL_SECONDS = 0.5
+
+
+async def run_in_workers(
+    settings: RouterSettings,
+    migrations: AlembicMigrations,
+    action: Action,
+    targets: Sequence[MigrationTarget],
+    workers: int,
+    report: Callable[[TargetOutcome], None],
+) -> list[TargetOutcome]:
+    """Outcomes in the order of `targets`. The waiting runs in a thread so that the caller's
+    event loop (and its router) stays responsive."""
+    # The database section only: it is a plain model (a host app's settings class may be
+    # built at run time, with its own prefix, and would not pickle).
+    return await asyncio.to_thread(
+        _run, settings.database, migrations, action, list(targets), workers, report
+    )
+
+
+def _run(
+    settings: DatabaseSettings,
+    migrations: AlembicMigrations,
+    action: Action,
+    targets: list[MigrationTarget],
+    workers: int,
+    report: Callable[[TargetOutcome], None],
+) -> list[TargetOutcome]:
+    context = multiprocessing.get_context("spawn")
+    tasks: Any = context.Queue()
+    results: Any = context.Queue()
+    for item in enumerate(targets):
+        tasks.put(item)
+    for _ in range(workers):
+        tasks.put(None)
+    processes = [
+        context.Process(
+            target=_worker, args=(number, settings, migrations, action, tasks, results), daemon=True
+        )
+        for number in range(workers)
+    ]
+    for process in processes:
+        process.start()
+    try:
+        return _collect(targets, processes, results, report)
+    finally:
+        for process in processes:
+            process.join(timeout=10)
+            if process.is_alive():
+                process.kill()
+
+
+def _collect(
+    targets: list[MigrationTarget],
+    processes: Sequence[BaseProcess],
+    results: Any,
+    report: Callable[[TargetOutcome], None],
+) -> list[TargetOutcome]:
+    outcomes: dict[int, TargetOutcome] = {}
+    held: dict[int, int] = {}  # worker number -> index of the target it is migrating
+    while len(outcomes) < len(targets):
+        try:
+            message = results.get(timeout=_POLL_SECONDS)
+        except queue.Empty:
+            _fail_dead_workers(targets, processes, held, outcomes, report)
+            if not any(process.is_alive() for process in processes):
+                _fail_rest(targets, outcomes, report)
+            continue
+        kind, number, index, outcome = message
+        if kind == "started":
+            held[number] = index
+        else:
+            held.pop(number, None)
+            outcomes[index] = outcome
+            report(outcome)
+    return [outcomes[index] for index in range(len(targets))]
+
+
+def _fail_dead_workers(
+    targets: list[MigrationTarget],
+    processes: Sequence[BaseProcess],
+    held: dict[int, int],
+    outcomes: dict[int, TargetOutcome],
+    report: Callable[[TargetOutcome], None],
+) -> None:
+    for number, process in enumerate(processes):
+        if not process.is_alive() and number in held:
+            index = held.pop(number)
+            error = f"worker process exited with status {process.exitcode}"
+            outcomes[index] = TargetOutcome(targets[index], "failed", error=error)
+            report(outcomes[index])
+
+
+def _fail_rest(
+    targets: list[MigrationTarget],
+    outcomes: dict[int, TargetOutcome],
+    report: Callable[[TargetOutcome], None],
+) -> None:
+    for index, target in enumerate(targets):
+        if index not in outcomes:
+            outcomes[index] = TargetOutcome(target, "failed", error="no worker process left")
+            report(outcomes[index])
+
+
+def _worker(
+    number: int,
+    settings: DatabaseSettings,
+    migrations: AlembicMigrations,
+    action: Action,
+    tasks: Any,
+    results: Any,
+) -> None:
+    asyncio.run(_work(number, settings, migrations, action, tasks, results))
+
+
+async def _work(
+    number: int,
+    settings: DatabaseSettings,
+    migrations: AlembicMigrations,
+    action: Action,
+    tasks: Any,
+    results: Any,
+) -> None:
+    router = SessionRouter(settings)
+    try:
+        if router.tenants.catalog is not None:
+            await router.tenants.reload()  # a catalogued tenant's cluster needs its settings
+        # The queue is filled before the workers start: get() returns at once.
+        while (item := tasks.get()) is not None:
+            index, target = item
+            results.put(("started", number, index, None))
+            outcome = await run_target(router, target, migrations, action)
+            results.put(("done", number, index, outcome))
+    finally:
+        await router.dispose()
