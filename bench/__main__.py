@@ -12,7 +12,7 @@ import datetime
 import sys
 from pathlib import Path
 
-from bench import failover, http, overhead, proxy, tenants
+from bench import failover, http, migrations, overhead, proxy, tenants
 from bench.common import machine
 
 BENCHMARKS = {
@@ -21,6 +21,7 @@ BENCHMARKS = {
     "proxy": proxy.main,
     "failover": failover.main,
     "tenants": tenants.main,
+    "migrations": migrations.main,
 }
 HEADER = """# Benchmark results
 

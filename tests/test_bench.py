@@ -39,7 +39,14 @@ def test_quick_benchmark_run_writes_every_section_without_errors(tmp_path: Path)
     )
     assert result.returncode == 0, result.stderr[-3000:]
     report = output.read_text()
-    for section in ("## Session overhead", "## Failover", "| raw asyncpg pool |", "failed reads"):
+    for section in (
+        "## Session overhead",
+        "## Failover",
+        "| raw asyncpg pool |",
+        "failed reads",
+        "## Migrations",
+        "| python -m app migrate --concurrency 4 |",
+    ):
         assert section in report
 
     # HTTP: every app on every route answered every request with a 2xx.

@@ -77,6 +77,8 @@ def _dispatch(args: argparse.Namespace, parser: argparse.ArgumentParser) -> int:
 
         return run_demo(port=args.port, replicas=args.replicas)
     if args.command == "serve":
+        if args.workers > 1 and args.reload:
+            parser.error("serve: --reload and --workers do not go together")
         return _serve(args)
     if args.command == "migrate":
         return run_migrate(args, parser)
@@ -92,8 +94,6 @@ def _serve(args: argparse.Namespace) -> int:
 
     from app.core.config import load_settings
 
-    if args.workers > 1 and args.reload:
-        raise SystemExit("serve: --reload and --workers do not go together")
     load_settings()  # fail here, with the key named, rather than inside uvicorn's startup
     uvicorn.run(
         "app.main:app", host=args.host, port=args.port, workers=args.workers, reload=args.reload

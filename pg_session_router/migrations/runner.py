@@ -64,7 +64,16 @@ async def migrate_targets(
             first = await run_target(router, default_target(router), migrations, action)
             report(first)
             outcomes.append(first)
-        targets = await _targets(router, tenant_ids, cluster)
+        try:
+            targets = await _targets(router, tenant_ids, cluster)
+        except MigrationError:
+            if outcomes and outcomes[0].failed:  # say why: the default cluster's own failure
+                first = outcomes[0]
+                raise MigrationError(
+                    f"{first.target.label}: {first.error}; no tenant was migrated (the tenant "
+                    "catalog there is unreachable)"
+                ) from None
+            raise
         if outcomes:
             targets = targets[1:]  # the default cluster, done above
         if on_planned is not None:
