@@ -7,10 +7,9 @@ command's `--help` ends with an example.
 from __future__ import annotations
 
 import argparse
-import logging
 
 from app.cli.check import run_check, run_config
-from app.cli.common import command_parser, run_command
+from app.cli.common import command_parser, configure_logging, run_command
 from app.cli.migrate import add_migrate_command, run_migrate
 from app.cli.tenants import add_tenant_commands, run_tenants
 
@@ -18,12 +17,7 @@ from app.cli.tenants import add_tenant_commands, run_tenants
 def main(argv: list[str] | None = None) -> int:
     parser = build_parser()
     args = parser.parse_args(argv)
-    logging.basicConfig(
-        level=logging.DEBUG if args.debug else logging.INFO,
-        format="%(levelname)s %(name)s: %(message)s",
-    )
-    # Alembic says "Running upgrade" per target: the progress bar and summary say it once.
-    logging.getLogger("alembic").setLevel(logging.DEBUG if args.debug else logging.WARNING)
+    configure_logging(debug=args.debug)
     return run_command(lambda: _dispatch(args, parser), debug=args.debug)
 
 

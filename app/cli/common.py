@@ -8,6 +8,7 @@ what and where; the traceback only with `--debug`.
 from __future__ import annotations
 
 import argparse
+import logging
 import sys
 from collections.abc import Callable
 
@@ -26,6 +27,16 @@ def console(*, stderr: bool = False) -> Console:
     stream = sys.stderr if stderr else sys.stdout
     terminal = stream.isatty()
     return Console(file=stream, width=None if terminal else 200, no_color=not terminal)
+
+
+def configure_logging(*, debug: bool) -> None:
+    """Warnings and errors on stderr (everything with `--debug`). Alembic's line per target
+    only with `--debug`: the progress bar and the summary say it once."""
+    logging.basicConfig(
+        level=logging.DEBUG if debug else logging.WARNING,
+        format="%(levelname)s %(name)s: %(message)s",
+    )
+    logging.getLogger("alembic").setLevel(logging.DEBUG if debug else logging.WARNING)
 
 
 def run_command(command: Callable[[], int], *, debug: bool) -> int:

@@ -23,7 +23,6 @@ from __future__ import annotations
 
 import argparse
 import asyncio
-import logging
 import math
 import sys
 import time
@@ -35,7 +34,14 @@ from rich.table import Table
 from sqlalchemy import ColumnElement, func, select, update
 from sqlalchemy.sql.dml import UpdateBase
 
-from app.cli.common import EXIT_FAILED, EXIT_OK, console, positive_int, run_command
+from app.cli.common import (
+    EXIT_FAILED,
+    EXIT_OK,
+    configure_logging,
+    console,
+    positive_int,
+    run_command,
+)
 from app.db.session import dispose_router, get_db_context, get_router
 from app.models import Item
 from pg_session_router.core.errors import DatabaseUnavailableError, UnknownTenantError
@@ -224,10 +230,7 @@ def build_parser() -> argparse.ArgumentParser:
 
 def main(argv: list[str] | None = None) -> int:
     args = build_parser().parse_args(argv)
-    logging.basicConfig(
-        level=logging.DEBUG if args.debug else logging.WARNING,
-        format="%(levelname)s %(name)s: %(message)s",
-    )
+    configure_logging(debug=args.debug)
     return run_command(lambda: _backfill(args), debug=args.debug)
 
 
@@ -244,7 +247,7 @@ def report(outcomes: Sequence[Outcome], *, dry_run: bool, seconds: float) -> int
     out.print(_totals(outcomes, dry_run=dry_run, seconds=seconds), markup=False, highlight=False)
     failed = [outcome.tenant for outcome in outcomes if outcome.failed]
     if failed:
-        message = f"failed: {', '.join(failed)} (run again to continue them)"
+        message = f"failed: {', '.join(failed)} (a re-run continues where they stopped)"
         console(stderr=True).print(message, markup=False, highlight=False)
         return EXIT_FAILED
     return EXIT_OK
@@ -253,8 +256,11 @@ def report(outcomes: Sequence[Outcome], *, dry_run: bool, seconds: float) -> int
 def _summary(outcomes: Sequence[Outcome], *, dry_run: bool) -> Table:
     table = Table(title="backfill: normalise item names" + (" (dry run)" if dry_run else ""))
     columns = ("tenant", "strategy", "would change" if dry_run else "rows changed", "batches")
-    for column in (*columns, "time", "result"):
-        table.add_column(column, no_wrap=column != "result")
+    for column in columns[:2]:
+        table.add_column(column, no_wrap=True)
+    for column in (*columns[2:], "time"):
+        table.add_column(column, justify="right", no_wrap=True)
+    table.add_column("result")
     shown = list(outcomes)
     if len(shown) > FULL_SUMMARY_LIMIT:
         shown = [o for o in shown if o.rows or o.failed or o.skipped]

@@ -15,7 +15,6 @@ from __future__ import annotations
 
 import argparse
 import asyncio
-import logging
 import sys
 from dataclasses import dataclass
 
@@ -23,7 +22,7 @@ from rich.table import Table
 from rich.text import Text
 from sqlalchemy import func, select
 
-from app.cli.common import EXIT_OK, console, positive_int, run_command
+from app.cli.common import EXIT_OK, configure_logging, console, positive_int, run_command
 from app.db.session import dispose_router, get_db_context, get_router
 from app.models import Item
 
@@ -58,10 +57,7 @@ def build_parser() -> argparse.ArgumentParser:
 
 def main(argv: list[str] | None = None) -> int:
     args = build_parser().parse_args(argv)
-    logging.basicConfig(
-        level=logging.DEBUG if args.debug else logging.WARNING,
-        format="%(levelname)s %(name)s: %(message)s",
-    )
+    configure_logging(debug=args.debug)
     return run_command(lambda: _report(args.tenant, args.limit), debug=args.debug)
 
 
@@ -98,7 +94,10 @@ def _table(report: Report) -> Table:
     noun = "item" if report.count == 1 else "items"
     shown = len(report.newest)
     caption = f"the newest {shown} of {report.count}" if shown < report.count else None
-    table = Table(title=f"tenant {report.tenant}: {report.count} {noun}", caption=caption)
+    title = f"tenant {report.tenant}: {report.count} {noun}"
+    # Wide enough for the title and caption on one line each, however short the names.
+    width = max(len(title), len(caption or "")) + 4
+    table = Table(title=title, caption=caption, min_width=width)
     table.add_column("id", justify="right", no_wrap=True)
     table.add_column("name")
     for item_id, name in report.newest:
