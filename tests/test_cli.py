@@ -35,7 +35,8 @@ def test_check_names_a_stopped_replica_and_a_primary_that_is_not_one(
     )
     healthy = world.run("check")
     assert healthy.returncode == 0, healthy.stderr
-    assert "3 nodes, all up" in healthy.stdout and "15." in healthy.stdout
+    version = migrated.sql("primary", "SHOW server_version")
+    assert "3 nodes, all up" in healthy.stdout and version in healthy.stdout
 
     migrated.stop_node("replica2")
     stopped = world.run("check")
@@ -129,3 +130,22 @@ def test_serve_runs_the_app_in_several_workers(migrated: DevCluster, tmp_path: P
         server.send_signal(signal.SIGINT)
         output, _ = server.communicate(timeout=30)
     assert output.count("Started server process") == 2  # two workers
+
+
+def test_config_masks_the_password_and_refuses_one_in_the_query(
+    migrated: DevCluster, tmp_path: Path
+) -> None:
+    config = tmp_path / "secret.toml"
+    world = World(migrated, config, "app", [])
+    config.write_text(
+        '[database.clusters.main]\nprimary = "postgresql://app:hunter3-secret@127.0.0.1/app"\n'
+    )
+    shown = world.run("config")
+    assert shown.returncode == 0 and "hunter3-secret" not in shown.stdout + shown.stderr
+    assert "app:***@127.0.0.1/app" in shown.stdout
+    config.write_text(
+        '[database.clusters.main]\nprimary = "postgresql://app@127.0.0.1/app?password=hunter3"\n'
+    )
+    refused = world.run("config")
+    assert refused.returncode == 2 and "hunter3" not in refused.stdout + refused.stderr
+    assert "password part" in refused.stderr

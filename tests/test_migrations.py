@@ -201,7 +201,8 @@ def test_broken_tenants_fail_alone_and_a_rerun_after_repair_completes(
     conflicting, unknown_revision, *healthy = world.schemas
     world.sql(
         f"CREATE SCHEMA {conflicting} AUTHORIZATION {APP_ROLE};"
-        f"CREATE TABLE {conflicting}.items (id int); ALTER TABLE {conflicting}.items OWNER TO app"
+        f"CREATE TABLE {conflicting}.items (id int, legacy text);"
+        f"ALTER TABLE {conflicting}.items OWNER TO app"
     )
     world.sql(
         f"CREATE SCHEMA {unknown_revision} AUTHORIZATION {APP_ROLE};"
@@ -215,9 +216,10 @@ def test_broken_tenants_fail_alone_and_a_rerun_after_repair_completes(
     assert conflicting in failed_line and unknown_revision in failed_line
     assert "Traceback" not in result.stderr
     assert "does_not_exist" in result.stdout  # the summary says why
+    assert "not stamped" in result.stdout  # an unversioned table unlike 0001's is not adopted
     for schema in healthy:
         assert world.version(schema=schema) == HEAD
-    assert world.sql(f"SELECT count(*) FROM {conflicting}.items") == "0"  # left as it was
+    assert world.version(schema=conflicting) == ""  # left as it was
 
     world.sql(f"DROP TABLE {conflicting}.items; DELETE FROM {unknown_revision}.alembic_version")
     repaired = world.run("migrate")
@@ -228,12 +230,12 @@ def test_broken_tenants_fail_alone_and_a_rerun_after_repair_completes(
 async def test_a_deployment_made_by_create_all_is_stamped_then_upgraded(
     migrated: DevCluster, tmp_path: Path
 ) -> None:
-    world = make_world(migrated, tmp_path, schemas=1)
-    (schema,) = world.schemas
+    world = make_world(migrated, tmp_path, schemas=2)
+    schema, unconfined = world.schemas
     settings = DatabaseSettings.model_validate(
         {
             "clusters": {"main": {"primary": migrated.url(database=world.database, user="app")}},
-            "tenants": {schema: {"strategy": "schema"}},
+            "tenants": {name: {"strategy": "schema"} for name in world.schemas},
         }
     )
     router = SessionRouter(settings)
@@ -242,10 +244,21 @@ async def test_a_deployment_made_by_create_all_is_stamped_then_upgraded(
     finally:
         await router.dispose()
     world.sql(f"INSERT INTO {schema}.items (name) VALUES ('kept')")
+    # Same tables, but made by hand without row-level security: stamping must not vouch for it.
+    world.sql(
+        f"DROP POLICY tenant_isolation ON {unconfined}.items;"
+        f"ALTER TABLE {unconfined}.items NO FORCE ROW LEVEL SECURITY"
+    )
 
     result = world.run("migrate")
     assert result.returncode == 0, result.stderr
-    assert "2 stamped" in result.stdout
+    assert "3 stamped" in result.stdout
+    confined = world.sql(
+        "SELECT relforcerowsecurity AND EXISTS (SELECT FROM pg_policies WHERE schemaname = "
+        f"'{unconfined}' AND tablename = 'items') FROM pg_class "
+        f"WHERE oid = '{unconfined}.items'::regclass"
+    )
+    assert confined == "t"
     assert world.version() == HEAD and world.version(schema=schema) == HEAD
     assert world.sql(f"SELECT name FROM {schema}.items") == "kept"
 
@@ -286,4 +299,50 @@ def test_dry_run_prints_the_plan_and_sql_and_changes_nothing(
     assert "CREATE TABLE items" in result.stdout
     assert f'SET LOCAL search_path TO "{world.schemas[0]}"' in result.stdout
     assert "planned" in result.stdout
+    assert f'CREATE SCHEMA IF NOT EXISTS "{world.schemas[0]}"' in result.stdout
     assert world.version() == "" and set(world.schema_versions().values()) == {""}
+    created = world.sql(
+        "SELECT count(*) FROM pg_namespace WHERE nspname LIKE 'sch%' OR nspname = 'tenants'"
+    )
+    made = world.sql("SELECT count(*) FROM pg_class WHERE relname IN ('items', 'tenants')")
+    assert (created, made) == ("0", "0")  # no schema, no catalog, no table
+
+
+def test_catalogued_tenants_are_migrated_by_worker_processes(
+    migrated: DevCluster, tmp_path: Path
+) -> None:
+    world = make_world(migrated, tmp_path, schemas=2)
+    assert world.run("migrate").returncode == 0
+    tag = world.database.removeprefix("mig_")
+    database = f"mig_{tag}_late"
+    for args in (
+        ("late-schema", "--strategy", "schema"),
+        ("late-db", "--strategy", "database", "--database", database),
+    ):
+        added = world.run("tenants", "add", *args)
+        assert added.returncode == 0, added.stderr
+    down = world.run("migrate", "downgrade", "--to", "base", "--concurrency", "3")
+    assert down.returncode == 0, down.stdout + down.stderr
+    assert "5 downgraded" in down.stdout
+    assert world.version(schema="late_schema") == "" and world.version(database=database) == ""
+
+    up = world.run("migrate", "--concurrency", "3", "--cluster", "main")
+    assert up.returncode == 0, up.stdout + up.stderr
+    assert world.version(schema="late_schema") == HEAD and world.version(database=database) == HEAD
+    assert set(world.schema_versions().values()) == {HEAD}
+
+
+def test_autogenerate_finds_nothing_to_change_after_the_first_revision(
+    migrated: DevCluster, tmp_path: Path
+) -> None:
+    world = make_world(migrated, tmp_path, schemas=0)
+    assert world.run("migrate").returncode == 0
+    versions = tmp_path / "new_versions"
+    versions.mkdir()
+    made = world.run(
+        "migrate", "revision", "-m", "nothing yet", "--autogenerate", "--versions", str(versions)
+    )
+    assert made.returncode == 0, made.stderr
+    (script,) = versions.glob("*.py")
+    upgrade = script.read_text().split("def upgrade()")[1].split("def downgrade()")[0]
+    assert "pass" in upgrade and "op." not in upgrade, upgrade  # models and head agree

@@ -13,6 +13,7 @@ import asyncio
 from typing import Any
 
 from rich.table import Table
+from rich.text import Text
 
 from app.cli.common import EXIT_FAILED, EXIT_OK, console
 from app.core.config import load_settings
@@ -52,6 +53,8 @@ def _problem(node: dict[str, Any]) -> str | None:
         return f"down ({node['reason']})"
     if node["configured_role"] == "primary" and node["in_recovery"]:
         return "configured as primary but is a standby (in recovery)"
+    if node["configured_role"] == "replica" and node["in_recovery"] is False:
+        return "configured as replica but is a primary (promoted? two primaries?)"
     return None
 
 
@@ -60,14 +63,15 @@ def _table(nodes: dict[str, dict[str, Any]], settings: RouterSettings) -> Table:
     for column in ("node", "role", "state", "lag", "version", "pool"):
         table.add_column(column, no_wrap=column != "state")
     for name, node in nodes.items():
-        table.add_row(
+        cells = [
             name,
             _role(node),
             "up" if node["state"] == "up" else f"DOWN: {node['reason']}",
             _lag(node),
             node.get("server_version") or "-",
             _pool(name, settings),
-        )
+        ]
+        table.add_row(*(Text(cell) for cell in cells))  # a server's words are not markup
     return table
 
 

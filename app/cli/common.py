@@ -1,8 +1,8 @@
 """What every command shares: exit statuses, one-line errors, the consoles.
 
 Exit statuses: 0 done, 1 a failure (a node unreachable, a target failed), 2 usage or
-configuration (argparse's own status for bad arguments). Errors are one line on stderr naming
-what and where; the traceback only with `--debug`.
+configuration (argparse's own status for bad arguments), 130 interrupted (Ctrl-C). Errors
+are one line on stderr naming what and where; the traceback only with `--debug`.
 """
 
 from __future__ import annotations
@@ -10,6 +10,7 @@ from __future__ import annotations
 import argparse
 import logging
 import sys
+import traceback
 from collections.abc import Callable
 
 from pydantic import ValidationError
@@ -20,6 +21,8 @@ from pg_session_router.core.settings import format_validation_error
 from pg_session_router.db.driver_errors import describe_error
 
 EXIT_OK, EXIT_FAILED, EXIT_USAGE = 0, 1, 2
+#: Ctrl-C, as shells report a process ended by SIGINT (128 + 2).
+EXIT_INTERRUPTED = 130
 
 
 def console(*, stderr: bool = False) -> Console:
@@ -40,26 +43,29 @@ def configure_logging(*, debug: bool) -> None:
 
 
 def run_command(command: Callable[[], int], *, debug: bool) -> int:
-    """Run a command, turning what goes wrong into one line and an exit status."""
-    if debug:
-        return command()
+    """Run a command, turning what goes wrong into one line and an exit status (the same
+    status with `debug`, which prints the traceback too)."""
     try:
         return command()
     except ConfigError as exc:
-        return _fail(f"configuration error: {exc}", EXIT_USAGE)
+        return _fail(f"configuration error: {exc}", EXIT_USAGE, debug)
     except ValidationError as exc:
-        return _fail(f"invalid input: {format_validation_error(exc)}", EXIT_USAGE)
+        return _fail(f"invalid input: {format_validation_error(exc)}", EXIT_USAGE, debug)
     except TenantError as exc:  # unknown or invalid tenant id, conflicting tenant
-        return _fail(f"error: {exc}", EXIT_USAGE if exc.status_code < 409 else EXIT_FAILED)
+        status = EXIT_USAGE if exc.status_code < 409 else EXIT_FAILED
+        return _fail(f"error: {exc}", status, debug)
     except RouterError as exc:
-        return _fail(f"error: {exc}", EXIT_FAILED)
+        return _fail(f"error: {exc}", EXIT_FAILED, debug)
     except KeyboardInterrupt:
-        return _fail("interrupted", 130)
+        return _fail("interrupted", EXIT_INTERRUPTED, debug)
     except Exception as exc:  # a driver or OS error: say what, not where in the code
-        return _fail(f"error: {describe_error(exc)} (--debug for the traceback)", EXIT_FAILED)
+        hint = "" if debug else " (--debug for the traceback)"
+        return _fail(f"error: {describe_error(exc)}{hint}", EXIT_FAILED, debug)
 
 
-def _fail(message: str, status: int) -> int:
+def _fail(message: str, status: int, debug: bool) -> int:
+    if debug:
+        traceback.print_exc()
     print(message, file=sys.stderr)
     return status
 

@@ -17,10 +17,12 @@ from alembic import command
 from alembic.script import ScriptDirectory
 from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeElapsedColumn
 from rich.table import Table
+from rich.text import Text
 
 from app.cli.common import EXIT_FAILED, EXIT_OK, command_parser, console, positive_int
 from app.core.config import load_settings
 from app.db.migrate import app_migrations
+from pg_session_router.core.errors import ConfigError
 from pg_session_router.migrations import Action, AlembicMigrations, TargetOutcome, migrate_targets
 
 EXAMPLE = """python -m app migrate                          # every target to head
@@ -67,7 +69,14 @@ def add_migrate_command(commands: argparse._SubParsersAction) -> None:  # type: 
         type=Path,
         default=[],
         metavar="DIR",
-        help="a further directory of revisions (repeatable)",
+        help="a further directory of revisions (repeatable; `revision` writes to the last)",
+    )
+    parser.add_argument(
+        "--lock-timeout",
+        type=float,
+        default=10.0,
+        metavar="SECONDS",
+        help="a target fails if a table lock takes longer (default 10; 0: wait forever)",
     )
     parser.add_argument("-m", "--message", help="revision: its message")
     parser.add_argument("--autogenerate", action="store_true", help="revision: diff the models")
@@ -77,15 +86,18 @@ def run_migrate(args: argparse.Namespace, parser: argparse.ArgumentParser) -> in
     _check_arguments(args, parser)
     migrations = app_migrations(*args.versions)
     if args.action == "revision":
-        return _new_revision(migrations, args.message, autogenerate=args.autogenerate)
+        into = args.versions[-1] if args.versions else None
+        return _new_revision(migrations, args.message, autogenerate=args.autogenerate, into=into)
     action = Action(
         kind=args.action,
         revision=args.to or "head",
         sql=args.dry_run,
+        lock_timeout=args.lock_timeout or None,
     )
+    head = _head(migrations)  # several heads fail here, before any target is touched
     started = time.perf_counter()
     outcomes = asyncio.run(_run(migrations, action, args))
-    return _report(outcomes, action, migrations, time.perf_counter() - started)
+    return _report(outcomes, action, head, time.perf_counter() - started)
 
 
 def _check_arguments(args: argparse.Namespace, parser: argparse.ArgumentParser) -> None:
@@ -99,9 +111,18 @@ def _check_arguments(args: argparse.Namespace, parser: argparse.ArgumentParser) 
         parser.error(f"--dry-run and --to do not apply to `migrate {args.action}`")
 
 
-def _new_revision(migrations: AlembicMigrations, message: str, *, autogenerate: bool) -> int:
+def _new_revision(
+    migrations: AlembicMigrations, message: str, *, autogenerate: bool, into: Path | None
+) -> int:
+    """A new revision file in the app's versions directory (or the last `--versions` one),
+    diffed against the default cluster's primary with `--autogenerate`."""
     config = migrations.alembic_config()
-    scripts = command.revision(config, message=message, autogenerate=autogenerate)
+    scripts = command.revision(
+        config,
+        message=message,
+        autogenerate=autogenerate,
+        version_path=str(into) if into else None,
+    )
     for script in scripts if isinstance(scripts, list) else [scripts]:
         if script is not None:
             print(f"created revision {script.revision}: {script.path}")
@@ -135,10 +156,7 @@ async def _run(
 
 
 def _report(
-    outcomes: Sequence[TargetOutcome],
-    action: Action,
-    migrations: AlembicMigrations,
-    seconds: float,
+    outcomes: Sequence[TargetOutcome], action: Action, head: str | None, seconds: float
 ) -> int:
     out, err = console(), console(stderr=True)
     if action.sql:
@@ -146,7 +164,6 @@ def _report(
             if outcome.sql:
                 out.print(f"-- {outcome.target.label}", markup=False, highlight=False)
                 out.print(outcome.sql, markup=False, highlight=False)
-    head = _head(migrations)
     out.print(_summary(outcomes, action, head))
     counts: dict[str, int] = {}
     for outcome in outcomes:
@@ -161,7 +178,10 @@ def _report(
 
 
 def _head(migrations: AlembicMigrations) -> str | None:
-    return ScriptDirectory.from_config(migrations.alembic_config()).get_current_head()
+    try:
+        return ScriptDirectory.from_config(migrations.alembic_config()).get_current_head()
+    except Exception as exc:  # several heads, a broken revision file
+        raise ConfigError(f"revisions: {exc}") from None
 
 
 def _summary(outcomes: Sequence[TargetOutcome], action: Action, head: str | None) -> Table:
@@ -170,16 +190,25 @@ def _summary(outcomes: Sequence[TargetOutcome], action: Action, head: str | None
     columns = ("target", "revision", "time", "state") if current else _COLUMNS
     for column in columns:
         table.add_column(column, no_wrap=column not in ("result", "state"))
-    shown = list(outcomes)
-    if len(shown) > FULL_SUMMARY_LIMIT:
-        shown = [o for o in shown if o.failed or o.result not in ("unchanged", "current")]
-    for outcome in shown:
+    for outcome in _worth_showing(outcomes, head):
         revisions = [outcome.before or "-"]
         if not current:
             revisions.append(_after(outcome, action, head))
         time_taken = f"{outcome.seconds * 1000:.0f} ms"
-        table.add_row(outcome.target.label, *revisions, time_taken, _result(outcome, head))
+        cells = [outcome.target.label, *revisions, time_taken, _result(outcome, head)]
+        table.add_row(*(Text(cell) for cell in cells))  # data (errors, revisions), not markup
     return table
+
+
+def _worth_showing(outcomes: Sequence[TargetOutcome], head: str | None) -> list[TargetOutcome]:
+    """Every target; beyond FULL_SUMMARY_LIMIT, those that changed, failed or lag behind."""
+    if len(outcomes) <= FULL_SUMMARY_LIMIT:
+        return list(outcomes)
+    return [
+        o
+        for o in outcomes
+        if o.result not in ("unchanged", "current") or (o.result == "current" and o.before != head)
+    ]
 
 
 _COLUMNS = ("target", "from", "to", "time", "result")

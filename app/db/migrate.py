@@ -1,7 +1,7 @@
 """The reference app's migrations: its Alembic revisions, run on every target.
 
-`python -m app migrate` (and `tenants add`, and the demo) use `MIGRATIONS`; revisions live in
-`app/db/migrations/versions/`, one history for the default cluster and every tenant.
+`python -m app migrate` (and `tenants add`, and the demo) use `app_migrations()`; revisions
+live in `app/db/migrations/versions/`, one history for the default cluster and every tenant.
 """
 
 from __future__ import annotations
@@ -17,6 +17,7 @@ from pg_session_router.migrations import (
     TargetOutcome,
     migrate_targets,
 )
+from pg_session_router.migrations.runner import failed_labels
 
 SCRIPT_LOCATION = Path(__file__).parent / "migrations"
 
@@ -33,7 +34,7 @@ async def migrate_everything() -> list[TargetOutcome]:
     """Every target to head, as `python -m app migrate` does (the demo runs this);
     raises `MigrationError` naming the targets that failed."""
     outcomes = await migrate_targets(load_settings(), app_migrations(), Action())
-    failed = [f"{o.target.label}: {o.error}" for o in outcomes if o.failed]
+    failed = failed_labels(outcomes)
     if failed:
-        raise MigrationError("; ".join(failed))
+        raise MigrationError("migrating failed: " + "; ".join(failed))
     return outcomes

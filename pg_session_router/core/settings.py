@@ -75,7 +75,13 @@ def _parse_database_url(value: object) -> URL:
         raise ValueError("unsupported driver (expected postgresql+asyncpg://...)")
     if not url.host or not url.database:
         raise ValueError("a database URL needs a host and a database name")
+    if any(key.lower() in _SECRET_QUERY_KEYS for key in url.query):
+        # Only the password part is masked wherever a URL is shown; a query one would leak.
+        raise ValueError("put the password in the URL's password part (user:password@host)")
     return url.set(drivername=_ASYNC_DRIVER)
+
+
+_SECRET_QUERY_KEYS = frozenset({"password", "sslpassword"})
 
 
 # `NoDecode`: URL is a NamedTuple, which pydantic-settings would otherwise try to JSON-decode

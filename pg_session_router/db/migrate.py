@@ -49,8 +49,10 @@ class MigrationTarget:
     schema: str | None = None
     #: The default cluster also holds the router's own `tenants` catalog table.
     catalog: bool = False
-    #: The tenant whose schema or database this is (None: a cluster's shared tables).
-    tenant_id: str | None = None
+    #: Create the schema when it is missing: a configuration-file tenant's storage comes
+    #: with its migration. A catalogued tenant's is made by `tenants add`; missing, it was
+    #: removed since the targets were listed, and must not come back as an orphan.
+    creates_schema: bool = False
 
 
 #: Brings one target up to date (`create_all`, an Alembic upgrade); raises on failure.
@@ -98,9 +100,10 @@ def target_of(router: SessionRouter, placement: Placement) -> MigrationTarget:
     key, tenant_id = placement.cluster_key, placement.tenant_id
     if placement.strategy == "schema":
         label = f"tenant {tenant_id} (schema {placement.schema})"
-        return MigrationTarget(label, key, placement.schema, tenant_id=tenant_id)
+        configured = tenant_id in router.settings.tenants
+        return MigrationTarget(label, key, placement.schema, creates_schema=configured)
     if placement.strategy == "database":
-        return MigrationTarget(f"tenant {tenant_id} (database)", key, tenant_id=tenant_id)
+        return MigrationTarget(f"tenant {tenant_id} (database)", key)
     if key == router.default_cluster.key:
         return default_target(router)
     return MigrationTarget(f"cluster {key}", key)
@@ -113,11 +116,19 @@ def lock_statement(target: MigrationTarget) -> TextClause:
     )
 
 
-def search_path_statement(schema: str | None, *, local: bool = True) -> str:
+def search_path_statement(schema: str | None) -> str:
     """Unqualified names land in the target's schema, never in a schema named after the role
     (the default path starts with "$user")."""
-    scope = "LOCAL " if local else ""
-    return f"SET {scope}search_path TO {quote_identifier(schema or 'public')}"
+    return f"SET LOCAL search_path TO {quote_identifier(schema or 'public')}"
+
+
+def prepare_target(conn: Connection, target: MigrationTarget) -> None:
+    """What a target needs before its tables: the catalog (default cluster), its schema
+    (configuration-file schema tenants)."""
+    if target.catalog:
+        prepare_catalog(conn)
+    if target.schema is not None and target.creates_schema:
+        conn.execute(text(f"CREATE SCHEMA IF NOT EXISTS {quote_identifier(target.schema)}"))
 
 
 def prepare_catalog(conn: Connection) -> None:
@@ -170,10 +181,8 @@ async def target_connection(
 
 
 def _create_all(conn: Connection, metadata: MetaData, target: MigrationTarget) -> None:
-    if target.catalog:
-        prepare_catalog(conn)
+    prepare_target(conn, target)
     if target.schema is not None:
-        conn.execute(text(f"CREATE SCHEMA IF NOT EXISTS {quote_identifier(target.schema)}"))
         conn = conn.execution_options(schema_translate_map={None: target.schema})
     metadata.create_all(conn)
     for table in metadata.sorted_tables:

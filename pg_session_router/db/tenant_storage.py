@@ -20,6 +20,7 @@ from pg_session_router.core.errors import TenantConflictError
 from pg_session_router.core.names import quote_identifier
 from pg_session_router.core.settings import TenantSettings
 from pg_session_router.db.driver_errors import sqlstate
+from pg_session_router.db.migrate import lock_statement, target_of
 from pg_session_router.db.router import SessionRouter
 from pg_session_router.db.targets import Target
 from pg_session_router.db.tenancy import ROW_TENANT_SETTING, Placement
@@ -96,6 +97,9 @@ async def drop_storage(
     tenant = placement.settings
     if placement.strategy == "schema" and placement.schema is not None:
         async with router.session(Target(cluster=placement.cluster_key.name)) as session:
+            # A migration of this schema running now finishes first (its lock), then fails
+            # on the missing schema instead of recreating it.
+            await session.execute(lock_statement(target_of(router, placement)))
             await session.execute(text(f"DROP SCHEMA {quote_identifier(placement.schema)} CASCADE"))
         return DataRemoved(schema=placement.schema)
     if placement.strategy == "database" and placement.database is not None:

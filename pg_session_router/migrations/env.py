@@ -3,8 +3,10 @@
 - by `migrate_targets` (online): the target's connection, already inside its transaction
   with its lock and search path, is in `config.attributes["connection"]`;
 - offline (`--dry-run`, `alembic upgrade --sql`): SQL is written, nothing connects;
-- by hand (`alembic upgrade head`, `alembic revision --autogenerate`): the default cluster's
-  primary, from the application's settings, through an async engine.
+- on its own (`migrate revision --autogenerate`, or the `alembic` command with an
+  `alembic.ini` naming the app's script location): the default cluster's primary only, from
+  the application's settings, through an async engine. No stamping, no catalog, no tenants:
+  `migrate_targets` does those.
 
 A schema target's version table lives in its own schema (`version_table_schema`), and its
 unqualified names resolve there (search path), so one revision history serves every target.

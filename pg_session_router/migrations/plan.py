@@ -41,11 +41,13 @@ class AlembicMigrations:
     def alembic_config(self, **attributes: Any) -> Config:
         """A fresh Alembic `Config` (one per target: `attributes` carry its connection)."""
         config = Config(output_buffer=io.StringIO())
-        config.set_main_option("script_location", str(self.script_location))
+        # Options are interpolated (ConfigParser): a literal % must be doubled.
+        config.set_main_option("script_location", str(self.script_location).replace("%", "%%"))
         config.set_main_option("path_separator", "os")
         if self.version_locations:
             locations = [self.script_location / "versions", *self.version_locations]
-            config.set_main_option("version_locations", os.pathsep.join(map(str, locations)))
+            joined = os.pathsep.join(map(str, locations)).replace("%", "%%")
+            config.set_main_option("version_locations", joined)
         config.attributes.update(attributes)
         return config
 
@@ -61,6 +63,10 @@ class Action:
     kind: Kind = "upgrade"
     revision: str = "head"
     sql: bool = False
+    #: Seconds a statement waits for a table lock before the target fails (and the rest of
+    #: its transaction with it), so that a migration queued behind a long transaction does
+    #: not stall that tenant's traffic behind it. None: wait as long as it takes.
+    lock_timeout: float | None = 10.0
 
     @property
     def writes(self) -> bool:

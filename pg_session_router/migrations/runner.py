@@ -12,11 +12,15 @@ event loop would send each other's DDL to the wrong tenant.
 
 from __future__ import annotations
 
+import asyncio
 import logging
 import time
-from collections.abc import Callable, Iterable, Sequence
+import weakref
+from collections.abc import AsyncIterator, Callable, Iterable, Sequence
+from contextlib import asynccontextmanager
 
 from alembic import command
+from alembic.config import Config
 from alembic.runtime.migration import MigrationContext
 from alembic.script import ScriptDirectory
 from sqlalchemy import Connection, text
@@ -26,11 +30,13 @@ from pg_session_router.core.names import quote_identifier
 from pg_session_router.core.settings import RouterSettings
 from pg_session_router.db.driver_errors import describe_error
 from pg_session_router.db.migrate import (
+    ROW_TENANT_CONDITION,
     MigrationTarget,
     TargetMigrator,
     default_target,
+    enable_row_security,
     migration_targets,
-    prepare_catalog,
+    prepare_target,
     target_connection,
 )
 from pg_session_router.db.router import SessionRouter
@@ -59,46 +65,47 @@ async def migrate_targets(
     report = on_outcome or (lambda outcome: None)
     router = SessionRouter.from_settings(settings)
     try:
-        outcomes = []
-        if tenant_ids is None and action.writes and _selected(router, cluster):
-            first = await run_target(router, default_target(router), migrations, action)
-            report(first)
-            outcomes.append(first)
-        try:
-            targets = await _targets(router, tenant_ids, cluster)
-        except MigrationError:
-            if outcomes and outcomes[0].failed:  # say why: the default cluster's own failure
-                first = outcomes[0]
-                raise MigrationError(
-                    f"{first.target.label}: {first.error}; no tenant was migrated (the tenant "
-                    "catalog there is unreachable)"
-                ) from None
-            raise
-        if outcomes:
-            targets = targets[1:]  # the default cluster, done above
+        outcomes = await _migrate_default_first(router, migrations, action, tenant_ids, cluster)
+        targets = await _tenant_targets(router, tenant_ids, cluster, outcomes)
         if on_planned is not None:
             on_planned(len(outcomes) + len(targets))
+        for outcome in outcomes:
+            report(outcome)
         if concurrency > 1 and len(targets) > 1:
             from pg_session_router.migrations.workers import run_in_workers
 
-            workers = min(concurrency, len(targets), _budget(settings))
+            workers = min(concurrency, len(targets), _worker_budget(settings))
             outcomes += await run_in_workers(settings, migrations, action, targets, workers, report)
-        else:
-            for target in targets:
-                outcome = await run_target(router, target, migrations, action)
-                report(outcome)
-                outcomes.append(outcome)
+            return outcomes
+        for target in targets:
+            outcomes.append(await run_target(router, target, migrations, action))
+            report(outcomes[-1])
         return outcomes
     finally:
         await router.dispose()
 
 
-def _selected(router: SessionRouter, cluster: str | None) -> bool:
-    return cluster is None or router.default_cluster.key.name == cluster
+async def _migrate_default_first(
+    router: SessionRouter,
+    migrations: AlembicMigrations,
+    action: Action,
+    tenant_ids: Sequence[str] | None,
+    cluster: str | None,
+) -> list[TargetOutcome]:
+    """The default cluster's target, before the catalog on it is read (a fresh deployment's
+    catalog table is created there). Reads and dry runs list it with the others."""
+    if tenant_ids is not None or not action.writes:
+        return []
+    if cluster is not None and router.default_cluster.key.name != cluster:
+        return []
+    return [await run_target(router, default_target(router), migrations, action)]
 
 
-async def _targets(
-    router: SessionRouter, tenant_ids: Sequence[str] | None, cluster: str | None
+async def _tenant_targets(
+    router: SessionRouter,
+    tenant_ids: Sequence[str] | None,
+    cluster: str | None,
+    done: list[TargetOutcome],
 ) -> list[MigrationTarget]:
     if cluster is not None and cluster not in router.settings.clusters:
         raise ConfigError(f"--cluster: no cluster named {cluster!r} in database.clusters")
@@ -106,26 +113,32 @@ async def _targets(
         await router.tenants.reload()
         if router.tenants.catalog_unreachable:
             # Migrating "every tenant" without the catalog would silently skip most of them.
-            raise MigrationError("the tenant catalog on the default cluster is unreachable")
-    return migration_targets(router, tenant_ids=tenant_ids, cluster=cluster)
+            why = f"{done[0].target.label}: {done[0].error}; " if done and done[0].failed else ""
+            raise MigrationError(
+                f"{why}the tenant catalog on the default cluster is unreachable: no tenant "
+                "was migrated"
+            )
+    targets = migration_targets(router, tenant_ids=tenant_ids, cluster=cluster)
+    finished = {outcome.target for outcome in done}
+    return [target for target in targets if target not in finished]
 
 
-def _budget(settings: RouterSettings) -> int:
-    """Worker processes the connection budget allows: each holds at most two connections
-    (its target's, and one to the default cluster for the catalog)."""
+def _worker_budget(settings: RouterSettings) -> int:
+    """Worker processes within `database.max_connections`: each holds at most two
+    connections at a time (its target's, and the one it read the catalog on)."""
     limit = settings.database.max_connections
     return max(1, limit // 2) if limit else 1_000_000
 
 
 def check_revision(migrations: AlembicMigrations, action: Action) -> None:
     """A revision that does not exist is a usage error, found before any target is touched."""
-    if action.kind == "current":
-        return
     script = ScriptDirectory.from_config(migrations.alembic_config())
     try:
-        script.get_revisions(action.revision)
+        script.get_current_head()  # several heads: a history to merge first
+        if action.kind != "current" and action.revision[:1] not in "+-":
+            script.get_revisions(action.revision)  # relative ones resolve per target
     except Exception as exc:
-        raise ConfigError(f"--to: {exc}") from None
+        raise ConfigError(f"revisions: {exc}") from None
 
 
 async def run_target(
@@ -134,7 +147,11 @@ async def run_target(
     """One target; never raises for a failure of the target itself (the outcome says it)."""
     started = time.perf_counter()
     try:
-        async with target_connection(router, target, lock=action.writes) as conn:
+        async with _alembic_turn(), target_connection(router, target, lock=action.writes) as conn:
+            if action.lock_timeout is not None:
+                await conn.execute(
+                    text(f"SET LOCAL lock_timeout = {int(action.lock_timeout * 1000)}")
+                )
             outcome = await conn.run_sync(_run_sync, target, migrations, action)
     except Exception as exc:
         logger.debug("migrating %s failed", target.label, exc_info=True)
@@ -160,13 +177,9 @@ def _run_sync(
     if action.sql:
         return _plan(conn, target, migrations, action, before, stamp=stamp)
     config = migrations.alembic_config(connection=conn, schema=target.schema)
-    if target.catalog:
-        prepare_catalog(conn)
-    if target.schema is not None:
-        conn.execute(text(f"CREATE SCHEMA IF NOT EXISTS {quote_identifier(target.schema)}"))
+    prepare_target(conn, target)
     if stamp:
-        assert migrations.baseline is not None
-        command.stamp(config, migrations.baseline.revision)
+        _stamp(conn, config, migrations)
     if action.kind == "upgrade":
         command.upgrade(config, action.revision)
     else:
@@ -204,7 +217,20 @@ def _plan(
     sql = buffer.getvalue() if buffer is not None else ""  # type: ignore[attr-defined]
     if stamp:
         sql = f"-- unversioned, holds the baseline tables: stamped at {start} first\n{sql}"
+    if target.creates_schema and target.schema is not None and before is None:
+        sql = f"CREATE SCHEMA IF NOT EXISTS {quote_identifier(target.schema)};\n\n{sql}"
     return TargetOutcome(target, "planned", before, None, sql=sql)
+
+
+def _stamp(conn: Connection, config: Config, migrations: AlembicMigrations) -> None:
+    """The baseline's tables are there: record its revision, and make sure of what its
+    revision made beyond tables and columns, the row-level security of tenant tables (an old
+    or hand-made table without it would otherwise be taken as confined)."""
+    assert migrations.baseline is not None
+    command.stamp(config, migrations.baseline.revision)
+    for table, columns in migrations.baseline.tables.items():
+        if "tenant_id" in columns:
+            enable_row_security(conn, table, None, ROW_TENANT_CONDITION)
 
 
 def _revision(conn: Connection, target: MigrationTarget) -> str | None:
@@ -252,4 +278,26 @@ def alembic_migrator(migrations: AlembicMigrations, action: Action | None = None
 
 
 def failed_labels(outcomes: Iterable[TargetOutcome]) -> list[str]:
-    return [outcome.target.label for outcome in outcomes if outcome.failed]
+    return [f"{outcome.target.label} ({outcome.error})" for outcome in outcomes if outcome.failed]
+
+
+@asynccontextmanager
+async def _alembic_turn() -> AsyncIterator[None]:
+    """One Alembic run at a time per event loop. Alembic's `op` and `context` are
+    module-level proxies to the migration running now, and every statement of a migration
+    yields to the loop: two migrations interleaved (two `add_tenant` calls at once, say)
+    would run one tenant's DDL on the other's connection. Processes, not tasks, give
+    `migrate --concurrency` its parallelism. Alembic must not run in two threads at once
+    either; nothing here can guard that."""
+    loop = asyncio.get_running_loop()
+    lock = _TURNS.get(loop)
+    if lock is None:
+        lock = _TURNS[loop] = asyncio.Lock()
+    async with lock:
+        yield
+
+
+# The one piece of module state: it guards Alembic's own, which is process-wide.
+_TURNS: weakref.WeakKeyDictionary[asyncio.AbstractEventLoop, asyncio.Lock] = (
+    weakref.WeakKeyDictionary()
+)

@@ -12,6 +12,7 @@ not a batch. Results come back as they finish; a worker that dies costs the targ
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import multiprocessing
 import queue
 from collections.abc import Callable, Sequence
@@ -84,11 +85,12 @@ def _collect(
 ) -> list[TargetOutcome]:
     outcomes: dict[int, TargetOutcome] = {}
     held: dict[int, int] = {}  # worker number -> index of the target it is migrating
+    dead: set[int] = set()  # workers seen dead at the last quiet poll
     while len(outcomes) < len(targets):
         try:
             message = results.get(timeout=_POLL_SECONDS)
         except queue.Empty:
-            _fail_dead_workers(targets, processes, held, outcomes, report)
+            _fail_dead_workers(targets, processes, held, dead, outcomes, report)
             if not any(process.is_alive() for process in processes):
                 _fail_rest(targets, outcomes, report)
             continue
@@ -106,11 +108,18 @@ def _fail_dead_workers(
     targets: list[MigrationTarget],
     processes: Sequence[BaseProcess],
     held: dict[int, int],
+    dead: set[int],
     outcomes: dict[int, TargetOutcome],
     report: Callable[[TargetOutcome], None],
 ) -> None:
+    """A worker dead at two quiet polls in a row lost its target. (One is not enough: its
+    last message may still be on its way through the pipe when it has exited.)"""
     for number, process in enumerate(processes):
-        if not process.is_alive() and number in held:
+        if process.is_alive() or number not in held:
+            continue
+        if number not in dead:
+            dead.add(number)
+        else:
             index = held.pop(number)
             error = f"worker process exited with status {process.exitcode}"
             outcomes[index] = TargetOutcome(targets[index], "failed", error=error)
@@ -136,7 +145,14 @@ def _worker(
     tasks: Any,
     results: Any,
 ) -> None:
-    asyncio.run(_work(number, settings, migrations, action, tasks, results))
+    # Ctrl-C reaches every process of the group: the parent reports it, once.
+    with contextlib.suppress(KeyboardInterrupt):
+        asyncio.run(_work(number, settings, migrations, action, tasks, results))
+
+
+def _parent_alive() -> bool:
+    parent = multiprocessing.parent_process()
+    return parent is None or parent.is_alive()
 
 
 async def _work(
@@ -151,8 +167,9 @@ async def _work(
     try:
         if router.tenants.catalog is not None:
             await router.tenants.reload()  # a catalogued tenant's cluster needs its settings
-        # The queue is filled before the workers start: get() returns at once.
-        while (item := tasks.get()) is not None:
+        # The queue is filled before the workers start: get() returns at once. A parent that
+        # was killed reads no more results: stop rather than migrate on unobserved.
+        while _parent_alive() and (item := tasks.get()) is not None:
             index, target = item
             results.put(("started", number, index, None))
             outcome = await run_target(router, target, migrations, action)
