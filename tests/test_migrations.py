@@ -7,6 +7,7 @@ file the subprocesses read through `APP_CONFIG_FILE`.
 
 from __future__ import annotations
 
+import asyncio
 import os
 import subprocess
 import sys
@@ -19,11 +20,14 @@ from alembic.runtime.migration import MigrationContext
 from sqlalchemy import Connection, text
 from sqlalchemy.ext.asyncio import create_async_engine
 
+from app.db.migrate import app_migrations
 from app.models import Base
-from pg_session_router.core.settings import DatabaseSettings
+from pg_session_router.core.settings import DatabaseSettings, TenantSettings
+from pg_session_router.db import provisioning
 from pg_session_router.db.migrate import migrate
 from pg_session_router.db.router import SessionRouter
 from pg_session_router.devcluster import DevCluster
+from pg_session_router.migrations import alembic_migrator
 from tests.conftest import APP_ROLE
 
 ROOT = Path(__file__).resolve().parent.parent
@@ -346,3 +350,40 @@ def test_autogenerate_finds_nothing_to_change_after_the_first_revision(
     (script,) = versions.glob("*.py")
     upgrade = script.read_text().split("def upgrade()")[1].split("def downgrade()")[0]
     assert "pass" in upgrade and "op." not in upgrade, upgrade  # models and head agree
+
+
+async def test_tenants_added_at_once_in_one_process_each_get_their_own_tables(
+    migrated: DevCluster, tmp_path: Path
+) -> None:
+    """Alembic's `op` is process-wide: concurrent migrations in one event loop must take
+    turns, or one tenant's DDL lands in another's schema."""
+    world = make_world(migrated, tmp_path, schemas=0)
+    assert world.run("migrate").returncode == 0
+    settings = DatabaseSettings.model_validate(
+        {"clusters": {"main": {"primary": migrated.url(database=world.database, user="app")}}}
+    )
+    router = SessionRouter(settings)
+    names = [f"together-{n}" for n in range(4)]
+    try:
+        await asyncio.gather(
+            *(
+                provisioning.add_tenant(
+                    router,
+                    name,
+                    TenantSettings(strategy="schema"),
+                    metadata=Base.metadata,
+                    migrator=alembic_migrator(app_migrations()),
+                )
+                for name in names
+            )
+        )
+    finally:
+        await router.dispose()
+    for name in names:
+        schema = name.replace("-", "_")
+        assert world.version(schema=schema) == HEAD
+        tables = world.sql(
+            f"SELECT string_agg(tablename, ',' ORDER BY tablename) FROM pg_tables "
+            f"WHERE schemaname = '{schema}'"
+        )
+        assert tables == "alembic_version,items"
