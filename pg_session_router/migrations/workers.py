@@ -16,6 +16,7 @@ import contextlib
 import multiprocessing
 import queue
 from collections.abc import Callable, Sequence
+from dataclasses import dataclass
 from multiprocessing.process import BaseProcess
 from typing import Any
 
@@ -40,15 +41,21 @@ async def run_in_workers(
     event loop (and its router) stays responsive."""
     # The database section only: it is a plain model (a host app's settings class may be
     # built at run time, with its own prefix, and would not pickle).
-    return await asyncio.to_thread(
-        _run, settings.database, migrations, action, list(targets), workers, report
-    )
+    job = _Job(settings.database, migrations, action)
+    return await asyncio.to_thread(_run, job, list(targets), workers, report)
+
+
+@dataclass(frozen=True, slots=True)
+class _Job:
+    """What every worker is given: the same for all of them."""
+
+    settings: DatabaseSettings
+    migrations: AlembicMigrations
+    action: Action
 
 
 def _run(
-    settings: DatabaseSettings,
-    migrations: AlembicMigrations,
-    action: Action,
+    job: _Job,
     targets: list[MigrationTarget],
     workers: int,
     report: Callable[[TargetOutcome], None],
@@ -61,9 +68,7 @@ def _run(
     for _ in range(workers):
         tasks.put(None)
     processes = [
-        context.Process(
-            target=_worker, args=(number, settings, migrations, action, tasks, results), daemon=True
-        )
+        context.Process(target=_worker, args=(number, job, tasks, results), daemon=True)
         for number in range(workers)
     ]
     for process in processes:
@@ -137,17 +142,10 @@ def _fail_rest(
             report(outcomes[index])
 
 
-def _worker(
-    number: int,
-    settings: DatabaseSettings,
-    migrations: AlembicMigrations,
-    action: Action,
-    tasks: Any,
-    results: Any,
-) -> None:
+def _worker(number: int, job: _Job, tasks: Any, results: Any) -> None:
     # Ctrl-C reaches every process of the group: the parent reports it, once.
     with contextlib.suppress(KeyboardInterrupt):
-        asyncio.run(_work(number, settings, migrations, action, tasks, results))
+        asyncio.run(_work(number, job, tasks, results))
 
 
 def _parent_alive() -> bool:
@@ -155,15 +153,8 @@ def _parent_alive() -> bool:
     return parent is None or parent.is_alive()
 
 
-async def _work(
-    number: int,
-    settings: DatabaseSettings,
-    migrations: AlembicMigrations,
-    action: Action,
-    tasks: Any,
-    results: Any,
-) -> None:
-    router = SessionRouter(settings)
+async def _work(number: int, job: _Job, tasks: Any, results: Any) -> None:
+    router = SessionRouter(job.settings)
     try:
         if router.tenants.catalog is not None:
             await router.tenants.reload()  # a catalogued tenant's cluster needs its settings
@@ -172,7 +163,7 @@ async def _work(
         while _parent_alive() and (item := tasks.get()) is not None:
             index, target = item
             results.put(("started", number, index, None))
-            outcome = await run_target(router, target, migrations, action)
+            outcome = await run_target(router, target, job.migrations, job.action)
             results.put(("done", number, index, outcome))
     finally:
         await router.dispose()
