@@ -387,3 +387,28 @@ async def test_tenants_added_at_once_in_one_process_each_get_their_own_tables(
             f"WHERE schemaname = '{schema}'"
         )
         assert tables == "alembic_version,items"
+
+
+async def test_a_migration_stuck_behind_a_long_transaction_gives_up_and_resumes_later(
+    migrated: DevCluster, tmp_path: Path
+) -> None:
+    world = make_world(migrated, tmp_path, schemas=2)
+    assert world.run("migrate").returncode == 0
+    versions = str(second_revision(tmp_path))
+    busy, free = world.schemas
+    engine = create_async_engine(migrated.url(database=world.database, user=APP_ROLE))
+    try:
+        async with engine.connect() as reader:
+            # A long reading transaction: ALTER TABLE needs a lock it conflicts with.
+            await reader.execute(text(f"SELECT count(*) FROM {busy}.items"))
+            stuck = await asyncio.to_thread(
+                world.run, "migrate", "--versions", versions, "--lock-timeout", "0.5"
+            )
+            await reader.rollback()
+    finally:
+        await engine.dispose()
+    assert stuck.returncode == 1 and busy in stuck.stderr and free not in stuck.stderr
+    assert "lock timeout" in stuck.stdout
+    assert world.version(schema=busy) == HEAD and world.version(schema=free) == "0002_note"
+    resumed = world.run("migrate", "--versions", versions)
+    assert resumed.returncode == 0 and world.version(schema=busy) == "0002_note"

@@ -116,6 +116,23 @@ def lock_statement(target: MigrationTarget) -> TextClause:
     )
 
 
+def _setup_statement(
+    target: MigrationTarget, *, lock: bool, lock_timeout: float | None
+) -> TextClause:
+    """One round trip: the lock first (waiting for another migrating process is fine), then
+    the transaction-local search path and lock timeout (`set_config(..., true)` is SET LOCAL
+    with bound values)."""
+    parts = ["set_config('search_path', :search_path, true)"]
+    values: dict[str, object] = {"search_path": quote_identifier(target.schema or "public")}
+    if lock:
+        parts.insert(0, "pg_advisory_xact_lock(:lock_class, hashtext(:schema))")
+        values.update(lock_class=_MIGRATION_LOCK_CLASS, schema=target.schema or "")
+    if lock_timeout is not None:
+        parts.append("set_config('lock_timeout', :lock_timeout, true)")
+        values["lock_timeout"] = f"{int(lock_timeout * 1000)}ms"
+    return text(f"SELECT {', '.join(parts)}").bindparams(**values)
+
+
 def search_path_statement(schema: str | None) -> str:
     """Unqualified names land in the target's schema, never in a schema named after the role
     (the default path starts with "$user")."""
@@ -163,17 +180,20 @@ def create_all_migrator(metadata: MetaData) -> TargetMigrator:
 
 @asynccontextmanager
 async def target_connection(
-    router: SessionRouter, target: MigrationTarget, *, lock: bool = True
+    router: SessionRouter,
+    target: MigrationTarget,
+    *,
+    lock: bool = True,
+    lock_timeout: float | None = None,
 ) -> AsyncIterator[AsyncConnection]:
     """A transaction on the target's primary holding its migration lock (unless `lock` is
-    False, for reads), with its search path set. A tenant database's engines are released
-    right after: thousands of them must not stay open because a migration visited them."""
+    False, for reads), with its search path set and, for what follows the migration lock,
+    `lock_timeout` (seconds). A tenant database's engines are released right after:
+    thousands of them must not stay open because a migration visited them."""
     was_open = target.cluster_key.name in router.clusters
     try:
         async with router.cluster(target.cluster_key).primary.engine.begin() as conn:
-            if lock:
-                await conn.execute(lock_statement(target))
-            await conn.execute(text(search_path_statement(target.schema)))
+            await conn.execute(_setup_statement(target, lock=lock, lock_timeout=lock_timeout))
             yield conn
     finally:
         if not was_open:

@@ -146,11 +146,12 @@ async def run_target(
     """One target; never raises for a failure of the target itself (the outcome says it)."""
     started = time.perf_counter()
     try:
-        async with _alembic_turn(), target_connection(router, target, lock=action.writes) as conn:
-            if action.lock_timeout is not None:
-                await conn.execute(
-                    text(f"SET LOCAL lock_timeout = {int(action.lock_timeout * 1000)}")
-                )
+        async with (
+            _alembic_turn(),
+            target_connection(
+                router, target, lock=action.writes, lock_timeout=action.lock_timeout
+            ) as conn,
+        ):
             outcome = await conn.run_sync(_run_sync, target, migrations, action)
     except Exception as exc:
         logger.debug("migrating %s failed", target.label, exc_info=True)
