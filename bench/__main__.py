@@ -12,7 +12,7 @@ import datetime
 import sys
 from pathlib import Path
 
-from bench import failover, http, migrations, overhead, proxy, tenants
+from bench import consistency, failover, http, migrations, overhead, proxy, tenants
 from bench.common import machine
 
 BENCHMARKS = {
@@ -22,6 +22,7 @@ BENCHMARKS = {
     "failover": failover.main,
     "tenants": tenants.main,
     "migrations": migrations.main,
+    "consistency": consistency.main,
 }
 HEADER = """# Benchmark results
 

@@ -46,6 +46,7 @@ def test_quick_benchmark_run_writes_every_section_without_errors(tmp_path: Path)
         "failed reads",
         "## Migrations",
         "| python -m app migrate --concurrency 4 |",
+        "## Read-your-writes and observability",
     ):
         assert section in report
 
@@ -63,3 +64,9 @@ def test_quick_benchmark_run_writes_every_section_without_errors(tmp_path: Path)
     for router_row in routers:
         assert router_row["failed reads"] == "0", router_row
     assert [row["failed reads"] for row in primary_kill] == ["0"]
+
+    # Read-your-writes: no strategy that promises it ever read a stale row.
+    mix, _ = tables_of(report, "Read-your-writes and observability")
+    for row in mix:
+        if row["strategy"] != "none":
+            assert row["stale reads"] == "0", row

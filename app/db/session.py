@@ -23,6 +23,7 @@ from typing import Any
 from sqlalchemy.ext.asyncio import AsyncEngine, AsyncSession, async_sessionmaker
 
 from app.core.config import load_settings
+from pg_session_router.db.consistency import ConsistencyToken
 from pg_session_router.db.provider import RouterProvider
 from pg_session_router.db.router import SessionRouter
 from pg_session_router.db.targets import Target
@@ -65,14 +66,19 @@ async def dispose_router() -> None:
 
 
 def get_db_context(
-    target: Target | str | None = None, *, tenant: str | None = None, read_only: bool = False
+    target: Target | str | None = None,
+    *,
+    tenant: str | None = None,
+    read_only: bool = False,
+    after: ConsistencyToken | str | None = None,
 ) -> UnitOfWork:
     """A session for scripts and background work: commits on success, rolls back on error.
 
     `target` is None (default cluster's primary), "primary", "replica", "<cluster>:replica",
-    a node name such as "main.replica1", or a `Target`.
+    a node name such as "main.replica1", or a `Target`. `after`: a consistency token (see
+    `capture_token`) the read must see: a job reads what the request that enqueued it wrote.
     """
-    return provider.get().session(target, tenant=tenant, read_only=read_only)
+    return provider.get().session(target, tenant=tenant, read_only=read_only, after=after)
 
 
 def __getattr__(name: str) -> Any:

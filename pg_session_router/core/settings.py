@@ -23,6 +23,7 @@ from pydantic import (
     BeforeValidator,
     ConfigDict,
     Field,
+    NonNegativeFloat,
     NonNegativeInt,
     PlainSerializer,
     PositiveFloat,
@@ -157,6 +158,11 @@ class RoutingSettings(_Section):
     max_replica_lag_bytes: PositiveInt | None = 16 * 1024 * 1024
     #: With no eligible replica, read from the primary (READ ONLY) instead of failing.
     fallback_to_primary: bool = True
+    #: Seconds a read with a consistency token that no replica has replayed (as last probed)
+    #: may wait on a replica for it, checking its replay position, before going to the
+    #: primary (0: go to the primary at once). 0.02 keeps most such reads off the primary
+    #: when replicas are milliseconds behind.
+    max_wait_for_replica: NonNegativeFloat = 0.0
 
 
 class RetrySettings(_Section):
@@ -314,6 +320,34 @@ class HttpSettings(_Section):
     #: Write responses carry `X-Consistency-Token`; reads that send it back see the write.
     #: Costs one query after each write's COMMIT.
     consistency_tokens: bool = True
+    #: Also carry the token in a cookie (`pgrouter-consistency`), for browsers and clients
+    #: that do not echo headers: set on write responses, read when no header is sent.
+    consistency_cookie: bool = False
+    #: Read-your-writes without any client cooperation: remember each tenant's last commit
+    #: position in this process and apply it to that tenant's reads that bring no token
+    #: ("tenant"). Several app processes each remember only their own writes.
+    consistency_memory: Literal["off", "tenant"] = "off"
+    #: Serve Prometheus metrics at `GET /metrics` (the `metrics` extra), to the requests that
+    #: may see the health details (the metrics name nodes and servers).
+    metrics: bool = False
+    #: Label session counters by tenant id: only where tenants are few (cardinality).
+    metrics_tenant_label: bool = False
+    #: An OpenTelemetry span per unit of work (the `tracing` extra; exported wherever the
+    #: app's OpenTelemetry SDK sends spans).
+    tracing: bool = False
+    #: Debugging: `X-DB-Route: <node>; reason=<why>` on responses whose request used a
+    #: session. Names a node: not for deployments whose topology is private.
+    route_header: bool = False
+
+    @model_validator(mode="after")
+    def _tokens_behind_cookie_and_memory(self) -> HttpSettings:
+        uses_tokens = self.consistency_cookie or self.consistency_memory != "off"
+        if uses_tokens and not self.consistency_tokens:
+            raise ValueError(
+                "consistency_cookie and consistency_memory carry the tokens of writes: they "
+                "need consistency_tokens = true"
+            )
+        return self
 
 
 class RouterSettings(BaseSettings):

@@ -259,16 +259,28 @@ class Cluster:
         With `min_lsn` (read-your-writes), only replicas known to have replayed that far; the
         primary always has, so it serves the read when none has (whatever the fallback rule).
         """
+        return self.choose_reader(min_lsn)[0]
+
+    def choose_reader(self, min_lsn: int | None = None) -> tuple[Node | None, str]:
+        """`reader`, with the reason for the choice (a `ROUTE_REASONS` value)."""
         candidates = [node for node in self.nodes if node.readable_replica]
         if min_lsn is not None:
             candidates = [
                 n for n in candidates if n.health.lsn is not None and n.health.lsn >= min_lsn
             ]
             if not candidates:
-                return self.writer()
+                return self.writer(), "consistency-token"
         if candidates:
-            return self.policy.choose(candidates)
-        return self.writer() if self.fallback_to_primary else None
+            return self.policy.choose(candidates), "replica"
+        return (self.writer() if self.fallback_to_primary else None), self._why_no_replica()
+
+    def _why_no_replica(self) -> str:
+        replicas = [node for node in self.nodes if node.role == "replica"]
+        if not replicas:
+            return "fallback-no-replica"
+        if any(node.health.up for node in replicas):
+            return "fallback-lag"
+        return "fallback-circuit-open"
 
     async def dispose(self) -> None:
         for node in self.nodes:

@@ -16,6 +16,7 @@ tenant database on cluster `main` has stream `main`; a tenant with a server of i
 from __future__ import annotations
 
 import re
+from collections import OrderedDict
 from dataclasses import dataclass
 
 from sqlalchemy import Connection, text
@@ -30,6 +31,8 @@ REPLAYED_POSITION = text("SELECT pg_wal_lsn_diff(pg_last_wal_replay_lsn(), '0/0'
 
 #: The HTTP header a token travels in: on a write's response, and back on later reads.
 CONSISTENCY_HEADER = "x-consistency-token"
+#: The cookie it travels in when `http.consistency_cookie` is on.
+CONSISTENCY_COOKIE = "pgrouter-consistency"
 
 _TOKEN = re.compile(r"^(?P<stream>[a-z0-9_@-]{1,130})/(?P<lsn>[0-9]{1,20})$")
 
@@ -64,3 +67,26 @@ def read_wal_position(connection: Connection) -> int:
     if adapted is None:  # the connection was invalidated meanwhile
         raise ConnectionLostError("the connection closed before the WAL position was read")
     return int(adapted.run_async(lambda driver: driver.fetchval(WAL_POSITION_SQL)))
+
+
+class LastWrites:
+    """The last commit position of each key (a tenant id, "" for none), newest first out of
+    a bounded LRU: the memory of `http.consistency_memory`. Not thread-safe; one per app."""
+
+    def __init__(self, capacity: int = 100_000) -> None:
+        self.capacity = capacity
+        self._tokens: OrderedDict[str, ConsistencyToken] = OrderedDict()
+
+    def record(self, key: str, token: ConsistencyToken) -> None:
+        known = self._tokens.get(key)
+        if known is None or known.stream != token.stream or known.lsn < token.lsn:
+            self._tokens[key] = token
+        self._tokens.move_to_end(key)
+        if len(self._tokens) > self.capacity:
+            self._tokens.popitem(last=False)
+
+    def get(self, key: str) -> ConsistencyToken | None:
+        return self._tokens.get(key)
+
+    def __len__(self) -> int:
+        return len(self._tokens)

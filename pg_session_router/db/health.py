@@ -31,6 +31,7 @@ from sqlalchemy.engine import URL
 from pg_session_router.core.settings import HealthSettings, RoutingSettings
 from pg_session_router.core.storage import server_of
 from pg_session_router.db.driver_errors import describe_error
+from pg_session_router.db.events import RouterObserver
 
 logger = logging.getLogger(__name__)
 
@@ -53,8 +54,15 @@ SELECT pg_is_in_recovery() AS in_recovery,
 class ServerHealth:
     """What this process knows about one server, shared by every node on it."""
 
-    def __init__(self, endpoint: str, url: URL, settings: HealthSettings) -> None:
+    def __init__(
+        self,
+        endpoint: str,
+        url: URL,
+        settings: HealthSettings,
+        events: RouterObserver | None = None,
+    ) -> None:
         self.endpoint = endpoint
+        self.events = events if events is not None else RouterObserver()
         self.url = url  # credentials for the probe connection; never logged
         self.settings = settings
         self.up = True
@@ -88,6 +96,7 @@ class ServerHealth:
             self.since = time.time()
             self.reason = reason
             logger.warning("ejected %s: %s", self.endpoint, reason)
+            self.events.server_ejected(self.endpoint, reason)
         self.retry_at = now + self._backoff()
 
     def admit(self) -> None:
@@ -100,6 +109,7 @@ class ServerHealth:
         self.reason = None
         self.admitted_at = time.monotonic()
         logger.warning("re-admitted %s after %.1fs", self.endpoint, down_for)
+        self.events.server_admitted(self.endpoint)
 
     def probe_due(self, now: float) -> bool:
         return self.up or now >= self.retry_at
@@ -149,8 +159,10 @@ class HealthMonitor:
         health: HealthSettings,
         routing: RoutingSettings,
         replica_groups: Callable[[], Iterable[tuple[ServerHealth, Iterable[ServerHealth]]]],
+        events: RouterObserver | None = None,
     ) -> None:
         self.settings = health
+        self.events = events if events is not None else RouterObserver()
         self.routing = routing
         # (primary-ish servers of a cluster, its replicas): lag is measured against the
         # cluster's current writer.
@@ -165,7 +177,9 @@ class HealthMonitor:
         endpoint = server_of(url)  # nodes on one server share its health
         server = self.servers.get(endpoint)
         if server is None:
-            server = self.servers[endpoint] = ServerHealth(endpoint, url, self.settings)
+            server = self.servers[endpoint] = ServerHealth(
+                endpoint, url, self.settings, self.events
+            )
         server.nodes += 1
         return server
 
@@ -231,6 +245,7 @@ class HealthMonitor:
         due = [server for server in list(self.servers.values()) if server.probe_due(now)]
         await asyncio.gather(*(self._probe(server) for server in due))
         self._update_lag()
+        self.events.probe_round()
 
     async def _probe(self, server: ServerHealth) -> None:
         # Any failure judges this server only: one server's odd error (asyncpg's own

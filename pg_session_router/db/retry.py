@@ -21,6 +21,7 @@ from tenacity import (
 from pg_session_router.core.errors import DatabaseUnavailableError
 from pg_session_router.core.settings import RetrySettings
 from pg_session_router.db.driver_errors import describe_error
+from pg_session_router.db.events import RouterObserver
 
 T = TypeVar("T")
 
@@ -39,16 +40,23 @@ class StopAtDeadline:
 class RetryPolicy:
     """Exponential backoff with jitter under one total deadline, from `RetrySettings`."""
 
-    def __init__(self, settings: RetrySettings) -> None:
+    def __init__(self, settings: RetrySettings, events: RouterObserver | None = None) -> None:
         self.settings = settings
+        self.events = events if events is not None else RouterObserver()
 
     def deadline_at(self) -> float:
         return time.monotonic() + self.settings.deadline
 
     def _strategy(
-        self, predicate: Callable[[BaseException], bool], deadline_at: float
+        self, predicate: Callable[[BaseException], bool], deadline_at: float, kind: str
     ) -> dict[str, Any]:
+        def report(retry_state: RetryCallState) -> None:
+            error = retry_state.outcome.exception() if retry_state.outcome else None
+            if error is not None:
+                self.events.retried(kind, error)
+
         return {
+            "before_sleep": report,
             "stop": StopAtDeadline(deadline_at),
             # Exponential from `initial_backoff`, capped, plus up to one initial step of jitter
             # so that many clients retrying a failed node do not move in lockstep.
@@ -61,18 +69,18 @@ class RetryPolicy:
         }
 
     def retrying(
-        self, predicate: Callable[[BaseException], bool], deadline_at: float
+        self, predicate: Callable[[BaseException], bool], deadline_at: float, kind: str = "run"
     ) -> AsyncRetrying:
-        return AsyncRetrying(**self._strategy(predicate, deadline_at))
+        return AsyncRetrying(**self._strategy(predicate, deadline_at, kind))
 
     def retrying_in_greenlet(
-        self, predicate: Callable[[BaseException], bool], deadline_at: float
+        self, predicate: Callable[[BaseException], bool], deadline_at: float, kind: str
     ) -> Retrying:
         """The same policy for code that runs inside SQLAlchemy's greenlet (an event listener):
         synchronous attempts, sleeping on the event loop."""
         return Retrying(
             sleep=lambda seconds: await_only(asyncio.sleep(seconds)),
-            **self._strategy(predicate, deadline_at),
+            **self._strategy(predicate, deadline_at, kind),
         )
 
     async def call(
@@ -81,19 +89,21 @@ class RetryPolicy:
         retryable: Callable[[BaseException], bool],
         deadline_at: float,
         what: str,
+        *,
+        kind: str = "run",
     ) -> T:
         """`attempt_once()` until it succeeds, fails for good, or the deadline passes; then
         `DatabaseUnavailableError` carrying the last attempt's error (like tenacity's own
         RetryError, of which it is the router's version)."""
         try:
-            async for attempt in self.retrying(retryable, deadline_at):
+            async for attempt in self.retrying(retryable, deadline_at, kind):
                 with attempt:
                     return await attempt_once()
         except RetryError as exc:
             last = exc.last_attempt.exception()
             # Keep the kind when the last attempt knew it (NoNodeAvailableError: none eligible).
-            kind = type(last) if isinstance(last, DatabaseUnavailableError) else None
-            raise (kind or DatabaseUnavailableError)(
+            known = type(last) if isinstance(last, DatabaseUnavailableError) else None
+            raise (known or DatabaseUnavailableError)(
                 f"could not {what} within {self.settings.deadline}s: {describe_error(last)}",
                 last_error=last,
             ) from last

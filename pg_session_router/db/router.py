@@ -28,6 +28,7 @@ from pg_session_router.db.catalog import TenantCatalog
 from pg_session_router.db.cluster import Cluster, Node
 from pg_session_router.db.consistency import ConsistencyToken, read_wal_position
 from pg_session_router.db.driver_errors import is_read_retryable, is_write_retryable
+from pg_session_router.db.events import Observers
 from pg_session_router.db.health import HealthMonitor
 from pg_session_router.db.keys import ClusterKey
 from pg_session_router.db.registry import TenantRegistry
@@ -51,15 +52,27 @@ class SessionRouter:
     def __init__(self, settings: DatabaseSettings) -> None:
         check_database_settings(settings)
         self.settings = settings
+        #: Subscribe metrics, tracing or your own `RouterObserver` here.
+        self.events = Observers()
         self.monitor = HealthMonitor(
-            settings.health, settings.routing, lambda: self._topology.replica_groups()
+            settings.health,
+            settings.routing,
+            lambda: self._topology.replica_groups(),
+            self.events,
         )
         catalog = TenantCatalog(lambda: self.default_cluster.primary.engine, settings)
         self.tenants = TenantRegistry(settings, catalog if settings.tenancy.catalog else None)
         self._topology = Topology(settings, self.monitor, self.tenants.settings_of)
         self._admission = TenantAdmission(self._topology, self.tenants, settings.tenancy)
-        self.retry_policy = RetryPolicy(settings.retry)
-        self._opener = SessionOpener(self.route, self._admission, self.monitor, self.retry_policy)
+        self.retry_policy = RetryPolicy(settings.retry, self.events)
+        self._opener = SessionOpener(
+            self.route,
+            self._admission,
+            self.monitor,
+            self.retry_policy,
+            self.events,
+            max_wait_for_replica=settings.routing.max_wait_for_replica,
+        )
 
     @classmethod
     def from_settings(cls, settings: RouterSettings) -> SessionRouter:
@@ -103,7 +116,8 @@ class SessionRouter:
             cluster = self.cluster(placement.cluster_key)
         elif target.node is not None:
             node = self._topology.node(target.node)
-            return Route(self._topology.owner_of(node), node, target.read_only, None)
+            owner = self._topology.owner_of(node)
+            return Route(owner, node, target.read_only, None, "explicit-node")
         elif target.cluster is not None:
             cluster = self._topology.configured(target.cluster)
         else:
@@ -133,6 +147,7 @@ class SessionRouter:
         *,
         tenant: str | None = None,
         read_only: bool = False,
+        after: ConsistencyToken | str | None = None,
         consistency_token: bool = False,
         commit_on_exit: bool = True,
     ) -> UnitOfWork:
@@ -141,9 +156,11 @@ class SessionRouter:
         With `consistency_token`, a committed write leaves its read-your-writes token in
         `session.info["consistency_token"]` (one query after the COMMIT, on the same session).
         `session.info["node"]` names the node the session went to. `commit_on_exit=False`:
-        SQLAlchemy's `async with maker() as session` meaning (the caller commits).
+        SQLAlchemy's `async with maker() as session` meaning (the caller commits). `after`:
+        a read sees at least what that token's write committed (a background job handed the
+        token of the request that enqueued it).
         """
-        resolved = Target.coerce(target, tenant=tenant, read_only=read_only)
+        resolved = Target.coerce(target, tenant=tenant, read_only=read_only, after=after)
         return UnitOfWork(
             self._opener,
             resolved,
@@ -178,7 +195,10 @@ class SessionRouter:
             if not safe(exc):
                 raise
             logger.info("replaying a unit of work after %s", type(exc).__name__)
-        return await self.retry_policy.call(attempt_once, safe, deadline_at, "run the unit of work")
+            self.events.retried("run", exc)
+        return await self.retry_policy.call(
+            attempt_once, safe, deadline_at, "run the unit of work", kind="run"
+        )
 
     # -- lifecycle and introspection -------------------------------------------------------
 

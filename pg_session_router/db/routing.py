@@ -16,26 +16,41 @@ from pg_session_router.db.cluster import Cluster, Node
 from pg_session_router.db.targets import Target
 from pg_session_router.db.tenancy import Placement
 
+#: Why a session went where it went: a bounded set, fit for a metrics label.
+ROUTE_REASONS = (
+    "write",  # a write: the cluster's primary
+    "primary-requested",  # a read that asked for the primary
+    "explicit-node",  # the target named the node
+    "replica",  # a read on a fresh, healthy replica
+    "consistency-token",  # no replica had replayed the read's token: the primary
+    "consistency-token-waited",  # a replica caught up with the token within the wait
+    "fallback-no-replica",  # the cluster has no replica: the primary, READ ONLY
+    "fallback-lag",  # every replica up is lagging too far: the primary, READ ONLY
+    "fallback-circuit-open",  # every replica is ejected: the primary, READ ONLY
+)
+
 
 @dataclass(frozen=True, slots=True)
 class Route:
-    """The outcome of routing one target: which node, in which mode, for which tenant."""
+    """The outcome of routing one target: which node, in which mode, for which tenant, why."""
 
     cluster: Cluster
     node: Node
     read_only: bool
     placement: Placement | None
+    reason: str = "write"
 
 
 def route_in_cluster(cluster: Cluster, target: Target, placement: Placement | None) -> Route:
     """The node of `cluster` that serves `target`, or `NoNodeAvailableError` saying why."""
+    node: Node | None
     if target.read_only and not target.use_primary:
-        node = cluster.reader(min_lsn(cluster, target))
+        node, reason = cluster.choose_reader(min_lsn(cluster, target))
     else:
-        node = cluster.writer()
+        node, reason = cluster.writer(), "primary-requested" if target.read_only else "write"
     if node is None:
         raise NoNodeAvailableError(why_unavailable(cluster, target))
-    return Route(cluster, node, target.read_only, placement)
+    return Route(cluster, node, target.read_only, placement, reason)
 
 
 def min_lsn(cluster: Cluster, target: Target) -> int | None:

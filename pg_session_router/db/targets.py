@@ -56,9 +56,16 @@ class Target:
 
     @classmethod
     def coerce(
-        cls, target: Target | str | None, *, tenant: str | None = None, read_only: bool = False
+        cls,
+        target: Target | str | None,
+        *,
+        tenant: str | None = None,
+        read_only: bool = False,
+        after: ConsistencyToken | str | None = None,
     ) -> Target:
-        """Merge the `get_db_context` arguments into one Target."""
+        """Merge the `get_db_context` arguments into one Target. `after`: a consistency
+        token (or its text) the read must see, e.g. one a job was handed by the request
+        that enqueued it."""
         if target is None:
             result = cls()
         elif isinstance(target, Target):
@@ -71,4 +78,7 @@ class Target:
             result = replace(result, tenant=tenant)
         if read_only and result.intent != "read":
             result = replace(result, intent="read")
+        if after is not None:
+            token = ConsistencyToken.parse(after) if isinstance(after, str) else after
+            result = replace(result, after=token)
         return result

@@ -13,6 +13,7 @@ from __future__ import annotations
 
 import asyncio
 import logging
+import time
 from collections.abc import Callable
 from typing import Any
 
@@ -31,7 +32,11 @@ from pg_session_router.core.errors import (
     TopologyChangedError,
 )
 from pg_session_router.db.admission import TenantAdmission
-from pg_session_router.db.consistency import ConsistencyToken, read_wal_position
+from pg_session_router.db.consistency import (
+    REPLAYED_POSITION,
+    ConsistencyToken,
+    read_wal_position,
+)
 from pg_session_router.db.driver_errors import (
     READ_ONLY_SQLSTATE,
     UNDEFINED_TABLE_SQLSTATE,
@@ -42,6 +47,7 @@ from pg_session_router.db.driver_errors import (
     server_refused,
     sqlstate,
 )
+from pg_session_router.db.events import RouterObserver
 from pg_session_router.db.health import HealthMonitor
 from pg_session_router.db.retry import RetryPolicy
 from pg_session_router.db.routed_session import RoutedSession
@@ -63,8 +69,13 @@ class SessionOpener:
         admission: TenantAdmission,
         monitor: HealthMonitor,
         retry: RetryPolicy,
+        events: RouterObserver,
+        *,
+        max_wait_for_replica: float = 0.0,
     ) -> None:
         self._route = route
+        self.events = events
+        self.max_wait_for_replica = max_wait_for_replica
         self.admission = admission
         self.monitor = monitor
         self.retry = retry
@@ -100,8 +111,13 @@ class SessionOpener:
         except Exception as exc:
             if not is_connect_failure(exc):
                 raise
+            self.events.retried("open", exc)
         return await self.retry.call(
-            lambda: self._open_once(target), is_connect_failure, deadline_at, "open a session"
+            lambda: self._open_once(target),
+            is_connect_failure,
+            deadline_at,
+            "open a session",
+            kind="open",
         )
 
     async def _open_once(self, target: Target) -> tuple[AsyncSession, Route]:
@@ -109,6 +125,10 @@ class SessionOpener:
         if target.tenant is not None:
             placement = await self.admission.placement(target.tenant)
         route = self._route(target, placement)
+        if route.reason == "consistency-token" and self.max_wait_for_replica > 0:
+            waited = await self._wait_on_replica(route, target)
+            if waited is not None:
+                return waited
         # Counted before the first await: an idle tenant cluster may be evicted (its engines
         # disposed) by another task, and this session is about to check out a connection.
         route.cluster.in_flight += 1
@@ -118,6 +138,33 @@ class SessionOpener:
             self.admission.end_flight(route.cluster)
             raise
 
+    async def _wait_on_replica(
+        self, route: Route, target: Target
+    ) -> tuple[AsyncSession, Route] | None:
+        """A read whose token no replica had replayed at the last probe: on a replica, watch
+        its replay position for up to `routing.max_wait_for_replica`; the session is kept
+        there once it has caught up (replay only moves forward, and every later statement
+        takes a fresh snapshot). None: it did not catch up in time, or the replica failed;
+        the primary serves the read."""
+        assert target.after is not None
+        replicas = [node for node in route.cluster.nodes if node.readable_replica]
+        if not replicas:
+            return None
+        node = route.cluster.policy.choose(replicas)
+        waiting = Route(route.cluster, node, True, route.placement, "consistency-token-waited")
+        route.cluster.in_flight += 1
+        session = None
+        try:
+            session, _ = await self._connect(waiting)
+            if await _replayed_within(session, target.after.lsn, self.max_wait_for_replica):
+                return session, waiting
+        except Exception as exc:  # the replica's trouble is the monitor's; the primary reads
+            logger.debug("waiting on %s failed: %s", node.name, describe_error(exc))
+        if session is not None:
+            await _close_quietly(session)
+        self.admission.end_flight(route.cluster)
+        return None
+
     async def _connect(self, route: Route) -> tuple[AsyncSession, Route]:
         session = route.node.factory(route.read_only)()
         routed: RoutedSession = session.sync_session  # type: ignore[assignment]
@@ -125,6 +172,7 @@ class SessionOpener:
             routed.tenant_id = route.placement.tenant_id
             routed.connection_setup = route.placement.connection_setup
         session.info["node"] = route.node.name
+        session.info["route_reason"] = route.reason
         routed.route = route
         routed.replay = self.replay_statement
         if route.read_only:
@@ -161,8 +209,11 @@ class SessionOpener:
         if not _replayable(session, route, error, clean):
             raise error
         self.monitor.wake()  # the server may be gone: have it probed now
+        self.events.retried("replay", error)
         min_lsn = route.node.health.lsn if route.read_only else None
-        retrying = self.retry.retrying_in_greenlet(_connection_trouble, self.retry.deadline_at())
+        retrying = self.retry.retrying_in_greenlet(
+            _connection_trouble, self.retry.deadline_at(), "replay"
+        )
         try:
             for attempt in retrying:
                 with attempt:
@@ -267,6 +318,7 @@ class UnitOfWork:
         self._session, self._route = await self._opener.open(self._target, self._deadline_at)
         routed: RoutedSession = self._session.sync_session  # type: ignore[assignment]
         routed.adoptable_transaction = routed.get_transaction()
+        self._opener.events.session_opened(self._session.info, self._route, self._target)
         return self._session
 
     async def __aexit__(
@@ -274,13 +326,18 @@ class UnitOfWork:
     ) -> None:
         # A replayed statement may have moved the session (same cluster, another node).
         self._route = self._session.sync_session.route  # type: ignore[attr-defined]
+        error = exc
         try:
             if exc is None and not self._route.read_only and self._wants_commit():
                 await self._commit()
             else:
                 await self._end(exc)
+        except BaseException as failure:
+            error = failure
+            raise
         finally:
             self._opener.admission.end_flight(self._route.cluster)
+            self._opener.events.session_ended(self._session.info, self._route, error)
 
     def _wants_commit(self) -> bool:
         # Without commit_on_exit, only a caller's own COMMIT counts (its token is still read).
@@ -312,6 +369,21 @@ class UnitOfWork:
                         raise translated from exc
         finally:
             await _close_ending(session, route)
+
+
+async def _replayed_within(session: AsyncSession, lsn: int, seconds: float) -> bool:
+    deadline = time.monotonic() + seconds
+    while True:
+        replayed = await session.scalar(REPLAYED_POSITION)
+        if replayed is not None and replayed >= lsn:
+            return True
+        if time.monotonic() >= deadline:
+            return False
+        await asyncio.sleep(_REPLAY_POLL_SECONDS)
+
+
+#: Between two looks at a replica's replay position while a token read waits on it.
+_REPLAY_POLL_SECONDS = 0.002
 
 
 def _replayable(session: RoutedSession, route: Route, error: Exception, clean: bool) -> bool:
@@ -362,6 +434,7 @@ def _rebind(session: RoutedSession, route: Route) -> None:
     session.bind = route.node.sync_engine(route.read_only)
     session.route = route
     session.info["node"] = route.node.name
+    session.info["route_reason"] = route.reason
 
 
 def _discard_transaction(session: Session, *, read_only: bool) -> None:

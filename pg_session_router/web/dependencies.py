@@ -18,18 +18,23 @@ which lets users keep writing `Depends(get_db)` without knowing about scopes.
 
 from __future__ import annotations
 
+import contextlib
 from collections.abc import AsyncIterator, Callable, Coroutine
 from typing import Annotated, Any
 
 from fastapi import Depends, Request
 from sqlalchemy.ext.asyncio import AsyncSession
 
-from pg_session_router.core.errors import TenantRequiredError
-from pg_session_router.db.consistency import CONSISTENCY_HEADER, ConsistencyToken
+from pg_session_router.core.errors import InvalidConsistencyTokenError, TenantRequiredError
+from pg_session_router.db.consistency import (
+    CONSISTENCY_COOKIE,
+    CONSISTENCY_HEADER,
+    ConsistencyToken,
+)
 from pg_session_router.db.targets import Intent, Target
 from pg_session_router.db.unit_of_work import UnitOfWork
 from pg_session_router.web.installation import installation_of
-from pg_session_router.web.middleware import TOKEN_STATE_KEY
+from pg_session_router.web.middleware import ROUTE_STATE_KEY, TOKEN_STATE_KEY
 
 _SAFE_METHODS = frozenset({"GET", "HEAD", "OPTIONS"})
 
@@ -56,17 +61,41 @@ def request_target(
     if intent is None:
         intent = "read" if request.method in _SAFE_METHODS else "write"
     tenant = required_tenant_of(request) if tenant_required else tenant_of(request)
-    token = request.headers.get(CONSISTENCY_HEADER)
-    after = ConsistencyToken.parse(token) if token is not None and intent == "read" else None
+    after = read_token(request, tenant) if intent == "read" else None
     return Target(tenant=tenant, intent=intent, after=after)
+
+
+def read_token(request: Request, tenant: str | None) -> ConsistencyToken | None:
+    """The token a read must honour: the header's (a malformed one is a 400), else the
+    cookie's (a malformed one is ignored: a browser cannot fix it), else the position
+    remembered for the tenant."""
+    header = request.headers.get(CONSISTENCY_HEADER)
+    if header is not None:
+        return ConsistencyToken.parse(header)
+    http = installation_of(request).http
+    if http.consistency_cookie:
+        cookie = request.cookies.get(CONSISTENCY_COOKIE)
+        if cookie is not None:
+            with contextlib.suppress(InvalidConsistencyTokenError):
+                return ConsistencyToken.parse(cookie)
+    if http.consistency_memory == "tenant":
+        return installation_of(request).last_writes.get(tenant or "")
+    return None
 
 
 def _forward_token(request: Request, session: AsyncSession) -> None:
     # Committed (an error would have left the block by now): hand the token on to the
-    # middleware that puts it on the response.
-    token = session.info.get("consistency_token")
+    # middleware that puts it on the response, and the route when it is asked for.
+    info = session.info
+    token = info.get("consistency_token")
+    installation = installation_of(request)
     if token is not None:
         setattr(request.state, TOKEN_STATE_KEY, str(token))
+        if installation.http.consistency_memory == "tenant":
+            installation.last_writes.record(tenant_of(request) or "", token)
+    if installation.http.route_header:
+        route = f"{info.get('node')}; reason={info.get('route_reason')}"
+        setattr(request.state, ROUTE_STATE_KEY, route)
 
 
 def _session_dependency(

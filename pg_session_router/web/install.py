@@ -19,6 +19,7 @@ from pg_session_router.core.errors import ConfigError
 from pg_session_router.db.provider import RouterProvider, SettingsSource
 from pg_session_router.web.errors import install_error_handlers
 from pg_session_router.web.installation import STATE_KEY, RouterInstallation
+from pg_session_router.web.metrics import metrics_endpoint
 from pg_session_router.web.middleware import RouterMiddleware
 from pg_session_router.web.resolvers import TenantResolver
 
@@ -42,6 +43,8 @@ def install_router(
     installation = RouterInstallation(provider or RouterProvider(settings), tenant_resolver)
     setattr(app.state, STATE_KEY, installation)
     app.add_middleware(RouterMiddleware, installation=installation)
+    # Always routed, 404 unless `http.metrics` (settings are read at startup, routes now).
+    app.add_api_route("/metrics", metrics_endpoint, methods=["GET"], include_in_schema=False)
     install_error_handlers(app)
     _wrap_lifespan(app, installation)
     return installation

@@ -8,13 +8,21 @@ installed on, and without module globals.
 
 from __future__ import annotations
 
+from typing import TYPE_CHECKING
+
 from starlette.requests import HTTPConnection
 
-from pg_session_router.core.errors import RouterNotInstalledError
+from pg_session_router.core.errors import ConfigError, RouterNotInstalledError
 from pg_session_router.core.settings import HttpSettings
+from pg_session_router.db.consistency import LastWrites
 from pg_session_router.db.provider import RouterProvider
 from pg_session_router.db.router import SessionRouter
+from pg_session_router.observability.logs import NodeLogger
 from pg_session_router.web.resolvers import TenantResolver, build_tenant_resolver
+
+if TYPE_CHECKING:  # the metrics extra is optional
+    from pg_session_router.observability.metrics import RouterMetrics
+    from pg_session_router.observability.tracing import RouterTracing
 
 #: The key of the installation in `scope["state"]` (what `request.state` reads).
 STATE_KEY = "pg_session_router"
@@ -26,6 +34,12 @@ class RouterInstallation:
         self._custom_resolver = resolver
         self._resolver: TenantResolver | None = None
         self._http: HttpSettings | None = None
+        #: The router's Prometheus metrics, when `http.metrics` is on (built at startup).
+        self.metrics: RouterMetrics | None = None
+        self.tracing: RouterTracing | None = None
+        self._node_logger = NodeLogger()
+        #: Each tenant's last commit position (`http.consistency_memory = "tenant"`).
+        self.last_writes = LastWrites()
 
     def configure(self, http: HttpSettings | None = None) -> None:
         """Build the HTTP wiring from `http`, by default the provider's settings (read now:
@@ -58,12 +72,39 @@ class RouterInstallation:
         return self.provider.get()
 
     async def start(self) -> None:
-        """At startup: settings checked, wiring built, every server probed once."""
+        """At startup: settings checked, wiring built, observers subscribed, every server
+        probed once."""
         self.configure()
-        await self.provider.get().start()
+        router = self.provider.get()
+        router.events.subscribe(self._node_logger)
+        if self.http.metrics:
+            self.metrics = _build_metrics(router, self.http)
+        if self.http.tracing:
+            from pg_session_router.observability.tracing import RouterTracing
+
+            self.tracing = RouterTracing(router)
+        await router.start()
 
     async def stop(self) -> None:
+        for observer in (self.metrics, self.tracing):
+            if observer is not None:
+                observer.close()
+        self.metrics, self.tracing = None, None
+        router = self.provider.current
+        if router is not None:
+            router.events.unsubscribe(self._node_logger)
         await self.provider.dispose()
+
+
+def _build_metrics(router: SessionRouter, http: HttpSettings) -> RouterMetrics:
+    try:
+        from pg_session_router.observability.metrics import RouterMetrics
+    except ImportError:
+        raise ConfigError(
+            "http.metrics: prometheus-client is not installed (pip install "
+            "'pg-session-router[metrics]')"
+        ) from None
+    return RouterMetrics(router, tenant_label=http.metrics_tenant_label)
 
 
 def installation_of(connection: HTTPConnection) -> RouterInstallation:

@@ -1,5 +1,6 @@
-"""ASGI middleware: puts the router installation in each request's scope, and a write's
-consistency token on its response.
+"""ASGI middleware: puts the router installation in each request's scope, opens the
+request's log context (its request id, echoed as `X-Request-ID`), and puts a write's
+consistency token (and, when asked for, the route) on its response.
 
 The session dependency computes the token after the COMMIT, which FastAPI runs after the route
 returned but before the response is sent; this middleware adds it as `X-Consistency-Token` when
@@ -10,12 +11,17 @@ from __future__ import annotations
 
 from starlette.types import ASGIApp, Message, Receive, Scope, Send
 
-from pg_session_router.db.consistency import CONSISTENCY_HEADER
+from pg_session_router.db.consistency import CONSISTENCY_COOKIE, CONSISTENCY_HEADER
+from pg_session_router.observability.logs import request_context, request_id_from
 from pg_session_router.web.installation import STATE_KEY, RouterInstallation
 
 _HEADER = CONSISTENCY_HEADER.encode()
+_REQUEST_ID = b"x-request-id"
+_ROUTE = b"x-db-route"
 #: Where the session dependency leaves the token for the response (`request.state`).
 TOKEN_STATE_KEY = "consistency_token"  # noqa: S105 - a key name, not a secret
+#: Where it leaves the route (`http.route_header`).
+ROUTE_STATE_KEY = "db_route"
 
 
 class RouterMiddleware:
@@ -34,11 +40,33 @@ class RouterMiddleware:
             await self.app(scope, receive, send)
             return
 
+        request_id = request_id_from(_header(scope, _REQUEST_ID))
+
         async def send_with_token(message: Message) -> None:
             if message["type"] == "http.response.start":
+                headers = [*message.get("headers", []), (_REQUEST_ID, request_id.encode())]
                 token = state.get(TOKEN_STATE_KEY)
                 if token is not None:
-                    message["headers"] = [*message.get("headers", []), (_HEADER, token.encode())]
+                    headers.append((_HEADER, token.encode()))
+                    if self.installation.http.consistency_cookie:
+                        headers.append((b"set-cookie", _cookie(token)))
+                route = state.get(ROUTE_STATE_KEY)
+                if route is not None:
+                    headers.append((_ROUTE, route.encode()))
+                message["headers"] = headers
             await send(message)
 
-        await self.app(scope, receive, send_with_token)
+        with request_context(request_id):
+            await self.app(scope, receive, send_with_token)
+
+
+def _cookie(token: str) -> bytes:
+    # Short-lived: a token only matters until the replicas have replayed it.
+    return f"{CONSISTENCY_COOKIE}={token}; Path=/; Max-Age=300; HttpOnly; SameSite=Lax".encode()
+
+
+def _header(scope: Scope, name: bytes) -> str | None:
+    for key, value in scope.get("headers", ()):
+        if key == name:
+            return str(value.decode("latin-1"))
+    return None

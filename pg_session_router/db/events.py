@@ -1,0 +1,83 @@
+"""What the router tells observers: sessions routed and ended, retries and replays, servers
+ejected and re-admitted.
+
+Metrics and tracing (`pg_session_router.observability`) subscribe to a router's `events`;
+the router core imports neither prometheus-client nor OpenTelemetry. With no observer, each
+event costs a loop over an empty list.
+"""
+
+from __future__ import annotations
+
+from typing import TYPE_CHECKING, Any
+
+if TYPE_CHECKING:  # annotations only: health.py, below routing, reports events too
+    from pg_session_router.db.routing import Route
+    from pg_session_router.db.targets import Target
+
+
+class RouterObserver:
+    """Override what you need; every method is a no-op here. Methods run on the hot path
+    (inside the event loop, some inside SQLAlchemy's greenlet): no I/O, no blocking.
+
+    `info` is the session's `info` dict, where an observer may keep per-session state (a
+    span) between `session_opened` and `session_ended`."""
+
+    def session_opened(self, info: dict[str, Any], route: Route, target: Target) -> None:
+        """A unit of work was bound to `route.node`, for `route.reason`."""
+
+    def session_ended(
+        self, info: dict[str, Any], route: Route, error: BaseException | None
+    ) -> None:
+        """The unit of work ended: committed or read (`error` None), or failed."""
+
+    def retried(self, kind: str, error: BaseException) -> None:
+        """`kind` ("open", "replay", "run") is tried again after `error`."""
+
+    def server_ejected(self, endpoint: str, reason: str) -> None:
+        """The circuit of a server opened (`endpoint` is host:port: keep it out of
+        anything a client sees)."""
+
+    def server_admitted(self, endpoint: str) -> None:
+        """The circuit closed again after a successful probe."""
+
+    def probe_round(self) -> None:
+        """The monitor finished a round of probes (lag and states are fresh)."""
+
+
+class Observers(RouterObserver):
+    """The observers of one router: each event goes to every one, in subscription order."""
+
+    def __init__(self) -> None:
+        self._observers: list[RouterObserver] = []
+
+    def subscribe(self, observer: RouterObserver) -> None:
+        self._observers.append(observer)
+
+    def unsubscribe(self, observer: RouterObserver) -> None:
+        self._observers.remove(observer)
+
+    def session_opened(self, info: dict[str, Any], route: Route, target: Target) -> None:
+        for observer in self._observers:
+            observer.session_opened(info, route, target)
+
+    def session_ended(
+        self, info: dict[str, Any], route: Route, error: BaseException | None
+    ) -> None:
+        for observer in self._observers:
+            observer.session_ended(info, route, error)
+
+    def retried(self, kind: str, error: BaseException) -> None:
+        for observer in self._observers:
+            observer.retried(kind, error)
+
+    def server_ejected(self, endpoint: str, reason: str) -> None:
+        for observer in self._observers:
+            observer.server_ejected(endpoint, reason)
+
+    def server_admitted(self, endpoint: str) -> None:
+        for observer in self._observers:
+            observer.server_admitted(endpoint)
+
+    def probe_round(self) -> None:
+        for observer in self._observers:
+            observer.probe_round()

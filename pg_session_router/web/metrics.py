@@ -1,0 +1,24 @@
+"""`GET /metrics`: the router's Prometheus metrics, when `http.metrics` is on.
+
+Shown to the same requests as the health details (`http.health_token`, or
+`http.health_details_public`): the metrics name nodes and servers. Not in the OpenAPI schema
+(it is the operators' endpoint, not the API's); 404 when metrics are off.
+"""
+
+from __future__ import annotations
+
+from fastapi import Request, Response
+
+from pg_session_router.web.health import details_allowed
+from pg_session_router.web.installation import installation_of
+
+
+async def metrics_endpoint(request: Request) -> Response:
+    installation = installation_of(request)
+    metrics = installation.metrics
+    if metrics is None:
+        return Response(status_code=404)
+    if not details_allowed(request, installation.http):
+        return Response(status_code=401, headers={"WWW-Authenticate": "Bearer"})
+    body, content_type = metrics.exposition()
+    return Response(body, media_type=content_type)
