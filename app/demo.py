@@ -42,7 +42,10 @@ strategy = "schema"
 strategy = "row"
 
 [http]
-health_details_public = true   # a local demo: show every node in /health/db
+health_details_public = true   # a local demo: show every node in /health/db, /status, /metrics
+status_page = true
+metrics = true
+route_header = true
 """
 
 

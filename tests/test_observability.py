@@ -3,8 +3,16 @@ route header, against the real cluster."""
 
 from __future__ import annotations
 
+import json
 import logging
-from collections.abc import AsyncIterator
+import os
+import re
+import shutil
+import subprocess
+import sys
+import time
+from collections.abc import AsyncIterator, Callable
+from pathlib import Path
 from typing import Any
 
 import httpx
@@ -20,7 +28,7 @@ from app.main import create_app
 from pg_session_router.core.settings import HttpSettings, RouterSettings
 from pg_session_router.db.provider import RouterProvider
 from pg_session_router.db.router import SessionRouter
-from pg_session_router.devcluster import DevCluster
+from pg_session_router.devcluster import DevCluster, free_port
 from pg_session_router.observability.logs import ContextFilter
 from pg_session_router.observability.tracing import SPAN_NAME, RouterTracing
 from pg_session_router.testing import paused_replay
@@ -28,6 +36,7 @@ from tests.conftest import database_settings
 from tests.support.faults import eventually
 
 HEALTH_TOKEN = "t" * 40
+ROOT = Path(__file__).resolve().parent.parent
 
 
 def observed_app(pg: DevCluster, **http: Any) -> FastAPI:
@@ -198,3 +207,108 @@ async def test_spans_carry_node_and_reason_also_for_a_tenant_engine_built_later(
     assert write.attributes["db.router.reason"] == "write"
     assert spans["statement"].parent is not None
     assert spans["statement"].parent.span_id == read.context.span_id  # a child of the unit
+
+
+def test_every_metric_the_dashboard_plots_exists(served_metrics_names: set[str]) -> None:
+    dashboard = json.loads((ROOT / "dashboards" / "pg-session-router.json").read_text())
+    plotted = {
+        name.removesuffix("_total")
+        for panel in dashboard["panels"]
+        for target in panel["targets"]
+        for name in re.findall(r"pgrouter_[a-z_]+", target["expr"])
+    }
+    assert plotted and plotted <= served_metrics_names, plotted - served_metrics_names
+
+
+@pytest.fixture
+async def served_metrics_names(served: tuple[FastAPI, httpx.AsyncClient]) -> set[str]:
+    _, client = served
+    await client.get("/items", headers={"X-Tenant-ID": "globex"})
+    response = await client.get("/metrics", headers={"Authorization": f"Bearer {HEALTH_TOKEN}"})
+    return {family.name for family in text_string_to_metric_families(response.text)}
+
+
+@pytest.fixture(scope="session")
+def chromium() -> str:
+    """Debian's Chromium, installed by the test run itself when missing (as root, like the
+    PostgreSQL binaries the cluster fixtures need)."""
+    found = shutil.which("chromium")
+    if found is None:
+        subprocess.run(["apt-get", "update", "-qq"], check=True, capture_output=True)
+        subprocess.run(
+            ["apt-get", "install", "-y", "-qq", "--no-install-recommends", "chromium"],
+            check=True,
+            capture_output=True,
+            env={**os.environ, "DEBIAN_FRONTEND": "noninteractive"},
+        )
+        found = shutil.which("chromium")
+    assert found is not None
+    return found
+
+
+@pytest.mark.usefixtures("restore_cluster")
+def test_the_status_page_in_a_browser_shows_every_node_and_a_stopped_replica_down(
+    migrated: DevCluster, tmp_path: Path, chromium: str
+) -> None:
+    replicas = ", ".join(
+        f'"{migrated.url(node.name, database="app", user="app")}"' for node in migrated.replicas
+    )
+    config = tmp_path / "status.toml"
+    config.write_text(
+        "[database.health]\ninterval = 0.25\n"
+        "[database.clusters.main]\n"
+        f'primary = "{migrated.url(database="app", user="app")}"\nreplicas = [{replicas}]\n'
+        "[http]\nstatus_page = true\nhealth_details_public = true\n"
+    )
+    port = free_port()
+    server = subprocess.Popen(
+        [sys.executable, "-m", "app", "serve", "--port", str(port)],
+        env={**os.environ, "APP_CONFIG_FILE": str(config)},
+        cwd=ROOT,
+        stdout=subprocess.DEVNULL,
+        stderr=subprocess.DEVNULL,
+    )
+    base = f"http://127.0.0.1:{port}"
+    try:
+        wait_for(lambda: _answers(f"{base}/health/db"), "the server to answer")
+        migrated.stop_node("replica2")
+        wait_for(lambda: _replica2_down(base), "replica2 to be ejected")
+        page = subprocess.run(
+            [
+                chromium,
+                "--headless",
+                "--no-sandbox",
+                "--disable-gpu",
+                "--dump-dom",
+                f"{base}/status",
+            ],
+            capture_output=True,
+            text=True,
+            timeout=120,
+        ).stdout
+    finally:
+        server.terminate()
+        server.wait(timeout=30)
+    rows = {row.split("</td>")[0].split(">")[-1]: row for row in page.split("<tr>")[1:]}
+    assert {"main.primary", "main.replica1", "main.replica2"} <= set(rows), page[:2000]
+    assert "DOWN" in rows["main.replica2"] and "DOWN" not in rows["main.replica1"]
+    assert "127.0.0.1" not in page  # no server addresses
+
+
+def _answers(url: str) -> bool:
+    try:
+        return httpx.get(url, timeout=2).status_code in (200, 503)
+    except httpx.TransportError:
+        return False
+
+
+def _replica2_down(base: str) -> bool:
+    nodes = httpx.get(f"{base}/health/db", timeout=2).json().get("nodes", {})
+    return nodes.get("main.replica2", {}).get("state") == "ejected"
+
+
+def wait_for(condition: Callable[[], bool], what: str, within: float = 60) -> None:
+    deadline = time.monotonic() + within
+    while not condition():
+        assert time.monotonic() < deadline, f"timed out waiting for {what}"
+        time.sleep(0.1)

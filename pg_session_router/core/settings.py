@@ -332,6 +332,9 @@ class HttpSettings(_Section):
     metrics: bool = False
     #: Label session counters by tenant id: only where tenants are few (cardinality).
     metrics_tenant_label: bool = False
+    #: Serve the operators' page `GET /status` (nodes, lag chart, reads by reason), to the
+    #: requests that may see the health details.
+    status_page: bool = False
     #: An OpenTelemetry span per unit of work (the `tracing` extra; exported wherever the
     #: app's OpenTelemetry SDK sends spans).
     tracing: bool = False

@@ -42,6 +42,9 @@ def router_status(
             "tenant_clusters": len(admission.engines),
             "tenant_engines": admission.engines.engines,
             "max_engines": admission.engines.max_engines,
+            "evictions": admission.engines.evictions,
+            "connections_in_use": sum(node["pool"]["in_use"] for node in nodes.values()),
+            "max_connections": settings.max_connections,
             "catalog_loads": catalog.loads if catalog is not None else None,
         },
     }

@@ -45,6 +45,8 @@ class TenantClusterCache:
         self.max_engines = max_engines
         self._wait_timeout = wait_timeout
         self._on_evict = on_evict
+        #: Tenant clusters closed so far (to make room, removed, or at dispose).
+        self.evictions = 0
         self._lru: OrderedDict[ClusterKey, Cluster] = OrderedDict()
         self.engines = 0
         self._idle = asyncio.Event()
@@ -143,6 +145,7 @@ class TenantClusterCache:
         if self._lru.pop(cluster.key, None) is None:
             return
         self.engines -= len(cluster.nodes)
+        self.evictions += 1
         self._on_evict(cluster)
         logger.debug("evicted tenant cluster %s", cluster.name)
         await cluster.dispose()

@@ -133,6 +133,16 @@ class RouterMetrics(RouterObserver):
         self.tenants_known = self._gauge(
             "tenants_known", "Tenants this process knows", [], "livemax"
         )
+        self.connections_in_use = self._gauge(
+            "connections_in_use", "Connections checked out, every pool", [], "livesum"
+        )
+        self.connection_budget = self._gauge(
+            "connection_budget", "database.max_connections (absent: no cap)", [], "livesum"
+        )
+        self.evictions = self._counter(
+            "tenant_cluster_evictions", "Tenant database clusters closed (LRU, removal)", []
+        )
+        self._evictions_seen = 0
 
     # -- events ----------------------------------------------------------------------------
 
@@ -190,6 +200,12 @@ class RouterMetrics(RouterObserver):
         self.tenant_engines.set(tenancy["tenant_engines"])
         self.tenant_clusters.set(tenancy["tenant_clusters"])
         self.tenants_known.set(tenancy["tenants"])
+        self.connections_in_use.set(tenancy["connections_in_use"])
+        if tenancy["max_connections"] is not None:
+            self.connection_budget.set(tenancy["max_connections"])
+        if tenancy["evictions"] > self._evictions_seen:
+            self.evictions.inc(tenancy["evictions"] - self._evictions_seen)
+            self._evictions_seen = tenancy["evictions"]
 
     def exposition(self) -> tuple[bytes, str]:
         """The text format for a scrape, and its content type."""

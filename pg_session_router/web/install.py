@@ -22,6 +22,7 @@ from pg_session_router.web.installation import STATE_KEY, RouterInstallation
 from pg_session_router.web.metrics import metrics_endpoint
 from pg_session_router.web.middleware import RouterMiddleware
 from pg_session_router.web.resolvers import TenantResolver
+from pg_session_router.web.status_page import status_page
 
 
 def install_router(
@@ -45,6 +46,7 @@ def install_router(
     app.add_middleware(RouterMiddleware, installation=installation)
     # Always routed, 404 unless `http.metrics` (settings are read at startup, routes now).
     app.add_api_route("/metrics", metrics_endpoint, methods=["GET"], include_in_schema=False)
+    app.add_api_route("/status", status_page, methods=["GET"], include_in_schema=False)
     install_error_handlers(app)
     _wrap_lifespan(app, installation)
     return installation

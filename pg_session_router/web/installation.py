@@ -17,6 +17,7 @@ from pg_session_router.core.settings import HttpSettings
 from pg_session_router.db.consistency import LastWrites
 from pg_session_router.db.provider import RouterProvider
 from pg_session_router.db.router import SessionRouter
+from pg_session_router.observability.history import StatusHistory
 from pg_session_router.observability.logs import NodeLogger
 from pg_session_router.web.resolvers import TenantResolver, build_tenant_resolver
 
@@ -37,6 +38,8 @@ class RouterInstallation:
         #: The router's Prometheus metrics, when `http.metrics` is on (built at startup).
         self.metrics: RouterMetrics | None = None
         self.tracing: RouterTracing | None = None
+        #: What `/status` shows over time, when `http.status_page` is on.
+        self.history: StatusHistory | None = None
         self._node_logger = NodeLogger()
         #: Each tenant's last commit position (`http.consistency_memory = "tenant"`).
         self.last_writes = LastWrites()
@@ -79,6 +82,8 @@ class RouterInstallation:
         router.events.subscribe(self._node_logger)
         if self.http.metrics:
             self.metrics = _build_metrics(router, self.http)
+        if self.http.status_page:
+            self.history = StatusHistory(router)
         if self.http.tracing:
             from pg_session_router.observability.tracing import RouterTracing
 
@@ -86,10 +91,10 @@ class RouterInstallation:
         await router.start()
 
     async def stop(self) -> None:
-        for observer in (self.metrics, self.tracing):
+        for observer in (self.metrics, self.tracing, self.history):
             if observer is not None:
                 observer.close()
-        self.metrics, self.tracing = None, None
+        self.metrics, self.tracing, self.history = None, None, None
         router = self.provider.current
         if router is not None:
             router.events.unsubscribe(self._node_logger)
