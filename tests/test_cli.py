@@ -12,6 +12,7 @@ from pathlib import Path
 
 import httpx
 import pytest
+from prometheus_client.parser import text_string_to_metric_families
 
 from app.cli import build_parser
 from pg_session_router.devcluster import DevCluster, free_port
@@ -101,12 +102,17 @@ def test_every_command_helps_with_an_example() -> None:
         assert "example:" in command.format_help(), name
 
 
-def test_serve_runs_the_app_in_several_workers(migrated: DevCluster, tmp_path: Path) -> None:
+def test_serve_runs_the_app_in_several_workers_whose_metrics_add_up(
+    migrated: DevCluster, tmp_path: Path
+) -> None:
     config = tmp_path / "serve.toml"
     config.write_text(
         f'[database.clusters.main]\nprimary = "{migrated.url(database="app", user=APP_ROLE)}"\n'
+        '[database.tenants.globex]\nstrategy = "schema"\n'
+        "[http]\nmetrics = true\nhealth_details_public = true\n"
     )
     port = free_port()
+    base = f"http://127.0.0.1:{port}"
     server = subprocess.Popen(
         [sys.executable, "-m", "app", "serve", "--workers", "2", "--port", str(port)],
         env={**os.environ, "APP_CONFIG_FILE": str(config)},
@@ -119,17 +125,29 @@ def test_serve_runs_the_app_in_several_workers(migrated: DevCluster, tmp_path: P
         deadline = time.monotonic() + 60
         while True:
             try:
-                response = httpx.get(f"http://127.0.0.1:{port}/health/db", timeout=2)
+                response = httpx.get(f"{base}/health/db", timeout=2)
                 break
             except httpx.TransportError:
                 assert server.poll() is None, "the server exited"
                 assert time.monotonic() < deadline, "the server did not answer in time"
                 time.sleep(0.1)
         assert response.status_code == 200
+        with httpx.Client(base_url=base, timeout=10) as client:
+            for _ in range(30):  # new connections: spread over both workers
+                client.get("/items", headers={"X-Tenant-ID": "globex", "Connection": "close"})
+        scrapes = [httpx.get(f"{base}/metrics", timeout=5).text for _ in range(4)]
     finally:
         server.send_signal(signal.SIGINT)
         output, _ = server.communicate(timeout=30)
     assert output.count("Started server process") == 2  # two workers
+    for scrape in scrapes:  # whichever worker answers, it counts every worker's sessions
+        reads = sum(
+            sample.value
+            for family in text_string_to_metric_families(scrape)
+            for sample in family.samples
+            if sample.name == "pgrouter_sessions_total" and sample.labels["intent"] == "read"
+        )
+        assert reads == 30
 
 
 def test_config_masks_the_password_and_refuses_one_in_the_query(

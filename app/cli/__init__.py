@@ -7,6 +7,10 @@ command's `--help` ends with an example.
 from __future__ import annotations
 
 import argparse
+import contextlib
+import os
+import tempfile
+from collections.abc import Iterator
 
 from app.cli.check import run_check, run_config
 from app.cli.common import command_parser, configure_logging, run_command
@@ -88,8 +92,28 @@ def _serve(args: argparse.Namespace) -> int:
 
     from app.core.config import load_settings
 
-    load_settings()  # fail here, with the key named, rather than inside uvicorn's startup
-    uvicorn.run(
-        "app.main:app", host=args.host, port=args.port, workers=args.workers, reload=args.reload
-    )
+    settings = load_settings()  # fail here, with the key named, not in uvicorn's startup
+    with _metrics_shared_by_workers(settings.http.metrics and args.workers > 1):
+        uvicorn.run(
+            "app.main:app",
+            host=args.host,
+            port=args.port,
+            workers=args.workers,
+            reload=args.reload,
+        )
     return 0
+
+
+@contextlib.contextmanager
+def _metrics_shared_by_workers(needed: bool) -> Iterator[None]:
+    """Several workers: each writes its metrics to one directory that every scrape
+    aggregates (prometheus-client's multiprocess mode), unless the deployment chose one."""
+    if not needed or "PROMETHEUS_MULTIPROC_DIR" in os.environ:
+        yield
+        return
+    with tempfile.TemporaryDirectory(prefix="pgrouter-metrics-") as directory:
+        os.environ["PROMETHEUS_MULTIPROC_DIR"] = directory
+        try:
+            yield
+        finally:
+            del os.environ["PROMETHEUS_MULTIPROC_DIR"]

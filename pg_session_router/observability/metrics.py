@@ -71,6 +71,9 @@ class RouterMetrics(RouterObserver):
 
     def close(self) -> None:
         self.router.events.unsubscribe(self)
+        if "PROMETHEUS_MULTIPROC_DIR" in os.environ:
+            # This process's live gauges leave the sums (its counters stay counted).
+            multiprocess.mark_process_dead(os.getpid())  # type: ignore[no-untyped-call]
 
     def _counter(self, name: str, doc: str, labels: list[str]) -> Counter:
         return Counter(name, doc, labels, namespace=NAMESPACE, registry=self.registry)
