@@ -98,6 +98,8 @@ async def test_metrics_follow_traffic_fallbacks_and_ejections(
     assert total(after, reads, intent="write", reason="write") >= 1
     assert not any("tenant" in dict(labels) for (_, labels) in after)  # bounded cardinality
     assert total(after, "pgrouter_pool_size", node="main.primary") > 0
+    assert total(after, "pgrouter_pool_checkouts_total", node="main.primary") >= 1
+    assert total(after, "pgrouter_pool_checkout_wait_seconds_total", node="main.primary") > 0
 
     with paused_replay(migrated):
         for n in range(20):  # past the 1 KB lag limit

@@ -14,6 +14,7 @@ picked by the cluster's policy.
 from __future__ import annotations
 
 import logging
+import time
 from collections.abc import Sequence
 from typing import Any, Literal
 
@@ -26,6 +27,7 @@ from sqlalchemy.ext.asyncio import (
     async_sessionmaker,
     create_async_engine,
 )
+from sqlalchemy.pool import AsyncAdaptedQueuePool, ConnectionPoolEntry
 
 from pg_session_router.core.settings import (
     ClusterSettings,
@@ -76,6 +78,23 @@ def _clean_for_use_outside_the_router(connection: Any) -> None:
         connection.invalidate(exc)
 
 
+class MeasuredPool(AsyncAdaptedQueuePool):
+    """SQLAlchemy's asyncio queue pool, counting checkouts and the seconds they waited (for
+    a free connection, or for a new one to connect): two clock reads per checkout. Counts
+    start again when the pool is recreated (`engine.dispose()`)."""
+
+    checkouts = 0
+    checkout_wait = 0.0
+
+    def _do_get(self) -> ConnectionPoolEntry:
+        started = time.perf_counter()
+        try:
+            return super()._do_get()
+        finally:
+            self.checkouts += 1
+            self.checkout_wait += time.perf_counter() - started
+
+
 class Node:
     """One database on one server: an engine, its pool, and the session factories over it."""
 
@@ -103,6 +122,7 @@ class Node:
             pool_timeout=pool.timeout,
             pool_recycle=pool.recycle,
             pool_pre_ping=pool.pre_ping,
+            poolclass=MeasuredPool,
             echo=session.echo,
             # Bound values (tenant data) never appear in error messages or logs.
             hide_parameters=True,
@@ -164,9 +184,15 @@ class Node:
         checked_out = getattr(self.engine.pool, "checkedout", None)
         return int(checked_out()) if callable(checked_out) else 0
 
-    def pool_status(self) -> dict[str, int]:
-        size = getattr(self.engine.pool, "size", None)
-        return {"in_use": self.in_use(), "size": int(size()) if callable(size) else 0}
+    def pool_status(self) -> dict[str, Any]:
+        pool = self.engine.pool
+        size = getattr(pool, "size", None)
+        return {
+            "in_use": self.in_use(),
+            "size": int(size()) if callable(size) else 0,
+            "checkouts": getattr(pool, "checkouts", 0),
+            "checkout_wait_seconds": getattr(pool, "checkout_wait", 0.0),
+        }
 
     async def dispose(self) -> None:
         await self.engine.dispose()

@@ -146,6 +146,14 @@ class RouterMetrics(RouterObserver):
             "tenant_cluster_evictions", "Tenant database clusters closed (LRU, removal)", []
         )
         self._evictions_seen = 0
+        self.checkouts = self._counter("pool_checkouts", "Connections checked out", ["node"])
+        self.checkout_wait = self._counter(
+            "pool_checkout_wait_seconds",
+            "Seconds checkouts waited for a free or a new connection (rate / checkouts rate:"
+            " the mean wait)",
+            ["node"],
+        )
+        self._pool_seen: dict[str, tuple[int, float]] = {}
 
     # -- events ----------------------------------------------------------------------------
 
@@ -195,6 +203,7 @@ class RouterMetrics(RouterObserver):
             self.pool_in_use.labels(name, role).set(node["pool"]["in_use"])
             self.pool_size.labels(name, role).set(node["pool"]["size"])
             self.node_up.labels(name, role).set(1 if node["state"] == "up" else 0)
+            self._count_checkouts(name, node["pool"])
             if node["in_recovery"]:
                 self.lag_seconds.labels(name).set(node["lag_seconds"] or 0.0)
                 self.lag_bytes.labels(name).set(node["lag_bytes"] or 0)
@@ -209,6 +218,16 @@ class RouterMetrics(RouterObserver):
         if tenancy["evictions"] > self._evictions_seen:
             self.evictions.inc(tenancy["evictions"] - self._evictions_seen)
             self._evictions_seen = tenancy["evictions"]
+
+    def _count_checkouts(self, name: str, pool: dict[str, Any]) -> None:
+        """The pool's own totals as counters (they restart when a pool is recreated)."""
+        checkouts, waited = pool["checkouts"], pool["checkout_wait_seconds"]
+        seen_checkouts, seen_waited = self._pool_seen.get(name, (0, 0.0))
+        if checkouts < seen_checkouts:  # a new pool: count it from zero
+            seen_checkouts, seen_waited = 0, 0.0
+        self.checkouts.labels(name).inc(checkouts - seen_checkouts)
+        self.checkout_wait.labels(name).inc(max(0.0, waited - seen_waited))
+        self._pool_seen[name] = (checkouts, waited)
 
     def exposition(self) -> tuple[bytes, str]:
         """The text format for a scrape, and its content type."""
