@@ -83,6 +83,7 @@ async def test_metrics_follow_traffic_fallbacks_and_ejections(
     _, client = served
     tenant = {"X-Tenant-ID": "globex"}
     assert (await client.get("/metrics")).status_code == 401  # names nodes: not for everyone
+    assert (await client.get("/status")).status_code == 404  # off unless http.status_page
     before = await scrape(client)
     for _ in range(5):
         assert (await client.get("/items", headers=tenant)).status_code == 200

@@ -14,7 +14,7 @@ import hmac
 from typing import Any
 
 from fastapi import APIRouter, Request
-from fastapi.responses import JSONResponse
+from fastapi.responses import JSONResponse, Response
 
 from pg_session_router.core.settings import HttpSettings
 from pg_session_router.db.router import SessionRouter
@@ -43,6 +43,16 @@ def overall_status(router: SessionRouter) -> str:
     if all(node.health.up and node.health.fresh for node in nodes):
         return "ok"
     return "degraded"
+
+
+def operators_only(request: Request, enabled: bool) -> Response | None:
+    """The refusal for an operators' endpoint (`/metrics`, `/status`): 404 when it is off,
+    401 when the request may not see the health details; None: serve it."""
+    if not enabled:
+        return Response(status_code=404)
+    if not details_allowed(request, installation_of(request).http):
+        return Response(status_code=401, headers={"WWW-Authenticate": "Bearer"})
+    return None
 
 
 def details_allowed(request: Request, http: HttpSettings) -> bool:

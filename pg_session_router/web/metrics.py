@@ -9,16 +9,14 @@ from __future__ import annotations
 
 from fastapi import Request, Response
 
-from pg_session_router.web.health import details_allowed
+from pg_session_router.web.health import operators_only
 from pg_session_router.web.installation import installation_of
 
 
 async def metrics_endpoint(request: Request) -> Response:
-    installation = installation_of(request)
-    metrics = installation.metrics
-    if metrics is None:
-        return Response(status_code=404)
-    if not details_allowed(request, installation.http):
-        return Response(status_code=401, headers={"WWW-Authenticate": "Bearer"})
+    metrics = installation_of(request).metrics
+    refusal = operators_only(request, metrics is not None)
+    if refusal is not None or metrics is None:
+        return refusal or Response(status_code=404)
     body, content_type = metrics.exposition()
     return Response(body, media_type=content_type)

@@ -16,7 +16,7 @@ from fastapi import Request, Response
 from fastapi.responses import HTMLResponse
 
 from pg_session_router.observability.history import StatusHistory
-from pg_session_router.web.health import details_allowed, overall_status, public_status
+from pg_session_router.web.health import operators_only, overall_status, public_status
 from pg_session_router.web.installation import installation_of
 
 _STYLE = """body{font:14px system-ui,sans-serif;margin:2em;color:#222}
@@ -28,10 +28,9 @@ svg{background:#fafafa;border:1px solid #ddd}"""
 async def status_page(request: Request) -> Response:
     installation = installation_of(request)
     history = installation.history
-    if history is None:
-        return Response(status_code=404)
-    if not details_allowed(request, installation.http):
-        return Response(status_code=401, headers={"WWW-Authenticate": "Bearer"})
+    refusal = operators_only(request, history is not None)
+    if refusal is not None or history is None:
+        return refusal or Response(status_code=404)
     router = installation.router
     status = public_status(router)
     body = (
