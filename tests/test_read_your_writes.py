@@ -17,6 +17,7 @@ from sqlalchemy import text
 
 from app.main import create_app
 from pg_session_router.core.settings import HttpSettings, RouterSettings
+from pg_session_router.db.events import RouterObserver
 from pg_session_router.db.provider import RouterProvider
 from pg_session_router.db.router import SessionRouter
 from pg_session_router.devcluster import DevCluster
@@ -147,26 +148,60 @@ async def test_a_malformed_cookie_is_ignored_not_a_400(migrated: DevCluster) -> 
             c.cookies.set("pgrouter-consistency", "garbage")
             assert (await c.get("/items", headers=TENANT)).status_code == 200
             bad_header = await c.get("/items", headers={**TENANT, "X-Consistency-Token": "garbage"})
+            beyond_wal = await c.get(
+                "/items", headers={**TENANT, "X-Consistency-Token": "main/99999999999999999999"}
+            )
     assert bad_header.status_code == 400  # a header is the client's own doing
+    assert beyond_wal.status_code == 400  # no 64-bit WAL position is that far
 
 
 @pytest.mark.usefixtures("restore_cluster")
 async def test_a_thousand_write_then_read_cycles_with_a_lagging_replica_read_no_stale_row(
-    router: SessionRouter, migrated: DevCluster
+    waiting_router: SessionRouter, migrated: DevCluster
 ) -> None:
     migrated.pause_replay("replica1")  # one replica lags more and more; the other keeps up
     stale = 0
+    served_by: dict[str, int] = {}
 
     async def cycle(n: int) -> None:
         nonlocal stale
         name = f"cycle-{uuid.uuid4().hex[:6]}-{n}"
-        token = await write_item(router, name)
-        found, _, _ = await read_item(router, name, after=token)
+        token = await write_item(waiting_router, name)
+        found, node, _ = await read_item(waiting_router, name, after=token)
         stale += not found
+        served_by[node] = served_by.get(node, 0) + 1
 
     try:
         for batch in range(100):
             await asyncio.gather(*(cycle(batch * 10 + n) for n in range(10)))
     finally:
         migrated.resume_replay("replica1")
+        migrated.wait_replayed()
     assert stale == 0
+    assert served_by.get("main.replica2", 0) > 0  # replicas did serve: not all primary
+
+
+async def test_an_observer_that_raises_never_fails_a_unit_of_work(
+    router: SessionRouter, caplog: pytest.LogCaptureFixture
+) -> None:
+    class Broken(RouterObserver):
+        def session_opened(self, *args: Any) -> None:
+            raise RuntimeError("observer bug")
+
+        def session_ended(self, *args: Any) -> None:
+            raise RuntimeError("observer bug")
+
+    broken = Broken()
+    router.events.subscribe(broken)
+    name = f"observed-{uuid.uuid4().hex[:8]}"
+    try:
+        for _ in range(3):
+            token = await write_item(router, name)
+        found, _, _ = await read_item(router, name, after=token)
+    finally:
+        router.events.unsubscribe(broken)
+    assert found  # committed, and read back
+    failures = [r for r in caplog.records if "observer" in r.getMessage()]
+    assert len(failures) == 2  # once per observer and event, not per session
+    in_use = sum(n.pool_status()["in_use"] for n in router.clusters["main"].nodes)
+    assert in_use == 0  # nothing leaked

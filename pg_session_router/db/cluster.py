@@ -279,16 +279,13 @@ class Cluster:
                 return node
         return None
 
-    def reader(self, min_lsn: int | None = None) -> Node | None:
-        """A fresh, healthy replica by the policy; else the writer if falling back is allowed.
+    def choose_reader(self, min_lsn: int | None = None) -> tuple[Node | None, str]:
+        """A fresh, healthy replica by the policy; else the writer if falling back is allowed;
+        and the reason for the choice (a `ROUTE_REASONS` value).
 
         With `min_lsn` (read-your-writes), only replicas known to have replayed that far; the
         primary always has, so it serves the read when none has (whatever the fallback rule).
         """
-        return self.choose_reader(min_lsn)[0]
-
-    def choose_reader(self, min_lsn: int | None = None) -> tuple[Node | None, str]:
-        """`reader`, with the reason for the choice (a `ROUTE_REASONS` value)."""
         candidates = [node for node in self.nodes if node.readable_replica]
         if min_lsn is not None:
             candidates = [

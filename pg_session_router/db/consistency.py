@@ -34,6 +34,8 @@ CONSISTENCY_HEADER = "x-consistency-token"
 #: The cookie it travels in when `http.consistency_cookie` is on.
 CONSISTENCY_COOKIE = "pgrouter-consistency"
 
+#: WAL positions are 64-bit; PostgreSQL's own int8 (and OTLP's) cannot hold more.
+_MAX_LSN = 2**63 - 1
 _TOKEN = re.compile(r"^(?P<stream>[a-z0-9_@-]{1,130})/(?P<lsn>[0-9]{1,20})$")
 
 
@@ -48,7 +50,7 @@ class ConsistencyToken:
     @classmethod
     def parse(cls, value: str) -> ConsistencyToken:
         match = _TOKEN.fullmatch(value)
-        if match is None:
+        if match is None or int(match["lsn"]) > _MAX_LSN:
             raise InvalidConsistencyTokenError(
                 "malformed consistency token: send back the X-Consistency-Token of a write"
             )

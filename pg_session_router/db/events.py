@@ -8,11 +8,14 @@ event costs a loop over an empty list.
 
 from __future__ import annotations
 
+import logging
 from typing import TYPE_CHECKING, Any
 
 if TYPE_CHECKING:  # annotations only: health.py, below routing, reports events too
     from pg_session_router.db.routing import Route
     from pg_session_router.db.targets import Target
+
+logger = logging.getLogger(__name__)
 
 
 class RouterObserver:
@@ -30,6 +33,9 @@ class RouterObserver:
     ) -> None:
         """The unit of work ended: committed or read (`error` None), or failed."""
 
+    def open_failed(self, target: Target, error: BaseException) -> None:
+        """No session could be opened for `target` (no node, the deadline passed, ...)."""
+
     def retried(self, kind: str, error: BaseException) -> None:
         """`kind` ("open", "replay", "run") is tried again after `error`."""
 
@@ -45,10 +51,14 @@ class RouterObserver:
 
 
 class Observers(RouterObserver):
-    """The observers of one router: each event goes to every one, in subscription order."""
+    """The observers of one router: each event goes to every one, in subscription order.
+
+    An observer that raises is logged (once per observer and event) and skipped: a metrics or
+    tracing bug must never fail, leak or replay a unit of work, a retry or a probe round."""
 
     def __init__(self) -> None:
         self._observers: list[RouterObserver] = []
+        self._reported: set[tuple[int, str]] = set()
 
     def subscribe(self, observer: RouterObserver) -> None:
         self._observers.append(observer)
@@ -56,28 +66,59 @@ class Observers(RouterObserver):
     def unsubscribe(self, observer: RouterObserver) -> None:
         self._observers.remove(observer)
 
+    def _failed(self, observer: RouterObserver, event: str) -> None:
+        key = (id(observer), event)
+        if key not in self._reported:
+            self._reported.add(key)
+            logger.exception("router observer %r failed on %s", observer, event)
+
     def session_opened(self, info: dict[str, Any], route: Route, target: Target) -> None:
         for observer in self._observers:
-            observer.session_opened(info, route, target)
+            try:
+                observer.session_opened(info, route, target)
+            except Exception:
+                self._failed(observer, "session_opened")
 
     def session_ended(
         self, info: dict[str, Any], route: Route, error: BaseException | None
     ) -> None:
         for observer in self._observers:
-            observer.session_ended(info, route, error)
+            try:
+                observer.session_ended(info, route, error)
+            except Exception:
+                self._failed(observer, "session_ended")
+
+    def open_failed(self, target: Target, error: BaseException) -> None:
+        for observer in self._observers:
+            try:
+                observer.open_failed(target, error)
+            except Exception:
+                self._failed(observer, "open_failed")
 
     def retried(self, kind: str, error: BaseException) -> None:
         for observer in self._observers:
-            observer.retried(kind, error)
+            try:
+                observer.retried(kind, error)
+            except Exception:
+                self._failed(observer, "retried")
 
     def server_ejected(self, endpoint: str, reason: str) -> None:
         for observer in self._observers:
-            observer.server_ejected(endpoint, reason)
+            try:
+                observer.server_ejected(endpoint, reason)
+            except Exception:
+                self._failed(observer, "server_ejected")
 
     def server_admitted(self, endpoint: str) -> None:
         for observer in self._observers:
-            observer.server_admitted(endpoint)
+            try:
+                observer.server_admitted(endpoint)
+            except Exception:
+                self._failed(observer, "server_admitted")
 
     def probe_round(self) -> None:
         for observer in self._observers:
-            observer.probe_round()
+            try:
+                observer.probe_round()
+            except Exception:
+                self._failed(observer, "probe_round")

@@ -19,6 +19,7 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
+import contextvars
 import logging
 import time
 from collections.abc import Callable, Iterable
@@ -209,7 +210,11 @@ class HealthMonitor:
         """Start without waiting for a first round (first use by a script); needs a loop."""
         if not self.running:
             self._wake = asyncio.Event()  # bound to the running loop
-            self._task = asyncio.create_task(self._run(), name="db-health-monitor")
+            # A fresh context: started from a request, the monitor must not carry its log
+            # fields or trace context in every later line.
+            self._task = asyncio.create_task(
+                self._run(), name="db-health-monitor", context=contextvars.Context()
+            )
 
     async def stop(self) -> None:
         task, self._task = self._task, None

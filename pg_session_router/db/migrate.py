@@ -38,6 +38,7 @@ logger = logging.getLogger(__name__)
 # First key of every migration lock; the second is the target's schema (advisory locks are
 # per database, so a database target's lock is its own already).
 _MIGRATION_LOCK_CLASS = 0x5E55_1011
+_LOCK_CALL = "pg_advisory_xact_lock(:lock_class, hashtext(:schema))"
 
 
 @dataclass(frozen=True, slots=True)
@@ -111,7 +112,7 @@ def target_of(router: SessionRouter, placement: Placement) -> MigrationTarget:
 
 def lock_statement(target: MigrationTarget) -> TextClause:
     """Held until the target's transaction ends: one migrating process per target."""
-    return text("SELECT pg_advisory_xact_lock(:lock_class, hashtext(:schema))").bindparams(
+    return text(f"SELECT {_LOCK_CALL}").bindparams(
         lock_class=_MIGRATION_LOCK_CLASS, schema=target.schema or ""
     )
 
@@ -125,7 +126,7 @@ def _setup_statement(
     parts = ["set_config('search_path', :search_path, true)"]
     values: dict[str, object] = {"search_path": quote_identifier(target.schema or "public")}
     if lock:
-        parts.insert(0, "pg_advisory_xact_lock(:lock_class, hashtext(:schema))")
+        parts.insert(0, _LOCK_CALL)
         values.update(lock_class=_MIGRATION_LOCK_CLASS, schema=target.schema or "")
     if lock_timeout is not None:
         parts.append("set_config('lock_timeout', :lock_timeout, true)")

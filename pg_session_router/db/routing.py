@@ -39,18 +39,21 @@ class Route:
     read_only: bool
     placement: Placement | None
     reason: str = "write"
+    #: The WAL position the read's consistency token asks for (None: no token).
+    min_lsn: int | None = None
 
 
 def route_in_cluster(cluster: Cluster, target: Target, placement: Placement | None) -> Route:
     """The node of `cluster` that serves `target`, or `NoNodeAvailableError` saying why."""
     node: Node | None
+    floor = min_lsn(cluster, target)
     if target.read_only and not target.use_primary:
-        node, reason = cluster.choose_reader(min_lsn(cluster, target))
+        node, reason = cluster.choose_reader(floor)
     else:
         node, reason = cluster.writer(), "primary-requested" if target.read_only else "write"
     if node is None:
         raise NoNodeAvailableError(why_unavailable(cluster, target))
-    return Route(cluster, node, target.read_only, placement, reason)
+    return Route(cluster, node, target.read_only, placement, reason, floor)
 
 
 def min_lsn(cluster: Cluster, target: Target) -> int | None:

@@ -151,19 +151,30 @@ class SessionOpener:
         if not replicas:
             return None
         node = route.cluster.policy.choose(replicas)
-        waiting = Route(route.cluster, node, True, route.placement, "consistency-token-waited")
+        waiting = Route(
+            route.cluster, node, True, route.placement, "consistency-token-waited", route.min_lsn
+        )
         route.cluster.in_flight += 1
         session = None
+        caught_up = False
         try:
             session, _ = await self._connect(waiting)
-            if await _replayed_within(session, target.after.lsn, self.max_wait_for_replica):
-                return session, waiting
+            routed: RoutedSession = session.sync_session  # type: ignore[assignment]
+            # While polling, a dead replica must end the wait, not be replayed elsewhere for
+            # the whole retry deadline: the primary serves the read instead.
+            routed.opaque = True
+            caught_up = await _replayed_within(session, target.after.lsn, self.max_wait_for_replica)
+            routed.opaque = False
         except Exception as exc:  # the replica's trouble is the monitor's; the primary reads
             logger.debug("waiting on %s failed: %s", node.name, describe_error(exc))
-        if session is not None:
-            await _close_quietly(session)
-        self.admission.end_flight(route.cluster)
-        return None
+        finally:
+            if not caught_up:  # also when cancelled: nothing leaks
+                try:
+                    if session is not None:
+                        await _close_quietly(session)
+                finally:
+                    self.admission.end_flight(route.cluster)
+        return (session, waiting) if caught_up and session is not None else None
 
     async def _connect(self, route: Route) -> tuple[AsyncSession, Route]:
         session = route.node.factory(route.read_only)()
@@ -210,7 +221,7 @@ class SessionOpener:
             raise error
         self.monitor.wake()  # the server may be gone: have it probed now
         self.events.retried("replay", error)
-        min_lsn = route.node.health.lsn if route.read_only else None
+        min_lsn = _replay_floor(route) if route.read_only else None
         retrying = self.retry.retrying_in_greenlet(
             _connection_trouble, self.retry.deadline_at(), "replay"
         )
@@ -315,7 +326,11 @@ class UnitOfWork:
 
     async def __aenter__(self) -> AsyncSession:
         # in_flight is counted from here (when the route is chosen) to the end of __aexit__.
-        self._session, self._route = await self._opener.open(self._target, self._deadline_at)
+        try:
+            self._session, self._route = await self._opener.open(self._target, self._deadline_at)
+        except Exception as exc:
+            self._opener.events.open_failed(self._target, exc)
+            raise
         routed: RoutedSession = self._session.sync_session  # type: ignore[assignment]
         routed.adoptable_transaction = routed.get_transaction()
         self._opener.events.session_opened(self._session.info, self._route, self._target)
@@ -369,6 +384,13 @@ class UnitOfWork:
                         raise translated from exc
         finally:
             await _close_ending(session, route)
+
+
+def _replay_floor(route: Route) -> int | None:
+    """Where a replayed read may go: a node that has replayed at least as far as the dead one
+    was known to have, and as the read's consistency token."""
+    known = [lsn for lsn in (route.node.health.lsn, route.min_lsn) if lsn is not None]
+    return max(known) if known else None
 
 
 async def _replayed_within(session: AsyncSession, lsn: int, seconds: float) -> bool:

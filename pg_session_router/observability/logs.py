@@ -1,12 +1,12 @@
 """Request-scoped log records: the request id, tenant and node on every record emitted while
 a request is served, and a JSON format for log pipelines.
 
-    configure_logging(json=True)      # or add ContextFilter() to your own handlers
+    configure_logging(json_format=True)   # or add ContextFilter() to your own handlers
 
 The middleware opens a context per request (`request_context`) holding its request id (the
-client's `X-Request-ID` when it is a plain token, else a new one); the tenant and the node are
-added when they are known (`bind`). Records outside a request carry "-". The router logs one
-line per state change (an ejection, a re-admission), never one per request.
+client's `X-Request-ID` when it is a plain token, else a new one); the tenant and the node
+are added when a unit of work opens (`NodeLogger`). Records outside a request carry "-".
+The router logs one line per state change (an ejection, a re-admission), never per request.
 """
 
 from __future__ import annotations
@@ -46,17 +46,6 @@ def request_context(request_id: str) -> Iterator[dict[str, str]]:
         yield fields
     finally:
         _CONTEXT.reset(token)
-
-
-def bind(**fields: str) -> None:
-    """Add fields to the current request's context (no request: nothing)."""
-    context = _CONTEXT.get()
-    if context is not None:
-        context.update(fields)
-
-
-def current() -> dict[str, str]:
-    return dict(_CONTEXT.get() or {})
 
 
 class ContextFilter(logging.Filter):

@@ -30,7 +30,9 @@ from prometheus_client import (
     generate_latest,
     multiprocess,
 )
+from sqlalchemy.exc import DBAPIError
 
+from pg_session_router.core.errors import RouterError
 from pg_session_router.db.driver_errors import is_connect_failure, sqlstate
 from pg_session_router.db.events import RouterObserver
 from pg_session_router.db.router import SessionRouter
@@ -38,6 +40,8 @@ from pg_session_router.db.routing import Route
 from pg_session_router.db.targets import Target
 
 NAMESPACE = "pgrouter"
+#: What counts as a failed unit of work: the database's or the router's errors, bounded.
+_DATABASE_ERRORS = (RouterError, DBAPIError)
 
 
 def cluster_label(route: Route) -> str:
@@ -103,8 +107,10 @@ class RouterMetrics(RouterObserver):
             "Retries (open, run) and statement replays by SQLSTATE class",
             ["kind", "error"],
         )
-        self.ejections = self._counter("ejections", "Servers ejected (circuit opened)", ["server"])
-        self.readmissions = self._counter("readmissions", "Servers re-admitted", ["server"])
+        # No server label: addresses are topology, and tenants' own servers are unbounded
+        # (pgrouter_node_up tells which configured node is out).
+        self.ejections = self._counter("ejections", "Servers ejected (circuit opened)", [])
+        self.readmissions = self._counter("readmissions", "Servers re-admitted", [])
         self.token_reads = self._counter(
             "consistency_token_reads",
             "Reads carrying a consistency token, by how served",
@@ -154,6 +160,14 @@ class RouterMetrics(RouterObserver):
             ["node"],
         )
         self._pool_seen: dict[str, tuple[int, float]] = {}
+        self._node_gauges = (
+            self.pool_in_use,
+            self.pool_size,
+            self.node_up,
+            self.lag_seconds,
+            self.lag_bytes,
+            self.replay_paused,
+        )
 
     # -- events ----------------------------------------------------------------------------
 
@@ -165,7 +179,7 @@ class RouterMetrics(RouterObserver):
             route.reason,
         ]
         if self.tenant_label:
-            labels.append(target.tenant or "")
+            labels.append(route.placement.tenant_id if route.placement else "")
         self.sessions.labels(*labels).inc()
         if target.after is not None and route.read_only:
             served = "primary" if route.node.role != "replica" else "replica"
@@ -176,17 +190,21 @@ class RouterMetrics(RouterObserver):
     def session_ended(
         self, info: dict[str, Any], route: Route, error: BaseException | None
     ) -> None:
-        if error is not None:
+        if isinstance(error, _DATABASE_ERRORS):  # not the caller's own (an HTTPException)
             self.session_errors.labels(cluster_label(route), type(error).__name__).inc()
+
+    def open_failed(self, target: Target, error: BaseException) -> None:
+        if isinstance(error, _DATABASE_ERRORS):
+            self.session_errors.labels("-", type(error).__name__).inc()
 
     def retried(self, kind: str, error: BaseException) -> None:
         self.retries.labels(kind, error_class(error)).inc()
 
     def server_ejected(self, endpoint: str, reason: str) -> None:
-        self.ejections.labels(endpoint).inc()
+        self.ejections.inc()
 
     def server_admitted(self, endpoint: str) -> None:
-        self.readmissions.labels(endpoint).inc()
+        self.readmissions.inc()
 
     def probe_round(self) -> None:
         self.refresh()
@@ -196,6 +214,8 @@ class RouterMetrics(RouterObserver):
     def refresh(self) -> None:
         """Gauges from `router.status()` (configured clusters' nodes only: bounded)."""
         status = self.router.status()
+        for gauge in self._node_gauges:  # a node that changed role or left: no stale series
+            gauge.clear()
         for name, node in status["nodes"].items():
             if "@" in name:
                 continue  # a tenant database's node: counted in tenant_engines_open

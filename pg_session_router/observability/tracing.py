@@ -83,5 +83,5 @@ def _attributes(route: Route, target: Target) -> dict[str, Any]:
     if route.placement is not None:
         attributes["db.router.tenant"] = route.placement.tenant_id
     if target.after is not None:
-        attributes["db.router.consistency_lsn"] = target.after.lsn
+        attributes["db.router.consistency_lsn"] = str(target.after)
     return attributes

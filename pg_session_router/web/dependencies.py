@@ -92,7 +92,9 @@ def _forward_token(request: Request, session: AsyncSession) -> None:
     if token is not None:
         setattr(request.state, TOKEN_STATE_KEY, str(token))
         if installation.http.consistency_memory == "tenant":
-            installation.last_writes.record(tenant_of(request) or "", token)
+            # The tenant the router validated and served, not the raw resolver output.
+            tenant = getattr(session.sync_session, "tenant_id", None)
+            installation.last_writes.record(tenant or "", token)
     if installation.http.route_header:
         route = f"{info.get('node')}; reason={info.get('route_reason')}"
         setattr(request.state, ROUTE_STATE_KEY, route)

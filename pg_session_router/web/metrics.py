@@ -15,8 +15,9 @@ from pg_session_router.web.installation import installation_of
 
 async def metrics_endpoint(request: Request) -> Response:
     metrics = installation_of(request).metrics
-    refusal = operators_only(request, metrics is not None)
-    if refusal is not None or metrics is None:
-        return refusal or Response(status_code=404)
+    refusal = operators_only(request, enabled=metrics is not None)
+    if refusal is not None:
+        return refusal
+    assert metrics is not None  # enabled
     body, content_type = metrics.exposition()
     return Response(body, media_type=content_type)

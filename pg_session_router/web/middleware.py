@@ -49,7 +49,8 @@ class RouterMiddleware:
                 if token is not None:
                     headers.append((_HEADER, token.encode()))
                     if self.installation.http.consistency_cookie:
-                        headers.append((b"set-cookie", _cookie(token)))
+                        secure = scope.get("scheme") == "https"
+                        headers.append((b"set-cookie", _cookie(token, secure=secure)))
                 route = state.get(ROUTE_STATE_KEY)
                 if route is not None:
                     headers.append((_ROUTE, route.encode()))
@@ -60,9 +61,10 @@ class RouterMiddleware:
             await self.app(scope, receive, send_with_token)
 
 
-def _cookie(token: str) -> bytes:
+def _cookie(token: str, *, secure: bool) -> bytes:
     # Short-lived: a token only matters until the replicas have replayed it.
-    return f"{CONSISTENCY_COOKIE}={token}; Path=/; Max-Age=300; HttpOnly; SameSite=Lax".encode()
+    cookie = f"{CONSISTENCY_COOKIE}={token}; Path=/; Max-Age=300; HttpOnly; SameSite=Lax"
+    return (cookie + ("; Secure" if secure else "")).encode()
 
 
 def _header(scope: Scope, name: bytes) -> str | None:

@@ -28,9 +28,10 @@ svg{background:#fafafa;border:1px solid #ddd}"""
 async def status_page(request: Request) -> Response:
     installation = installation_of(request)
     history = installation.history
-    refusal = operators_only(request, history is not None)
-    if refusal is not None or history is None:
-        return refusal or Response(status_code=404)
+    refusal = operators_only(request, enabled=history is not None)
+    if refusal is not None:
+        return refusal
+    assert history is not None  # enabled
     router = installation.router
     status = public_status(router)
     body = (
