@@ -205,3 +205,24 @@ async def test_an_observer_that_raises_never_fails_a_unit_of_work(
     assert len(failures) == 2  # once per observer and event, not per session
     in_use = sum(n.pool_status()["in_use"] for n in router.clusters["main"].nodes)
     assert in_use == 0  # nothing leaked
+
+
+async def post_here_get_there(pg: DevCluster, memory: str) -> bool:
+    """Two app processes (two apps, each its own router and memory) on the same databases:
+    a POST to one, then a plain GET of the same tenant from the other, replay paused."""
+    name = f"shared-{uuid.uuid4().hex[:8]}"
+    here, there = (http_app(pg, consistency_memory=memory) for _ in range(2))
+    async with here.router.lifespan_context(here), there.router.lifespan_context(there):
+        post = httpx.AsyncClient(transport=httpx.ASGITransport(app=here), base_url="http://a")
+        get = httpx.AsyncClient(transport=httpx.ASGITransport(app=there), base_url="http://b")
+        async with post, get:
+            with paused_replay(pg):
+                assert (await post.post("/items", json={"name": name}, headers=TENANT)).is_success
+                listed = (await get.get("/items?limit=1000", headers=TENANT)).json()
+    return name in {item["name"] for item in listed}
+
+
+@pytest.mark.usefixtures("restore_cluster")
+async def test_shared_memory_lets_another_process_read_the_write(migrated: DevCluster) -> None:
+    assert await post_here_get_there(migrated, "shared")
+    assert not await post_here_get_there(migrated, "tenant")  # per process: the limit

@@ -324,9 +324,11 @@ class HttpSettings(_Section):
     #: that do not echo headers: set on write responses, read when no header is sent.
     consistency_cookie: bool = False
     #: Read-your-writes without any client cooperation: remember each tenant's last commit
-    #: position in this process and apply it to that tenant's reads that bring no token
-    #: ("tenant"). Several app processes each remember only their own writes.
-    consistency_memory: Literal["off", "tenant"] = "off"
+    #: position and apply it to that tenant's reads that bring no token. "tenant": in this
+    #: process (several app processes each remember only their own writes); "shared": in the
+    #: router's `router_last_writes` table on the default primary, for every process (one
+    #: upsert per write, one lookup per token-less read, on the primary).
+    consistency_memory: Literal["off", "tenant", "shared"] = "off"
     #: Serve Prometheus metrics at `GET /metrics` (the `metrics` extra), to the requests that
     #: may see the health details (the metrics name nodes and servers).
     metrics: bool = False

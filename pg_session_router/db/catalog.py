@@ -15,6 +15,7 @@ from typing import Any
 
 from pydantic import ValidationError
 from sqlalchemy import (
+    BigInteger,
     Boolean,
     CheckConstraint,
     Column,
@@ -53,6 +54,16 @@ tenants_table = Table(
     Column("active", Boolean, nullable=False, server_default=true()),
     Column("created_at", DateTime(timezone=True), nullable=False, server_default=func.now()),
     CheckConstraint("strategy IN ('database', 'schema', 'row')", name="tenants_strategy"),
+)
+
+#: Each tenant's last commit position, for `http.consistency_memory = "shared"`
+#: (`db/last_writes.py`).
+last_writes_table = Table(
+    "router_last_writes",
+    catalog_metadata,
+    Column("key", Text, primary_key=True),
+    Column("stream", Text, nullable=False),
+    Column("lsn", BigInteger, nullable=False),
 )
 
 SETTING_COLUMNS = ("strategy", "cluster", "url", "database", "schema", "active")

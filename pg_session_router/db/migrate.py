@@ -28,7 +28,7 @@ from sqlalchemy.ext.asyncio import AsyncConnection
 
 from pg_session_router.core.errors import UnknownTenantError
 from pg_session_router.core.names import quote_identifier
-from pg_session_router.db.catalog import catalog_metadata, tenants_table
+from pg_session_router.db.catalog import catalog_metadata
 from pg_session_router.db.keys import ClusterKey
 from pg_session_router.db.router import SessionRouter
 from pg_session_router.db.tenancy import CURRENT_ROW_TENANT_SQL, NO_TENANT_SQL, Placement
@@ -150,11 +150,12 @@ def prepare_target(conn: Connection, target: MigrationTarget) -> None:
 
 
 def prepare_catalog(conn: Connection) -> None:
-    """The router's own `tenants` table, created when missing; hidden from tenant sessions.
-    The router owns this table, not the application's revision history."""
+    """The router's own tables (`tenants`, `router_last_writes`), created when missing;
+    hidden from tenant sessions. The router owns them, not the app's revision history."""
     catalog_metadata.create_all(conn)
-    # Placements are for the router, not for tenants: invisible in a tenant's transaction.
-    enable_row_security(conn, tenants_table.name, None, NO_TENANT_SQL)
+    # The router's tables are not for tenants: invisible in a tenant's transaction.
+    for table in catalog_metadata.sorted_tables:
+        enable_row_security(conn, table.name, None, NO_TENANT_SQL)
 
 
 async def migrate(router: SessionRouter, metadata: MetaData) -> list[str]:

@@ -20,12 +20,14 @@ from __future__ import annotations
 
 import contextlib
 from collections.abc import AsyncIterator, Callable, Coroutine
+from dataclasses import replace
 from typing import Annotated, Any
 
 from fastapi import Depends, Request
 from sqlalchemy.ext.asyncio import AsyncSession
 
 from pg_session_router.core.errors import InvalidConsistencyTokenError, TenantRequiredError
+from pg_session_router.core.names import validate_tenant_id
 from pg_session_router.db.consistency import (
     CONSISTENCY_COOKIE,
     CONSISTENCY_HEADER,
@@ -83,6 +85,25 @@ def read_token(request: Request, tenant: str | None) -> ConsistencyToken | None:
     return None
 
 
+async def with_shared_memory(request: Request, target: Target) -> Target:
+    """A read without a token, under `http.consistency_memory = "shared"`: at least as fresh
+    as its tenant's last write, whichever process served it (one lookup on the primary)."""
+    shared = installation_of(request).shared_writes
+    if shared is None or not target.read_only or target.after is not None:
+        return target
+    if target.tenant is not None:
+        validate_tenant_id(target.tenant)  # no lookup for ids that can never exist
+    after = await shared.get(target.tenant or "")
+    return replace(target, after=after) if after is not None else target
+
+
+async def _share_token(request: Request, session: AsyncSession) -> None:
+    shared = installation_of(request).shared_writes
+    token = session.info.get("consistency_token")
+    if shared is not None and token is not None:
+        await shared.record(getattr(session.sync_session, "tenant_id", None) or "", token)
+
+
 def _forward_token(request: Request, session: AsyncSession) -> None:
     # Committed (an error would have left the block by now): hand the token on to the
     # middleware that puts it on the response, and the route when it is asked for.
@@ -105,11 +126,14 @@ def _session_dependency(
 ) -> Callable[[Request], AsyncIterator[AsyncSession]]:
     async def session_for_request(request: Request) -> AsyncIterator[AsyncSession]:
         installation = installation_of(request)
-        target = request_target(request, intent, tenant_required=tenant_required)
+        target = await with_shared_memory(
+            request, request_target(request, intent, tenant_required=tenant_required)
+        )
         tokens = not target.read_only and installation.consistency_tokens
         async with installation.router.session(target, consistency_token=tokens) as session:
             yield session
         _forward_token(request, session)
+        await _share_token(request, session)
 
     return session_for_request
 
@@ -198,13 +222,16 @@ class _RequestUnit:
         await self._unit.__aexit__(*exc_info)
         if exc_info[1] is None:
             _forward_token(self._request, self._session)
+            await _share_token(self._request, self._session)
 
 
 def _sessionmaker_dependency(
     intent: Intent | None, *, tenant_required: bool
 ) -> Callable[[Request], Coroutine[Any, Any, RequestSessionMaker]]:
     async def sessionmaker_for_request(request: Request) -> RequestSessionMaker:
-        target = request_target(request, intent, tenant_required=tenant_required)
+        target = await with_shared_memory(
+            request, request_target(request, intent, tenant_required=tenant_required)
+        )
         tokens = not target.read_only and installation_of(request).consistency_tokens
         return RequestSessionMaker(request, target, tokens=tokens)
 

@@ -15,6 +15,7 @@ from starlette.requests import HTTPConnection
 from pg_session_router.core.errors import ConfigError, RouterNotInstalledError
 from pg_session_router.core.settings import HttpSettings
 from pg_session_router.db.consistency import LastWrites
+from pg_session_router.db.last_writes import SharedLastWrites
 from pg_session_router.db.provider import RouterProvider
 from pg_session_router.db.router import SessionRouter
 from pg_session_router.observability.history import StatusHistory
@@ -43,6 +44,8 @@ class RouterInstallation:
         self._node_logger = NodeLogger()
         #: Each tenant's last commit position (`http.consistency_memory = "tenant"`).
         self.last_writes = LastWrites()
+        #: ... shared by every process (`"shared"`; built at startup).
+        self.shared_writes: SharedLastWrites | None = None
 
     def configure(self, http: HttpSettings | None = None) -> None:
         """Build the HTTP wiring from `http`, by default the provider's settings (read now:
@@ -82,6 +85,8 @@ class RouterInstallation:
         router.events.subscribe(self._node_logger)
         if self.http.metrics:
             self.metrics = _build_metrics(router, self.http)
+        if self.http.consistency_memory == "shared":
+            self.shared_writes = SharedLastWrites(router)
         if self.http.status_page:
             self.history = StatusHistory(router)
         if self.http.tracing:
