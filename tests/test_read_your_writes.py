@@ -226,3 +226,15 @@ async def post_here_get_there(pg: DevCluster, memory: str) -> bool:
 async def test_shared_memory_lets_another_process_read_the_write(migrated: DevCluster) -> None:
     assert await post_here_get_there(migrated, "shared")
     assert not await post_here_get_there(migrated, "tenant")  # per process: the limit
+
+
+async def test_the_example_job_counts_the_item_its_request_added(
+    router: SessionRouter, migrated: DevCluster
+) -> None:
+    from app.jobs import add_item_and_enqueue, count_items_job
+
+    with paused_replay(migrated):
+        _, token = await add_item_and_enqueue("globex", f"job-{uuid.uuid4().hex[:8]}")
+        async with router.session(tenant="globex", target="primary") as session:
+            on_primary = await session.scalar(text("SELECT count(*) FROM items"))
+        assert await count_items_job("globex", after=token) == on_primary

@@ -76,7 +76,7 @@ def get_db_context(
 
     `target` is None (default cluster's primary), "primary", "replica", "<cluster>:replica",
     a node name such as "main.replica1", or a `Target`. `after`: a consistency token (see
-    `capture_token`) the read must see: a job reads what the request that enqueued it wrote.
+    `token_of`) the read must see: a job reads what the request that enqueued it wrote.
     """
     return provider.get().session(target, tenant=tenant, read_only=read_only, after=after)
 

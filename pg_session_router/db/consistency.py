@@ -18,6 +18,7 @@ from __future__ import annotations
 import re
 from collections import OrderedDict
 from dataclasses import dataclass
+from typing import Any
 
 from sqlalchemy import Connection, text
 
@@ -55,6 +56,14 @@ class ConsistencyToken:
                 "malformed consistency token: send back the X-Consistency-Token of a write"
             )
         return cls(match["stream"], int(match["lsn"]))
+
+
+def token_of(session: Any) -> ConsistencyToken | None:
+    """The consistency token of a committed unit of work opened with
+    `consistency_token=True` (None otherwise): hand it to background work, which reads with
+    `after=token` and sees the write."""
+    token = session.info.get("consistency_token")
+    return token if isinstance(token, ConsistencyToken) else None
 
 
 def read_wal_position(connection: Connection) -> int:
