@@ -292,7 +292,11 @@ class HealthMonitor:
         except BaseException:
             connection.terminate()
             raise
-        self._connections[server.endpoint] = connection
+        kept = self._connections.setdefault(server.endpoint, connection)
+        if kept is not connection:
+            # Two probe rounds overlapped (the background one and a direct call): keep one
+            # connection per server, close the other rather than drop it unclosed.
+            connection.terminate()
         return row
 
     def _probe_connection_lost(self, server: ServerHealth, connection: object) -> None:
@@ -304,6 +308,9 @@ class HealthMonitor:
             del self._connections[server.endpoint]
             if self.running:
                 self.wake()
+        terminate = getattr(connection, "terminate", None)
+        if terminate is not None:
+            terminate()  # closed by the server already: this only releases what is left
 
     def _update_lag(self) -> None:
         max_seconds = self.routing.max_replica_lag_seconds
