@@ -33,6 +33,7 @@ from pg_session_router.core.settings import TenantSettings
 from pg_session_router.core.storage import first_conflict
 from pg_session_router.core.validation import check_tenant
 from pg_session_router.db.catalog import accepted_rows, tenants_table
+from pg_session_router.db.catalog_listener import notify_statement
 from pg_session_router.db.consistency import REPLAYED_POSITION
 from pg_session_router.db.driver_errors import describe_error
 from pg_session_router.db.keys import ClusterKey
@@ -114,6 +115,7 @@ async def _reserve(router: SessionRouter, tenant_id: str, tenant: TenantSettings
         await _refuse_conflicts(router, session, tenant_id, tenant)
         values = {**_columns(tenant), "active": False}
         await session.execute(insert(tenants_table).values(id=tenant_id, **values))
+        await session.execute(notify_statement(tenant_id))
 
 
 async def _refuse_conflicts(
@@ -141,6 +143,7 @@ async def _undo_add(router: SessionRouter, placement: Placement, *, created: boo
             await session.execute(
                 delete(tenants_table).where(tenants_table.c.id == placement.tenant_id)
             )
+            await session.execute(notify_statement(placement.tenant_id))
 
 
 async def wait_for_replicas(
@@ -190,6 +193,7 @@ async def _set_active_row(router: SessionRouter, tenant_id: str, *, active: bool
         await session.execute(
             update(tenants_table).where(tenants_table.c.id == tenant_id).values(active=active)
         )
+        await session.execute(notify_statement(tenant_id))
 
 
 async def remove_tenant(
@@ -211,6 +215,7 @@ async def remove_tenant(
     removed = await drop_storage(router, placement, metadata) if drop else None
     async with router.session() as session:
         await session.execute(delete(tenants_table).where(tenants_table.c.id == tenant_id))
+        await session.execute(notify_statement(tenant_id))
     router.tenants.forget(tenant_id)
     return removed
 

@@ -121,6 +121,26 @@ class TenantRegistry:
         # Shielded: one caller's cancellation must not cancel the reload the others wait on.
         await asyncio.shield(self._start_reload())
 
+    async def settle(self) -> None:
+        """Wait for a reload in flight to finish (before the pools close: a reload cancelled
+        mid-query would drop its pooled connection unreturned)."""
+        running = self._reload
+        if running is not None and not running.done():
+            with contextlib.suppress(Exception):
+                await asyncio.shield(running)
+
+    async def refresh(self) -> None:
+        """A reload that starts after this call (a change was announced), never one already
+        running, which may have read the catalog before the change committed. Concurrent
+        callers share the new reload."""
+        running = self._reload
+        if running is not None and not running.done():
+            with contextlib.suppress(Exception):
+                await asyncio.shield(running)
+        if self._reload is running:
+            self._reload = None
+        await self.reload()
+
     def _start_reload(self) -> asyncio.Task[None]:
         """The reload in flight, or a new one (needs a running loop)."""
         if self._reload is None or self._reload.done():

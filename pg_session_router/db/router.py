@@ -18,6 +18,7 @@ import logging
 from collections.abc import Awaitable, Callable
 from typing import Any, TypeVar
 
+from sqlalchemy.engine import URL
 from sqlalchemy.ext.asyncio import AsyncSession
 
 from pg_session_router.core.errors import NoNodeAvailableError, TargetError
@@ -25,6 +26,7 @@ from pg_session_router.core.settings import DatabaseSettings, RouterSettings
 from pg_session_router.core.validation import check_database_settings
 from pg_session_router.db.admission import TenantAdmission
 from pg_session_router.db.catalog import TenantCatalog
+from pg_session_router.db.catalog_listener import CatalogListener
 from pg_session_router.db.cluster import Cluster, Node
 from pg_session_router.db.consistency import ConsistencyToken, read_wal_position
 from pg_session_router.db.driver_errors import is_read_retryable, is_write_retryable
@@ -63,6 +65,12 @@ class SessionRouter:
         catalog = TenantCatalog(lambda: self.default_cluster.primary.engine, settings)
         self.tenants = TenantRegistry(settings, catalog if settings.tenancy.catalog else None)
         self._topology = Topology(settings, self.monitor, self.tenants.settings_of)
+        #: Catalog changes pushed by other processes (LISTEN/NOTIFY), from `start()` on.
+        self.catalog_listener = (
+            CatalogListener(self.tenants, self._writer_url, settings.connect_timeout)
+            if settings.tenancy.catalog
+            else None
+        )
         self._admission = TenantAdmission(self._topology, self.tenants, settings.tenancy)
         self.retry_policy = RetryPolicy(settings.retry, self.events)
         self._opener = SessionOpener(
@@ -203,11 +211,18 @@ class SessionRouter:
     # -- lifecycle and introspection -------------------------------------------------------
 
     async def start(self) -> None:
-        """Probe every server once, then keep probing in the background; refuse (ConfigError)
-        to serve configured row tenants where row-level security would not confine them."""
+        """Probe every server once, then keep probing in the background; listen for catalog
+        changes (with a catalog); refuse (ConfigError) to serve configured row tenants where
+        row-level security would not confine them."""
         self._opener.check_loop()
         await self.monitor.start()
+        if self.catalog_listener is not None:
+            self.catalog_listener.start()
         await self._admission.check_row_security()
+
+    def _writer_url(self) -> URL | None:
+        writer = self.default_cluster.writer()
+        return writer.url if writer is not None else None
 
     @property
     def loop_closed(self) -> bool:
@@ -221,6 +236,9 @@ class SessionRouter:
     async def dispose(self) -> None:
         """Stop the monitor and close every pool. Using the router again restarts both, on
         whichever event loop uses it next."""
+        if self.catalog_listener is not None:
+            await self.catalog_listener.stop()
+        await self.tenants.settle()
         await self.monitor.stop()
         await self._admission.close()
         await self._topology.dispose()

@@ -1,0 +1,120 @@
+"""Catalog changes pushed to every process: LISTEN/NOTIFY on the default cluster's primary.
+
+Adding, enabling, disabling or removing a tenant notifies channel `pgrouter_catalog` in the
+same transaction as the change (PostgreSQL delivers it at COMMIT, never for a rolled-back
+change). Each router started with `start()` listens on a connection of its own to the
+default cluster's current writer and reloads its registry when told, so other processes see
+the change within milliseconds instead of `tenancy.catalog_ttl`. After any disconnection
+(the server restarted, a failover, the backend terminated) it reconnects to whichever node
+is the writer then, with a doubling backoff, and reloads in full: a change notified while
+nobody listened is not lost. The TTL reload stays as the safety net.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import contextvars
+import logging
+from collections.abc import Callable
+from typing import Any
+
+import asyncpg
+from sqlalchemy import TextClause, text
+from sqlalchemy.engine import URL
+
+from pg_session_router.db.driver_errors import describe_error
+from pg_session_router.db.registry import TenantRegistry
+
+logger = logging.getLogger(__name__)
+
+CHANNEL = "pgrouter_catalog"
+APPLICATION_NAME = "session-router:catalog"
+_FIRST_BACKOFF, _MAX_BACKOFF = 0.1, 5.0
+
+
+def notify_statement(tenant_id: str) -> TextClause:
+    """Run in the transaction that changes the catalog: delivered at its COMMIT."""
+    return text("SELECT pg_notify(:channel, :tenant)").bindparams(channel=CHANNEL, tenant=tenant_id)
+
+
+class CatalogListener:
+    def __init__(
+        self,
+        registry: TenantRegistry,
+        writer_url: Callable[[], URL | None],
+        connect_timeout: float,
+    ) -> None:
+        self._registry = registry
+        self._writer_url = writer_url
+        self._connect_timeout = connect_timeout
+        self._task: asyncio.Task[None] | None = None
+        self._refreshes: set[asyncio.Task[None]] = set()
+        #: Set while subscribed (tests and status wait on it).
+        self.listening = asyncio.Event()
+
+    @property
+    def running(self) -> bool:
+        return self._task is not None and not self._task.done()
+
+    def start(self) -> None:
+        if not self.running:
+            self.listening = asyncio.Event()
+            # A fresh context: not the log fields or trace of whoever started the router.
+            self._task = asyncio.create_task(
+                self._run(), name="tenant-catalog-listener", context=contextvars.Context()
+            )
+
+    async def stop(self) -> None:
+        task, self._task = self._task, None
+        if task is not None:
+            task.cancel()
+            with contextlib.suppress(asyncio.CancelledError):
+                await task
+        # Let reloads in flight finish: cancelled mid-query, they would drop a pooled
+        # connection unreturned.
+        await asyncio.gather(*self._refreshes, return_exceptions=True)
+
+    async def _run(self) -> None:
+        backoff = _FIRST_BACKOFF
+        while True:
+            try:
+                await self._listen_until_lost()
+                backoff = _FIRST_BACKOFF
+            except asyncio.CancelledError:
+                raise
+            except Exception as exc:
+                logger.debug("catalog listener: %s", describe_error(exc))
+            self.listening.clear()
+            await asyncio.sleep(backoff)
+            backoff = min(backoff * 2, _MAX_BACKOFF)
+
+    async def _listen_until_lost(self) -> None:
+        url = self._writer_url()
+        if url is None:
+            raise ConnectionError("the default cluster has no writer now")
+        connection = await asyncpg.connect(
+            host=url.host,
+            port=url.port,
+            user=url.username,
+            password=url.password,
+            database=url.database,
+            timeout=self._connect_timeout,
+            server_settings={"application_name": APPLICATION_NAME},
+        )
+        lost = asyncio.Event()
+        connection.add_termination_listener(lambda _: lost.set())
+        try:
+            await connection.add_listener(CHANNEL, self._notified)
+            self.listening.set()
+            # Whatever changed while nobody listened (first start, or an outage).
+            await self._registry.refresh()
+            await lost.wait()
+            logger.info("catalog listener lost its connection: reconnecting")
+        finally:
+            connection.terminate()
+
+    def _notified(self, connection: Any, pid: int, channel: str, payload: str) -> None:
+        refresh = asyncio.get_running_loop().create_task(self._registry.refresh())
+        self._refreshes.add(refresh)
+        refresh.add_done_callback(self._refreshes.discard)

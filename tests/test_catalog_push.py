@@ -1,0 +1,83 @@
+"""Catalog changes reach every process within a second, pushed (LISTEN/NOTIFY), with the
+TTL reload out of the picture; a process that missed notifications while disconnected
+catches up when it reconnects."""
+
+from __future__ import annotations
+
+import asyncio
+import uuid
+from collections.abc import AsyncIterator
+
+import pytest
+
+from app.models import Base
+from pg_session_router.core.errors import TenantInactiveError
+from pg_session_router.core.settings import TenantSettings
+from pg_session_router.db import provisioning
+from pg_session_router.db.catalog_listener import APPLICATION_NAME
+from pg_session_router.db.router import SessionRouter
+from pg_session_router.devcluster import DevCluster
+from tests.conftest import database_settings
+from tests.support.faults import eventually
+
+#: Only a push can explain a change seen within this test: the TTL and miss-reloads are off.
+NO_POLLING = {"catalog_ttl": 3600.0, "catalog_min_reload": 3600.0}
+
+
+@pytest.fixture
+async def other_process(migrated: DevCluster) -> AsyncIterator[SessionRouter]:
+    router = SessionRouter(database_settings(migrated, tenancy=NO_POLLING))
+    await router.start()
+    assert router.catalog_listener is not None
+    await asyncio.wait_for(router.catalog_listener.listening.wait(), timeout=5)
+    try:
+        yield router
+    finally:
+        await router.dispose()
+
+
+def state(router: SessionRouter, tenant: str) -> str:
+    try:
+        placement = router.tenants.cached(tenant)
+    except TenantInactiveError:
+        return "disabled"
+    return "active" if placement is not None else "unknown"
+
+
+async def test_add_disable_remove_reach_another_process_within_a_second(
+    router: SessionRouter, other_process: SessionRouter
+) -> None:
+    tenant = f"pushed-{uuid.uuid4().hex[:6]}"
+    await provisioning.add_tenant(
+        router, tenant, TenantSettings(strategy="schema"), metadata=Base.metadata
+    )
+    await eventually(lambda: state(other_process, tenant) == "active", within=1.0, what="add")
+    await provisioning.set_active(router, tenant, active=False)
+    await eventually(lambda: state(other_process, tenant) == "disabled", within=1.0, what="off")
+    await provisioning.remove_tenant(router, tenant, drop=True, metadata=Base.metadata)
+    await eventually(lambda: state(other_process, tenant) == "unknown", within=1.0, what="rm")
+
+
+async def test_a_change_made_while_disconnected_is_seen_after_the_reconnect(
+    router: SessionRouter, other_process: SessionRouter, migrated: DevCluster
+) -> None:
+    tenant = f"missed-{uuid.uuid4().hex[:6]}"
+    listener = other_process.catalog_listener
+    assert listener is not None
+    terminated = migrated.sql(
+        "primary",
+        "SELECT count(pg_terminate_backend(pid)) FROM pg_stat_activity "
+        f"WHERE application_name = '{APPLICATION_NAME}'",
+    )
+    assert int(terminated) >= 1
+    await eventually(lambda: not listener.listening.is_set(), within=2.0, what="the drop")
+    # Nobody of that process listens now: this notification reaches no one there.
+    await provisioning.add_tenant(
+        router, tenant, TenantSettings(strategy="schema"), metadata=Base.metadata
+    )
+    try:
+        await eventually(
+            lambda: state(other_process, tenant) == "active", within=5.0, what="the catch-up"
+        )
+    finally:
+        await provisioning.remove_tenant(router, tenant, drop=True, metadata=Base.metadata)
