@@ -32,7 +32,8 @@ MAX_ENGINES = 6
 OURS = (
     "SELECT pid, backend_start FROM pg_stat_activity "
     "WHERE application_name LIKE 'session-router:%' "
-    "AND application_name <> 'session-router:health'"
+    # The monitor's probes and the catalog listener are outside the pools' budget.
+    "AND application_name NOT IN ('session-router:health', 'session-router:catalog')"
 )
 
 

@@ -48,6 +48,7 @@ async def test_add_disable_remove_reach_another_process_within_a_second(
     router: SessionRouter, other_process: SessionRouter
 ) -> None:
     tenant = f"pushed-{uuid.uuid4().hex[:6]}"
+    assert other_process.status()["tenancy"]["catalog_push"] is True
     await provisioning.add_tenant(
         router, tenant, TenantSettings(strategy="schema"), metadata=Base.metadata
     )

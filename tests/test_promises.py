@@ -223,8 +223,13 @@ async def test_too_many_connections_is_retried_until_a_slot_frees(migrated: DevC
     hog: asyncpg.Connection | None = None
 
     def limited_router(deadline: float) -> SessionRouter:
+        # No catalog (so no catalog listener): the two slots are the probe's and a session's.
         settings = database_settings(
-            pg, replicas=False, clusters={"main": {"primary": url}}, tenants={}
+            pg,
+            replicas=False,
+            clusters={"main": {"primary": url}},
+            tenants={},
+            tenancy={"catalog": False},
         )
         retry = settings.retry.model_copy(update={"deadline": deadline})
         routers.append(SessionRouter(settings.model_copy(update={"retry": retry})))
@@ -427,6 +432,7 @@ async def test_an_unreadable_catalog_is_a_503_for_unknown_ids_never_a_default(
 
     pg.sql("primary", f"REVOKE SELECT ON tenants FROM {APP_ROLE}", database="app")
     try:
+        await router.tenants.refresh()  # the next reload (the TTL's, or a push) fails
         async with client_for(app) as client:
             unknown = await client.get("/items", headers={"X-Tenant-ID": "nobody-knows-me"})
             assert_503(unknown, "database_unavailable")

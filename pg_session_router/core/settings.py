@@ -284,7 +284,7 @@ class DatabaseSettings(_Section):
     session: SessionSettings = SessionSettings()
     #: Most connections this process may hold across every pool (None: no cap). Checked at
     #: startup against the pools' sizes, so it holds by construction. The health monitor's
-    #: one connection per server comes on top.
+    #: one connection per server, and the catalog listener's one, come on top.
     max_connections: PositiveInt | None = None
 
 

@@ -231,7 +231,11 @@ class SessionRouter:
         return loop is not None and loop.is_closed()
 
     def status(self) -> dict[str, Any]:
-        return router_status(self.settings, self._topology, self._admission, self.monitor)
+        listener = self.catalog_listener
+        push = listener.listening.is_set() if listener is not None and listener.running else None
+        return router_status(
+            self.settings, self._topology, self._admission, self.monitor, catalog_push=push
+        )
 
     async def dispose(self) -> None:
         """Stop the monitor and close every pool. Using the router again restarts both, on

@@ -20,6 +20,7 @@ def router_status(
     topology: Topology,
     admission: TenantAdmission,
     monitor: HealthMonitor,
+    catalog_push: bool | None = None,
 ) -> dict[str, Any]:
     nodes = {
         name: {
@@ -46,5 +47,7 @@ def router_status(
             "connections_in_use": sum(node["pool"]["in_use"] for node in nodes.values()),
             "max_connections": settings.max_connections,
             "catalog_loads": catalog.loads if catalog is not None else None,
+            # Subscribed to pushed catalog changes now (None: no catalog or not started).
+            "catalog_push": catalog_push,
         },
     }
