@@ -13,8 +13,6 @@ nobody listened is not lost. The TTL reload stays as the safety net.
 from __future__ import annotations
 
 import asyncio
-import contextlib
-import contextvars
 import logging
 from collections.abc import Callable
 from typing import Any
@@ -25,6 +23,7 @@ from sqlalchemy.engine import URL
 
 from pg_session_router.db.driver_errors import describe_error
 from pg_session_router.db.registry import TenantRegistry
+from pg_session_router.db.tasks import cancel_and_wait, start_background
 
 logger = logging.getLogger(__name__)
 
@@ -60,17 +59,11 @@ class CatalogListener:
     def start(self) -> None:
         if not self.running:
             self.listening = asyncio.Event()
-            # A fresh context: not the log fields or trace of whoever started the router.
-            self._task = asyncio.create_task(
-                self._run(), name="tenant-catalog-listener", context=contextvars.Context()
-            )
+            self._task = start_background(self._run(), "tenant-catalog-listener")
 
     async def stop(self) -> None:
         task, self._task = self._task, None
-        if task is not None:
-            task.cancel()
-            with contextlib.suppress(asyncio.CancelledError):
-                await task
+        await cancel_and_wait(task)
         # Let reloads in flight finish: cancelled mid-query, they would drop a pooled
         # connection unreturned.
         await asyncio.gather(*self._refreshes, return_exceptions=True)

@@ -19,7 +19,6 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
-import contextvars
 import logging
 import time
 from collections.abc import Callable, Iterable
@@ -33,6 +32,7 @@ from pg_session_router.core.settings import HealthSettings, RoutingSettings
 from pg_session_router.core.storage import server_of
 from pg_session_router.db.driver_errors import describe_error
 from pg_session_router.db.events import RouterObserver
+from pg_session_router.db.tasks import cancel_and_wait, start_background
 
 logger = logging.getLogger(__name__)
 
@@ -210,18 +210,11 @@ class HealthMonitor:
         """Start without waiting for a first round (first use by a script); needs a loop."""
         if not self.running:
             self._wake = asyncio.Event()  # bound to the running loop
-            # A fresh context: started from a request, the monitor must not carry its log
-            # fields or trace context in every later line.
-            self._task = asyncio.create_task(
-                self._run(), name="db-health-monitor", context=contextvars.Context()
-            )
+            self._task = start_background(self._run(), "db-health-monitor")
 
     async def stop(self) -> None:
         task, self._task = self._task, None
-        if task is not None:
-            task.cancel()
-            with contextlib.suppress(asyncio.CancelledError):
-                await task
+        await cancel_and_wait(task)
         connections, self._connections = self._connections, {}
         for connection in connections.values():
             connection.terminate()
