@@ -5,9 +5,7 @@ only for their own cluster; migrations and `check` cover both."""
 from __future__ import annotations
 
 import asyncio
-import os
 import subprocess
-import sys
 import uuid
 from collections.abc import AsyncIterator, Iterator
 from pathlib import Path
@@ -24,9 +22,9 @@ from pg_session_router.db.migrate import migrate
 from pg_session_router.db.router import SessionRouter
 from pg_session_router.devcluster import DevCluster
 from tests.conftest import APP_ROLE, HEALTH_INTERVAL
+from tests.support.cli import run_app
 from tests.support.faults import eventually
 
-ROOT = Path(__file__).resolve().parent.parent
 NORTH = {"north-db": "database", "north-schema": "schema", "north-row": "row"}
 SOUTH = {"acme": "database", "globex": "schema", "initech": "row"}  # on main, from conftest
 
@@ -174,17 +172,9 @@ def test_migrate_and_check_cover_every_cluster(
         lines += [f'{key} = "{value}"' for key, value in settings.items()]
     path = tmp_path / "two.toml"
     path.write_text("\n".join(lines) + "\n")
-    env = {**os.environ, "APP_CONFIG_FILE": str(path)}
 
     def run(*args: str) -> subprocess.CompletedProcess[str]:
-        return subprocess.run(
-            [sys.executable, "-m", "app", *args],
-            env=env,
-            cwd=ROOT,
-            capture_output=True,
-            text=True,
-            timeout=180,
-        )
+        return run_app(path, *args)
 
     migrated_ = run("migrate")
     assert migrated_.returncode == 0, migrated_.stdout + migrated_.stderr

@@ -1,8 +1,9 @@
 """A pooled connection never carries one owner's session state into another tenant's work.
 
 The pool's own reset is a ROLLBACK: session-level SETs, temporary tables, LISTENs and advisory
-locks survive it. Each test below leaves such state on the only connection of a one-connection
-pool, the way careless application code would, then opens a session for another tenant.
+locks survive it. The tests below leave such state on the only connection of a one-connection
+pool, the way careless application code would, then open the next session (another tenant's,
+or the same owner's, which keeps the connection's setup without a reset).
 """
 
 from __future__ import annotations

@@ -30,6 +30,7 @@ from pg_session_router.db.router import SessionRouter
 from pg_session_router.devcluster import DevCluster
 from pg_session_router.migrations import alembic_migrator
 from tests.conftest import APP_ROLE
+from tests.support.cli import run_app
 
 ROOT = Path(__file__).resolve().parent.parent
 HEAD = "0001_initial"
@@ -62,17 +63,9 @@ class World:
     database: str
     schemas: list[str]
     databases: list[str] = field(default_factory=list)
-    primary: str | None = None
 
-    def run(self, *args: str, timeout: float = 180) -> subprocess.CompletedProcess[str]:
-        return subprocess.run(
-            [sys.executable, "-m", "app", *args],
-            env={**os.environ, "APP_CONFIG_FILE": str(self.config)},
-            cwd=ROOT,
-            capture_output=True,
-            text=True,
-            timeout=timeout,
-        )
+    def run(self, *args: str) -> subprocess.CompletedProcess[str]:
+        return run_app(self.config, *args)
 
     def sql(self, statement: str, database: str | None = None) -> str:
         return self.pg.sql("primary", statement, database=database or self.database)
@@ -239,7 +232,7 @@ async def test_a_deployment_made_by_create_all_is_stamped_then_upgraded(
     schema, unconfined = world.schemas
     settings = DatabaseSettings.model_validate(
         {
-            "clusters": {"main": {"primary": migrated.url(database=world.database, user="app")}},
+            "clusters": {"main": {"primary": migrated.url(database=world.database, user=APP_ROLE)}},
             "tenants": {name: {"strategy": "schema"} for name in world.schemas},
         }
     )
@@ -362,7 +355,7 @@ async def test_tenants_added_at_once_in_one_process_each_get_their_own_tables(
     world = make_world(migrated, tmp_path, schemas=0)
     assert world.run("migrate").returncode == 0
     settings = DatabaseSettings.model_validate(
-        {"clusters": {"main": {"primary": migrated.url(database=world.database, user="app")}}}
+        {"clusters": {"main": {"primary": migrated.url(database=world.database, user=APP_ROLE)}}}
     )
     router = SessionRouter(settings)
     names = [f"together-{n}" for n in range(4)]

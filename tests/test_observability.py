@@ -32,7 +32,7 @@ from pg_session_router.devcluster import DevCluster, free_port
 from pg_session_router.observability.logs import ContextFilter
 from pg_session_router.observability.tracing import SPAN_NAME, RouterTracing
 from pg_session_router.testing import paused_replay
-from tests.conftest import database_settings
+from tests.conftest import APP_ROLE, database_settings
 from tests.support.faults import eventually
 
 HEALTH_TOKEN = "t" * 40
@@ -259,13 +259,13 @@ def test_the_status_page_in_a_browser_shows_every_node_and_a_stopped_replica_dow
     migrated: DevCluster, tmp_path: Path, chromium: str
 ) -> None:
     replicas = ", ".join(
-        f'"{migrated.url(node.name, database="app", user="app")}"' for node in migrated.replicas
+        f'"{migrated.url(node.name, database="app", user=APP_ROLE)}"' for node in migrated.replicas
     )
     config = tmp_path / "status.toml"
     config.write_text(
         "[database.health]\ninterval = 0.25\n"
         "[database.clusters.main]\n"
-        f'primary = "{migrated.url(database="app", user="app")}"\nreplicas = [{replicas}]\n'
+        f'primary = "{migrated.url(database="app", user=APP_ROLE)}"\nreplicas = [{replicas}]\n'
         "[http]\nstatus_page = true\nhealth_details_public = true\n"
     )
     port = free_port()

@@ -110,7 +110,7 @@ def http_app(pg: DevCluster, **http: Any) -> FastAPI:
 
 
 async def post_then_get(app: FastAPI, pg: DevCluster, **client: Any) -> tuple[int, bool]:
-    """POST an item, then GET the list with replay paused; echo nothing by hand."""
+    """POST an item, then GET it by id with replay paused; echo nothing by hand."""
     name = f"plain-{uuid.uuid4().hex[:8]}"
     async with app.router.lifespan_context(app):
         transport = httpx.ASGITransport(app=app)

@@ -9,9 +9,7 @@ from __future__ import annotations
 
 import json
 import math
-import os
 import subprocess
-import sys
 import uuid
 from collections.abc import Callable
 from pathlib import Path
@@ -22,8 +20,8 @@ import pytest
 from pg_session_router.devcluster import DevCluster
 
 from .conftest import APP_ROLE, HEALTH_INTERVAL, tenants_config
+from .support.cli import run_app
 
-ROOT = Path(__file__).resolve().parent.parent
 NORMALISED = r"btrim(regexp_replace(name, '\s+', ' ', 'g'))"
 
 #: Where each tenant used here keeps its items: (database, table, row tenant id or None).
@@ -76,17 +74,8 @@ def write_config(pg: DevCluster, path: Path, extra_tenants: dict[str, Any] | Non
 
 
 def script_runner(config: Path) -> Run:
-    env = {**os.environ, "APP_CONFIG_FILE": str(config)}
-
     def run(script: str, *args: str) -> subprocess.CompletedProcess[str]:
-        return subprocess.run(
-            [sys.executable, "-m", f"app.scripts.{script}", *args],
-            env=env,
-            cwd=ROOT,
-            capture_output=True,
-            text=True,
-            timeout=120,
-        )
+        return run_app(config, *args, module=f"app.scripts.{script}", timeout=120)
 
     return run
 

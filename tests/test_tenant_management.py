@@ -4,9 +4,7 @@ other processes through the catalog."""
 from __future__ import annotations
 
 import asyncio
-import os
 import subprocess
-import sys
 import uuid
 from collections.abc import AsyncIterator
 from pathlib import Path
@@ -25,11 +23,11 @@ from pg_session_router.core.settings import TenantSettings
 from pg_session_router.db import provisioning
 from pg_session_router.db.router import SessionRouter
 from pg_session_router.devcluster import DevCluster
+from tests.support.cli import run_app
 from tests.support.faults import eventually
 
 from .conftest import APP_ROLE, database_settings, scalar
 
-ROOT = Path(__file__).resolve().parent.parent
 WHERE = "SELECT current_database() || ':' || current_setting('search_path')"
 
 
@@ -155,18 +153,10 @@ def test_command_line_adds_lists_disables_and_removes(migrated: DevCluster, tmp_
     config.write_text(
         f'[database.clusters.main]\nprimary = "{migrated.url(database="app", user=APP_ROLE)}"\n'
     )
-    env = {**os.environ, "APP_CONFIG_FILE": str(config)}
     tenant = fresh_id("cli")
 
     def run(*args: str) -> subprocess.CompletedProcess[str]:
-        return subprocess.run(
-            [sys.executable, "-m", "app", "tenants", *args],
-            env=env,
-            cwd=ROOT,
-            capture_output=True,
-            text=True,
-            timeout=120,
-        )
+        return run_app(config, "tenants", *args)
 
     added = run("add", tenant, "--strategy", "schema")
     assert added.returncode == 0, added.stderr

@@ -15,12 +15,15 @@ from collections.abc import Callable
 
 from pydantic import ValidationError
 from rich.console import Console
+from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeElapsedColumn
 
 from pg_session_router.core.errors import ConfigError, RouterError, TenantError
 from pg_session_router.core.settings import format_validation_error
 from pg_session_router.db.driver_errors import describe_error
 
 EXIT_OK, EXIT_FAILED, EXIT_USAGE = 0, 1, 2
+#: Beyond this many rows, summary tables list only what changed, failed or needs a look.
+FULL_SUMMARY_LIMIT = 100
 #: Ctrl-C, as shells report a process ended by SIGINT (128 + 2).
 EXIT_INTERRUPTED = 130
 
@@ -40,6 +43,20 @@ def configure_logging(*, debug: bool) -> None:
         format="%(levelname)s %(name)s: %(message)s",
     )
     logging.getLogger("alembic").setLevel(logging.DEBUG if debug else logging.WARNING)
+
+
+def progress_bar() -> Progress:
+    """Progress on stderr, on a terminal only (pipes and logs get the summary alone)."""
+    err = console(stderr=True)
+    return Progress(
+        TextColumn("{task.description}"),
+        BarColumn(),
+        MofNCompleteColumn(),
+        TimeElapsedColumn(),
+        console=err,
+        transient=True,
+        disable=not err.is_terminal,
+    )
 
 
 def run_command(command: Callable[[], int], *, debug: bool) -> int:

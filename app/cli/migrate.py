@@ -14,16 +14,22 @@ from collections.abc import Sequence
 from pathlib import Path
 
 from alembic import command
-from alembic.script import ScriptDirectory
-from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeElapsedColumn
 from rich.table import Table
 from rich.text import Text
 
-from app.cli.common import EXIT_FAILED, EXIT_OK, command_parser, console, positive_int
+from app.cli.common import (
+    EXIT_FAILED,
+    EXIT_OK,
+    FULL_SUMMARY_LIMIT,
+    command_parser,
+    console,
+    positive_int,
+    progress_bar,
+)
 from app.core.config import load_settings
 from app.db.migrate import app_migrations
-from pg_session_router.core.errors import ConfigError
 from pg_session_router.migrations import Action, AlembicMigrations, TargetOutcome, migrate_targets
+from pg_session_router.migrations.runner import check_revision
 
 EXAMPLE = """python -m app migrate                          # every target to head
   python -m app migrate --tenant acme --to 0002_x   # one tenant to a revision
@@ -32,9 +38,6 @@ EXAMPLE = """python -m app migrate                          # every target to he
   python -m app migrate downgrade --tenant acme --to 0001_initial
   python -m app migrate current                     # a table of every target's revision
   python -m app migrate revision -m "add items.price" --autogenerate"""
-
-#: Beyond this many targets, the summary lists only targets that changed or failed.
-FULL_SUMMARY_LIMIT = 100
 
 
 def add_migrate_command(commands: argparse._SubParsersAction) -> None:  # type: ignore[type-arg]
@@ -94,7 +97,7 @@ def run_migrate(args: argparse.Namespace, parser: argparse.ArgumentParser) -> in
         sql=args.dry_run,
         lock_timeout=args.lock_timeout or None,
     )
-    head = _head(migrations)  # several heads fail here, before any target is touched
+    head = check_revision(migrations, action)  # before any target is touched
     started = time.perf_counter()
     outcomes = asyncio.run(_run(migrations, action, args))
     return _report(outcomes, action, head, time.perf_counter() - started)
@@ -132,15 +135,7 @@ def _new_revision(
 async def _run(
     migrations: AlembicMigrations, action: Action, args: argparse.Namespace
 ) -> list[TargetOutcome]:
-    progress = Progress(
-        TextColumn("{task.description}"),
-        BarColumn(),
-        MofNCompleteColumn(),
-        TimeElapsedColumn(),
-        console=console(stderr=True),
-        transient=True,
-        disable=not console(stderr=True).is_terminal,
-    )
+    progress = progress_bar()
     task = progress.add_task(f"migrate {action.kind}", total=None)
     with progress:
         return await migrate_targets(
@@ -175,13 +170,6 @@ def _report(
         err.print(f"failed: {', '.join(failed)}", markup=False, highlight=False)
         return EXIT_FAILED
     return EXIT_OK
-
-
-def _head(migrations: AlembicMigrations) -> str | None:
-    try:
-        return ScriptDirectory.from_config(migrations.alembic_config()).get_current_head()
-    except Exception as exc:  # several heads, a broken revision file
-        raise ConfigError(f"revisions: {exc}") from None
 
 
 def _summary(outcomes: Sequence[TargetOutcome], action: Action, head: str | None) -> Table:

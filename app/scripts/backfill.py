@@ -29,7 +29,6 @@ import time
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass
 
-from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeElapsedColumn
 from rich.table import Table
 from sqlalchemy import ColumnElement, func, select, update
 from sqlalchemy.sql.dml import UpdateBase
@@ -37,9 +36,11 @@ from sqlalchemy.sql.dml import UpdateBase
 from app.cli.common import (
     EXIT_FAILED,
     EXIT_OK,
+    FULL_SUMMARY_LIMIT,
     configure_logging,
     console,
     positive_int,
+    progress_bar,
     run_command,
 )
 from app.db.session import dispose_router, get_db_context, get_router
@@ -52,9 +53,6 @@ from pg_session_router.db.tenancy import Placement
 EXAMPLE = """python -m app.scripts.backfill --dry-run             # what would change, everywhere
   python -m app.scripts.backfill                       # every active tenant
   python -m app.scripts.backfill --tenant acme --tenant globex --batch-size 1000"""
-
-#: Beyond this many tenants, the summary lists only tenants that changed, failed or were skipped.
-FULL_SUMMARY_LIMIT = 100
 
 
 @dataclass(frozen=True, slots=True)
@@ -167,16 +165,7 @@ async def choose_tenants(router: SessionRouter, named: Sequence[str] | None) -> 
 async def backfill_all(
     placements: Sequence[Placement], batch_size: int, *, dry_run: bool
 ) -> list[Outcome]:
-    err = console(stderr=True)
-    progress = Progress(
-        TextColumn("{task.description}"),
-        BarColumn(),
-        MofNCompleteColumn(),
-        TimeElapsedColumn(),
-        console=err,
-        transient=True,
-        disable=not err.is_terminal,
-    )
+    progress = progress_bar()
     outcomes = []
     with progress:
         task = progress.add_task("backfill", total=len(placements))

@@ -17,13 +17,12 @@ import logging
 from collections.abc import Callable
 from typing import Any
 
-import asyncpg
 from sqlalchemy import TextClause, text
 from sqlalchemy.engine import URL
 
 from pg_session_router.db.driver_errors import describe_error
 from pg_session_router.db.registry import TenantRegistry
-from pg_session_router.db.tasks import cancel_and_wait, start_background
+from pg_session_router.db.tasks import cancel_and_wait, connect_direct, start_background
 
 logger = logging.getLogger(__name__)
 
@@ -56,6 +55,11 @@ class CatalogListener:
     def running(self) -> bool:
         return self._task is not None and not self._task.done()
 
+    @property
+    def subscribed(self) -> bool | None:
+        """Listening now; None when not started (what `router.status()` reports)."""
+        return self.listening.is_set() if self.running else None
+
     def start(self) -> None:
         if not self.running:
             self.listening = asyncio.Event()
@@ -86,14 +90,8 @@ class CatalogListener:
         url = self._writer_url()
         if url is None:
             raise ConnectionError("the default cluster has no writer now")
-        connection = await asyncpg.connect(
-            host=url.host,
-            port=url.port,
-            user=url.username,
-            password=url.password,
-            database=url.database,
-            timeout=self._connect_timeout,
-            server_settings={"application_name": APPLICATION_NAME},
+        connection = await connect_direct(
+            url, connect_timeout=self._connect_timeout, application_name=APPLICATION_NAME
         )
         lost = asyncio.Event()
         connection.add_termination_listener(lambda _: lost.set())

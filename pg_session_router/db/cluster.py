@@ -42,6 +42,15 @@ from pg_session_router.db.routed_session import RoutedSession, hand_out_raw
 
 logger = logging.getLogger(__name__)
 
+#: The reasons a reader choice can give (a subset of `routing.RouteReason`, which imports us).
+ReaderReason = Literal[
+    "replica",
+    "consistency-token",
+    "fallback-no-replica",
+    "fallback-lag",
+    "fallback-circuit-open",
+]
+
 Role = Literal["primary", "replica"]
 
 
@@ -279,9 +288,9 @@ class Cluster:
                 return node
         return None
 
-    def choose_reader(self, min_lsn: int | None = None) -> tuple[Node | None, str]:
+    def choose_reader(self, min_lsn: int | None = None) -> tuple[Node | None, ReaderReason]:
         """A fresh, healthy replica by the policy; else the writer if falling back is allowed;
-        and the reason for the choice (a `ROUTE_REASONS` value).
+        and the reason for the choice (a `routing.RouteReason`).
 
         With `min_lsn` (read-your-writes), only replicas known to have replayed that far; the
         primary always has, so it serves the read when none has (whatever the fallback rule).
@@ -297,7 +306,7 @@ class Cluster:
             return self.policy.choose(candidates), "replica"
         return (self.writer() if self.fallback_to_primary else None), self._why_no_replica()
 
-    def _why_no_replica(self) -> str:
+    def _why_no_replica(self) -> ReaderReason:
         replicas = [node for node in self.nodes if node.role == "replica"]
         if not replicas:
             return "fallback-no-replica"

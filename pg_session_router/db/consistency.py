@@ -99,5 +99,12 @@ class LastWrites:
     def get(self, key: str) -> ConsistencyToken | None:
         return self._tokens.get(key)
 
+    # The face both memories show the web layer (`SharedLastWrites` needs to await).
+    async def recall(self, key: str) -> ConsistencyToken | None:
+        return self._tokens.get(key)
+
+    async def remember(self, key: str, token: ConsistencyToken) -> None:
+        self.record(key, token)
+
     def __len__(self) -> int:
         return len(self._tokens)

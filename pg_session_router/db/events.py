@@ -66,59 +66,35 @@ class Observers(RouterObserver):
     def unsubscribe(self, observer: RouterObserver) -> None:
         self._observers.remove(observer)
 
-    def _failed(self, observer: RouterObserver, event: str) -> None:
-        key = (id(observer), event)
-        if key not in self._reported:
-            self._reported.add(key)
-            logger.exception("router observer %r failed on %s", observer, event)
-
-    def session_opened(self, info: dict[str, Any], route: Route, target: Target) -> None:
+    def _dispatch(self, event: str, *args: Any) -> None:
         for observer in self._observers:
             try:
-                observer.session_opened(info, route, target)
+                getattr(observer, event)(*args)
             except Exception:
-                self._failed(observer, "session_opened")
+                key = (id(observer), event)
+                if key not in self._reported:
+                    self._reported.add(key)
+                    logger.exception("router observer %r failed on %s", observer, event)
+
+    def session_opened(self, info: dict[str, Any], route: Route, target: Target) -> None:
+        self._dispatch("session_opened", info, route, target)
 
     def session_ended(
         self, info: dict[str, Any], route: Route, error: BaseException | None
     ) -> None:
-        for observer in self._observers:
-            try:
-                observer.session_ended(info, route, error)
-            except Exception:
-                self._failed(observer, "session_ended")
+        self._dispatch("session_ended", info, route, error)
 
     def open_failed(self, target: Target, error: BaseException) -> None:
-        for observer in self._observers:
-            try:
-                observer.open_failed(target, error)
-            except Exception:
-                self._failed(observer, "open_failed")
+        self._dispatch("open_failed", target, error)
 
     def retried(self, kind: str, error: BaseException) -> None:
-        for observer in self._observers:
-            try:
-                observer.retried(kind, error)
-            except Exception:
-                self._failed(observer, "retried")
+        self._dispatch("retried", kind, error)
 
     def server_ejected(self, endpoint: str, reason: str) -> None:
-        for observer in self._observers:
-            try:
-                observer.server_ejected(endpoint, reason)
-            except Exception:
-                self._failed(observer, "server_ejected")
+        self._dispatch("server_ejected", endpoint, reason)
 
     def server_admitted(self, endpoint: str) -> None:
-        for observer in self._observers:
-            try:
-                observer.server_admitted(endpoint)
-            except Exception:
-                self._failed(observer, "server_admitted")
+        self._dispatch("server_admitted", endpoint)
 
     def probe_round(self) -> None:
-        for observer in self._observers:
-            try:
-                observer.probe_round()
-            except Exception:
-                self._failed(observer, "probe_round")
+        self._dispatch("probe_round")

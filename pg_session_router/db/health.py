@@ -32,7 +32,7 @@ from pg_session_router.core.settings import HealthSettings, RoutingSettings
 from pg_session_router.core.storage import server_of
 from pg_session_router.db.driver_errors import describe_error
 from pg_session_router.db.events import RouterObserver
-from pg_session_router.db.tasks import cancel_and_wait, start_background
+from pg_session_router.db.tasks import cancel_and_wait, connect_direct, start_background
 
 logger = logging.getLogger(__name__)
 
@@ -269,15 +269,8 @@ class HealthMonitor:
             connection.terminate()
             connection = None
         if connection is None:
-            url = server.url
-            connection = await asyncpg.connect(
-                host=url.host,
-                port=url.port,
-                user=url.username,
-                password=url.password,
-                database=url.database,
-                timeout=timeout,
-                server_settings={"application_name": "session-router:health"},
+            connection = await connect_direct(
+                server.url, connect_timeout=timeout, application_name="session-router:health"
             )
             connection.add_termination_listener(partial(self._probe_connection_lost, server))
         try:

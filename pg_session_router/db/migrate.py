@@ -229,6 +229,16 @@ def row_security_statements(table: str, schema: str | None, condition: str) -> l
     ]
 
 
+def row_security_removal_statements(table: str) -> list[str]:
+    """The inverse of `row_security_statements` (for a downgrade), unqualified."""
+    name = quote_identifier(table)
+    return [
+        f"DROP POLICY IF EXISTS tenant_isolation ON {name}",
+        f"ALTER TABLE {name} NO FORCE ROW LEVEL SECURITY",
+        f"ALTER TABLE {name} DISABLE ROW LEVEL SECURITY",
+    ]
+
+
 def enable_row_security(conn: Connection, table: str, schema: str | None, condition: str) -> None:
     for statement in row_security_statements(table, schema, condition):
         conn.execute(text(statement))

@@ -134,9 +134,7 @@ class TenantRegistry:
         running, which may have read the catalog before the change committed. Concurrent
         callers share the new reload."""
         running = self._reload
-        if running is not None and not running.done():
-            with contextlib.suppress(Exception):
-                await asyncio.shield(running)
+        await self.settle()
         if self._reload is running:
             self._reload = None
         await self.reload()

@@ -232,7 +232,7 @@ class SessionRouter:
 
     def status(self) -> dict[str, Any]:
         listener = self.catalog_listener
-        push = listener.listening.is_set() if listener is not None and listener.running else None
+        push = listener.subscribed if listener is not None else None
         return router_status(
             self.settings, self._topology, self._admission, self.monitor, catalog_push=push
         )

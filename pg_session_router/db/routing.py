@@ -10,6 +10,7 @@ consistency token goes only where that WAL position has been replayed, else to t
 from __future__ import annotations
 
 from dataclasses import dataclass
+from typing import Literal
 
 from pg_session_router.core.errors import NoNodeAvailableError
 from pg_session_router.db.cluster import Cluster, Node
@@ -17,17 +18,23 @@ from pg_session_router.db.targets import Target
 from pg_session_router.db.tenancy import Placement
 
 #: Why a session went where it went: a bounded set, fit for a metrics label.
-ROUTE_REASONS = (
-    "write",  # a write: the cluster's primary
-    "primary-requested",  # a read that asked for the primary
-    "explicit-node",  # the target named the node
-    "replica",  # a read on a fresh, healthy replica
-    "consistency-token",  # no replica had replayed the read's token: the primary
-    "consistency-token-waited",  # a replica caught up with the token within the wait
-    "fallback-no-replica",  # the cluster has no replica: the primary, READ ONLY
-    "fallback-lag",  # every replica up is lagging too far: the primary, READ ONLY
-    "fallback-circuit-open",  # every replica is ejected: the primary, READ ONLY
-)
+#: write: a write, on the cluster's primary; primary-requested: a read that asked for it;
+#: explicit-node: the target named the node; replica: a fresh, healthy replica;
+#: consistency-token: no replica had replayed the read's token, so the primary;
+#: consistency-token-waited: a replica caught up with the token within the bounded wait;
+#: fallback-no-replica / fallback-lag / fallback-circuit-open: no replica configured / every
+#: replica up lags too far / every replica ejected, so the primary, READ ONLY.
+RouteReason = Literal[
+    "write",
+    "primary-requested",
+    "explicit-node",
+    "replica",
+    "consistency-token",
+    "consistency-token-waited",
+    "fallback-no-replica",
+    "fallback-lag",
+    "fallback-circuit-open",
+]
 
 
 @dataclass(frozen=True, slots=True)
@@ -38,7 +45,7 @@ class Route:
     node: Node
     read_only: bool
     placement: Placement | None
-    reason: str = "write"
+    reason: RouteReason = "write"
     #: The WAL position the read's consistency token asks for (None: no token).
     min_lsn: int | None = None
 
@@ -46,6 +53,7 @@ class Route:
 def route_in_cluster(cluster: Cluster, target: Target, placement: Placement | None) -> Route:
     """The node of `cluster` that serves `target`, or `NoNodeAvailableError` saying why."""
     node: Node | None
+    reason: RouteReason
     floor = min_lsn(cluster, target)
     if target.read_only and not target.use_primary:
         node, reason = cluster.choose_reader(floor)

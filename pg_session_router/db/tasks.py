@@ -1,5 +1,6 @@
-"""The router's background tasks (the health monitor, the catalog listener): started in a
-context of their own, stopped by cancelling and waiting."""
+"""The router's background work (the health monitor, the catalog listener): tasks started
+in a context of their own and stopped by cancelling and waiting, and the direct connections
+they hold outside every pool."""
 
 from __future__ import annotations
 
@@ -8,6 +9,9 @@ import contextlib
 import contextvars
 from collections.abc import Coroutine
 from typing import Any
+
+import asyncpg
+from sqlalchemy.engine import URL
 
 
 def start_background(work: Coroutine[Any, Any, None], name: str) -> asyncio.Task[None]:
@@ -21,3 +25,17 @@ async def cancel_and_wait(task: asyncio.Task[None] | None) -> None:
         task.cancel()
         with contextlib.suppress(asyncio.CancelledError):
             await task
+
+
+async def connect_direct(url: URL, *, connect_timeout: float, application_name: str) -> Any:
+    """An asyncpg connection of the router's own to `url`'s server (credentials from the URL,
+    never logged), named so that operators and tests can tell it from pooled ones."""
+    return await asyncpg.connect(
+        host=url.host,
+        port=url.port,
+        user=url.username,
+        password=url.password,
+        database=url.database,
+        timeout=connect_timeout,
+        server_settings={"application_name": application_name},
+    )

@@ -125,14 +125,14 @@ class SessionOpener:
         if target.tenant is not None:
             placement = await self.admission.placement(target.tenant)
         route = self._route(target, placement)
-        if route.reason == "consistency-token" and self.max_wait_for_replica > 0:
-            waited = await self._wait_on_replica(route, target)
-            if waited is not None:
-                return waited
         # Counted before the first await: an idle tenant cluster may be evicted (its engines
         # disposed) by another task, and this session is about to check out a connection.
         route.cluster.in_flight += 1
         try:
+            if route.reason == "consistency-token" and self.max_wait_for_replica > 0:
+                waited = await self._wait_on_replica(route, target)
+                if waited is not None:
+                    return waited
             return await self._connect(route)
         except BaseException:
             self.admission.end_flight(route.cluster)
@@ -145,7 +145,7 @@ class SessionOpener:
         its replay position for up to `routing.max_wait_for_replica`; the session is kept
         there once it has caught up (replay only moves forward, and every later statement
         takes a fresh snapshot). None: it did not catch up in time, or the replica failed;
-        the primary serves the read."""
+        the primary serves the read. The caller counts the session in flight either way."""
         assert target.after is not None
         replicas = [node for node in route.cluster.nodes if node.readable_replica]
         if not replicas:
@@ -154,7 +154,6 @@ class SessionOpener:
         waiting = Route(
             route.cluster, node, True, route.placement, "consistency-token-waited", route.min_lsn
         )
-        route.cluster.in_flight += 1
         session = None
         caught_up = False
         try:
@@ -168,12 +167,8 @@ class SessionOpener:
         except Exception as exc:  # the replica's trouble is the monitor's; the primary reads
             logger.debug("waiting on %s failed: %s", node.name, describe_error(exc))
         finally:
-            if not caught_up:  # also when cancelled: nothing leaks
-                try:
-                    if session is not None:
-                        await _close_quietly(session)
-                finally:
-                    self.admission.end_flight(route.cluster)
+            if not caught_up and session is not None:  # also when cancelled: nothing leaks
+                await _close_quietly(session)
         return (session, waiting) if caught_up and session is not None else None
 
     async def _connect(self, route: Route) -> tuple[AsyncSession, Route]:

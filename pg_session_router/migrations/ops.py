@@ -10,8 +10,11 @@ from __future__ import annotations
 
 from alembic import op
 
-from pg_session_router.core.names import quote_identifier
-from pg_session_router.db.migrate import ROW_TENANT_CONDITION, row_security_statements
+from pg_session_router.db.migrate import (
+    ROW_TENANT_CONDITION,
+    row_security_removal_statements,
+    row_security_statements,
+)
 
 
 def enable_tenant_row_security(table: str) -> None:
@@ -23,7 +26,5 @@ def enable_tenant_row_security(table: str) -> None:
 
 def disable_tenant_row_security(table: str) -> None:
     """The reverse, for `downgrade()`."""
-    name = quote_identifier(table)
-    op.execute(f"DROP POLICY IF EXISTS tenant_isolation ON {name}")
-    op.execute(f"ALTER TABLE {name} NO FORCE ROW LEVEL SECURITY")
-    op.execute(f"ALTER TABLE {name} DISABLE ROW LEVEL SECURITY")
+    for statement in row_security_removal_statements(table):
+        op.execute(statement)

@@ -18,6 +18,7 @@ import time
 import weakref
 from collections.abc import AsyncIterator, Callable, Iterable, Sequence
 from contextlib import asynccontextmanager
+from dataclasses import replace
 
 from alembic import command
 from alembic.config import Config
@@ -129,15 +130,17 @@ def _worker_budget(settings: RouterSettings) -> int:
     return max(1, limit // 2) if limit else 1_000_000
 
 
-def check_revision(migrations: AlembicMigrations, action: Action) -> None:
-    """A revision that does not exist is a usage error, found before any target is touched."""
+def check_revision(migrations: AlembicMigrations, action: Action) -> str | None:
+    """The history's head; a revision that does not exist (or several heads, a history to
+    merge first) is a usage error, found before any target is touched."""
     script = ScriptDirectory.from_config(migrations.alembic_config())
     try:
-        script.get_current_head()  # several heads: a history to merge first
+        head = script.get_current_head()
         if action.kind != "current" and action.revision[:1] not in "+-":
             script.get_revisions(action.revision)  # relative ones resolve per target
     except Exception as exc:
         raise ConfigError(f"revisions: {exc}") from None
+    return head
 
 
 async def run_target(
@@ -158,13 +161,7 @@ async def run_target(
         return TargetOutcome(
             target, "failed", seconds=time.perf_counter() - started, error=describe_error(exc)
         )
-    return _with_time(outcome, time.perf_counter() - started)
-
-
-def _with_time(outcome: TargetOutcome, seconds: float) -> TargetOutcome:
-    return TargetOutcome(
-        outcome.target, outcome.result, outcome.before, outcome.after, seconds, sql=outcome.sql
-    )
+    return replace(outcome, seconds=time.perf_counter() - started)
 
 
 def _run_sync(

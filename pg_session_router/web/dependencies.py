@@ -27,15 +27,16 @@ from fastapi import Depends, Request
 from sqlalchemy.ext.asyncio import AsyncSession
 
 from pg_session_router.core.errors import InvalidConsistencyTokenError, TenantRequiredError
-from pg_session_router.core.names import validate_tenant_id
 from pg_session_router.db.consistency import (
     CONSISTENCY_COOKIE,
     CONSISTENCY_HEADER,
     ConsistencyToken,
+    token_of,
 )
+from pg_session_router.db.routed_session import RoutedSession
 from pg_session_router.db.targets import Intent, Target
 from pg_session_router.db.unit_of_work import UnitOfWork
-from pg_session_router.web.installation import installation_of
+from pg_session_router.web.installation import RouterInstallation, installation_of
 from pg_session_router.web.middleware import ROUTE_STATE_KEY, TOKEN_STATE_KEY
 
 _SAFE_METHODS = frozenset({"GET", "HEAD", "OPTIONS"})
@@ -63,62 +64,57 @@ def request_target(
     if intent is None:
         intent = "read" if request.method in _SAFE_METHODS else "write"
     tenant = required_tenant_of(request) if tenant_required else tenant_of(request)
-    after = read_token(request, tenant) if intent == "read" else None
+    after = read_token(request) if intent == "read" else None
     return Target(tenant=tenant, intent=intent, after=after)
 
 
-def read_token(request: Request, tenant: str | None) -> ConsistencyToken | None:
-    """The token a read must honour: the header's (a malformed one is a 400), else the
-    cookie's (a malformed one is ignored: a browser cannot fix it), else the position
-    remembered for the tenant."""
+def read_token(request: Request) -> ConsistencyToken | None:
+    """The token a read brings: the header's (a malformed one is a 400), else, with
+    `http.consistency_cookie`, the cookie's (a malformed one is ignored: a browser cannot fix
+    it)."""
     header = request.headers.get(CONSISTENCY_HEADER)
     if header is not None:
         return ConsistencyToken.parse(header)
-    http = installation_of(request).http
-    if http.consistency_cookie:
+    if installation_of(request).http.consistency_cookie:
         cookie = request.cookies.get(CONSISTENCY_COOKIE)
         if cookie is not None:
             with contextlib.suppress(InvalidConsistencyTokenError):
                 return ConsistencyToken.parse(cookie)
-    if http.consistency_memory == "tenant":
-        return installation_of(request).last_writes.get(tenant or "")
     return None
 
 
-async def with_shared_memory(request: Request, target: Target) -> Target:
-    """A read without a token, under `http.consistency_memory = "shared"`: at least as fresh
-    as its tenant's last write, whichever process served it (one lookup on the primary)."""
-    shared = installation_of(request).shared_writes
-    if shared is None or not target.read_only or target.after is not None:
+async def _target(
+    request: Request,
+    installation: RouterInstallation,
+    intent: Intent | None,
+    *,
+    tenant_required: bool,
+) -> Target:
+    """`request_target`; a read that brings no token reads at least as fresh as its tenant's
+    last write when `http.consistency_memory` remembers it."""
+    target = request_target(request, intent, tenant_required=tenant_required)
+    memory = installation.memory
+    if memory is None or not target.read_only or target.after is not None:
         return target
-    if target.tenant is not None:
-        validate_tenant_id(target.tenant)  # no lookup for ids that can never exist
-    after = await shared.get(target.tenant or "")
+    after = await memory.recall(target.tenant or "")
     return replace(target, after=after) if after is not None else target
 
 
-async def _share_token(request: Request, session: AsyncSession) -> None:
-    shared = installation_of(request).shared_writes
-    token = session.info.get("consistency_token")
-    if shared is not None and token is not None:
-        await shared.record(getattr(session.sync_session, "tenant_id", None) or "", token)
-
-
-def _forward_token(request: Request, session: AsyncSession) -> None:
-    # Committed (an error would have left the block by now): hand the token on to the
-    # middleware that puts it on the response, and the route when it is asked for.
-    info = session.info
-    token = info.get("consistency_token")
-    installation = installation_of(request)
+async def _after_unit(
+    request: Request, installation: RouterInstallation, session: AsyncSession
+) -> None:
+    """The unit of work ended well (a write committed): its token to the response and to
+    the memory, and the route when it is asked for."""
+    token = token_of(session)
+    routed: RoutedSession = session.sync_session  # type: ignore[assignment]
     if token is not None:
         setattr(request.state, TOKEN_STATE_KEY, str(token))
-        if installation.http.consistency_memory == "tenant":
+        if installation.memory is not None:
             # The tenant the router validated and served, not the raw resolver output.
-            tenant = getattr(session.sync_session, "tenant_id", None)
-            installation.last_writes.record(tenant or "", token)
+            await installation.memory.remember(routed.tenant_id or "", token)
     if installation.http.route_header:
-        route = f"{info.get('node')}; reason={info.get('route_reason')}"
-        setattr(request.state, ROUTE_STATE_KEY, route)
+        route = routed.route
+        setattr(request.state, ROUTE_STATE_KEY, f"{route.node.name}; reason={route.reason}")
 
 
 def _session_dependency(
@@ -126,14 +122,11 @@ def _session_dependency(
 ) -> Callable[[Request], AsyncIterator[AsyncSession]]:
     async def session_for_request(request: Request) -> AsyncIterator[AsyncSession]:
         installation = installation_of(request)
-        target = await with_shared_memory(
-            request, request_target(request, intent, tenant_required=tenant_required)
-        )
-        tokens = not target.read_only and installation.consistency_tokens
+        target = await _target(request, installation, intent, tenant_required=tenant_required)
+        tokens = not target.read_only and installation.http.consistency_tokens
         async with installation.router.session(target, consistency_token=tokens) as session:
             yield session
-        _forward_token(request, session)
-        await _share_token(request, session)
+        await _after_unit(request, installation, session)
 
     return session_for_request
 
@@ -188,8 +181,11 @@ class RequestSessionMaker:
     committed write's token reaches the response. Use it with `async with` only.
     """
 
-    def __init__(self, request: Request, target: Target, *, tokens: bool) -> None:
+    def __init__(
+        self, request: Request, installation: RouterInstallation, target: Target, *, tokens: bool
+    ) -> None:
         self._request = request
+        self._installation = installation
         self._target = target
         self._tokens = tokens
 
@@ -200,19 +196,21 @@ class RequestSessionMaker:
         return self._unit(commit_on_exit=True)
 
     def _unit(self, *, commit_on_exit: bool) -> _RequestUnit:
-        router = installation_of(self._request).router
-        unit = router.session(
+        unit = self._installation.router.session(
             self._target, consistency_token=self._tokens, commit_on_exit=commit_on_exit
         )
-        return _RequestUnit(unit, self._request)
+        return _RequestUnit(unit, self._request, self._installation)
 
 
 class _RequestUnit:
-    __slots__ = ("_request", "_session", "_unit")
+    __slots__ = ("_installation", "_request", "_session", "_unit")
 
-    def __init__(self, unit: UnitOfWork, request: Request) -> None:
+    def __init__(
+        self, unit: UnitOfWork, request: Request, installation: RouterInstallation
+    ) -> None:
         self._unit = unit
         self._request = request
+        self._installation = installation
 
     async def __aenter__(self) -> AsyncSession:
         self._session = await self._unit.__aenter__()
@@ -221,19 +219,17 @@ class _RequestUnit:
     async def __aexit__(self, *exc_info: Any) -> None:
         await self._unit.__aexit__(*exc_info)
         if exc_info[1] is None:
-            _forward_token(self._request, self._session)
-            await _share_token(self._request, self._session)
+            await _after_unit(self._request, self._installation, self._session)
 
 
 def _sessionmaker_dependency(
     intent: Intent | None, *, tenant_required: bool
 ) -> Callable[[Request], Coroutine[Any, Any, RequestSessionMaker]]:
     async def sessionmaker_for_request(request: Request) -> RequestSessionMaker:
-        target = await with_shared_memory(
-            request, request_target(request, intent, tenant_required=tenant_required)
-        )
-        tokens = not target.read_only and installation_of(request).consistency_tokens
-        return RequestSessionMaker(request, target, tokens=tokens)
+        installation = installation_of(request)
+        target = await _target(request, installation, intent, tenant_required=tenant_required)
+        tokens = not target.read_only and installation.http.consistency_tokens
+        return RequestSessionMaker(request, installation, target, tokens=tokens)
 
     return sessionmaker_for_request
 

@@ -8,6 +8,7 @@ installed on, and without module globals.
 
 from __future__ import annotations
 
+from collections.abc import Callable
 from typing import TYPE_CHECKING
 
 from starlette.requests import HTTPConnection
@@ -42,10 +43,9 @@ class RouterInstallation:
         #: What `/status` shows over time, when `http.status_page` is on.
         self.history: StatusHistory | None = None
         self._node_logger = NodeLogger()
-        #: Each tenant's last commit position (`http.consistency_memory = "tenant"`).
-        self.last_writes = LastWrites()
-        #: ... shared by every process (`"shared"`; built at startup).
-        self.shared_writes: SharedLastWrites | None = None
+        #: Each tenant's last commit position, when `http.consistency_memory` is not "off":
+        #: in this process ("tenant") or in the router's table ("shared").
+        self.memory: LastWrites | SharedLastWrites | None = None
 
     def configure(self, http: HttpSettings | None = None) -> None:
         """Build the HTTP wiring from `http`, by default the provider's settings (read now:
@@ -54,6 +54,7 @@ class RouterInstallation:
             http = self.provider.settings.http
         self._resolver = self._custom_resolver or build_tenant_resolver(http)
         self._http = http
+        self.memory = _memory(http, lambda: self.router)
 
     @property
     def http(self) -> HttpSettings:
@@ -70,10 +71,6 @@ class RouterInstallation:
         return self._resolver
 
     @property
-    def consistency_tokens(self) -> bool:
-        return self.http.consistency_tokens
-
-    @property
     def router(self) -> SessionRouter:
         return self.provider.get()
 
@@ -85,8 +82,6 @@ class RouterInstallation:
         router.events.subscribe(self._node_logger)
         if self.http.metrics:
             self.metrics = _build_metrics(router, self.http)
-        if self.http.consistency_memory == "shared":
-            self.shared_writes = SharedLastWrites(router)
         if self.http.status_page:
             self.history = StatusHistory(router)
         if self.http.tracing:
@@ -104,6 +99,16 @@ class RouterInstallation:
         if router is not None:
             router.events.unsubscribe(self._node_logger)
         await self.provider.dispose()
+
+
+def _memory(
+    http: HttpSettings, router: Callable[[], SessionRouter]
+) -> LastWrites | SharedLastWrites | None:
+    if http.consistency_memory == "tenant":
+        return LastWrites()
+    if http.consistency_memory == "shared":
+        return SharedLastWrites(router)
+    return None
 
 
 def _build_metrics(router: SessionRouter, http: HttpSettings) -> RouterMetrics:

@@ -6,8 +6,9 @@ Used by the failover tests and by `bench/failover.py`; nothing here mocks the da
   half-open firewall): connecting must time out, not hang.
 - `CommitCutter`: a TCP proxy in front of a real server that, once armed, forwards the client's
   COMMIT and then cuts the connection before the answer comes back: the outcome is unknown.
-- `ReadLoad`: N tasks reading through `router.run` until stopped, counting failures and which
-  server answered each read.
+- `ReadLoad`: N tasks reading until stopped (through `router.run`, or with `replay=False`
+  through plain `router.session` units of work, as `get_db` reads), counting failures and
+  which server answered each read.
 """
 
 from __future__ import annotations
