@@ -134,3 +134,52 @@ def restore_cluster(pg: DevCluster) -> Iterator[None]:
 async def scalar(router: SessionRouter, sql: str, **session_args: Any) -> Any:
     async with router.session(**session_args) as session:
         return (await session.execute(text(sql))).scalar_one()
+
+
+# -- a second cluster (tests of several clusters and of tenant moves) ----------------------
+
+
+@pytest.fixture(scope="session")
+def second() -> Iterator[DevCluster]:
+    with DevCluster(replicas=1) as cluster:
+        cluster.create_role(APP_ROLE, createdb=True)
+        for database in ("app", "north"):
+            cluster.create_database(database, owner=APP_ROLE)
+        yield cluster
+
+
+def two_cluster_config(main: DevCluster, second: DevCluster) -> dict[str, Any]:
+    def cluster(pg: DevCluster) -> dict[str, Any]:
+        return {
+            "primary": pg.url(database="app", user=APP_ROLE),
+            "replicas": [pg.url(node.name, database="app", user=APP_ROLE) for node in pg.replicas],
+            "admin": pg.url(database="app"),  # the superuser: tenant moves need one
+        }
+
+    return {
+        "default_cluster": "main",
+        "connect_timeout": 1.0,
+        "health": {"interval": HEALTH_INTERVAL, "probe_timeout": 0.5},
+        "retry": {"deadline": 1.0},
+        "clusters": {"main": cluster(main), "second": cluster(second)},
+        "tenants": {
+            "acme": {"strategy": "database", "database": "acme"},
+            "globex": {"strategy": "schema"},
+            "initech": {"strategy": "row"},
+            "north-db": {"strategy": "database", "cluster": "second", "database": "north"},
+            "north-schema": {"strategy": "schema", "cluster": "second"},
+            "north-row": {"strategy": "row", "cluster": "second"},
+        },
+    }
+
+
+@pytest.fixture(scope="session")
+async def migrated_two(migrated: DevCluster, second: DevCluster) -> DevCluster:
+    router = SessionRouter(DatabaseSettings.model_validate(two_cluster_config(migrated, second)))
+    try:
+        await migrate(router, Base.metadata)
+    finally:
+        await router.dispose()
+    second.wait_replayed()
+    migrated.wait_replayed()
+    return second

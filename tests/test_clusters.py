@@ -7,71 +7,24 @@ from __future__ import annotations
 import asyncio
 import subprocess
 import uuid
-from collections.abc import AsyncIterator, Iterator
+from collections.abc import AsyncIterator
 from pathlib import Path
 from typing import Any
 
 import pytest
 from sqlalchemy import text
 
-from app.models import Base
 from pg_session_router.core.errors import DatabaseUnavailableError
 from pg_session_router.core.settings import DatabaseSettings
 from pg_session_router.db.consistency import ConsistencyToken
-from pg_session_router.db.migrate import migrate
 from pg_session_router.db.router import SessionRouter
 from pg_session_router.devcluster import DevCluster
-from tests.conftest import APP_ROLE, HEALTH_INTERVAL
+from tests.conftest import two_cluster_config
 from tests.support.cli import run_app
 from tests.support.faults import eventually
 
 NORTH = {"north-db": "database", "north-schema": "schema", "north-row": "row"}
 SOUTH = {"acme": "database", "globex": "schema", "initech": "row"}  # on main, from conftest
-
-
-@pytest.fixture(scope="module")
-def second() -> Iterator[DevCluster]:
-    with DevCluster(replicas=1) as cluster:
-        cluster.create_role(APP_ROLE, createdb=True)
-        for database in ("app", "north"):
-            cluster.create_database(database, owner=APP_ROLE)
-        yield cluster
-
-
-def two_cluster_config(main: DevCluster, second: DevCluster) -> dict[str, Any]:
-    def cluster(pg: DevCluster) -> dict[str, Any]:
-        return {
-            "primary": pg.url(database="app", user=APP_ROLE),
-            "replicas": [pg.url(node.name, database="app", user=APP_ROLE) for node in pg.replicas],
-        }
-
-    return {
-        "default_cluster": "main",
-        "connect_timeout": 1.0,
-        "health": {"interval": HEALTH_INTERVAL, "probe_timeout": 0.5},
-        "retry": {"deadline": 1.0},
-        "clusters": {"main": cluster(main), "second": cluster(second)},
-        "tenants": {
-            "acme": {"strategy": "database", "database": "acme"},
-            "globex": {"strategy": "schema"},
-            "initech": {"strategy": "row"},
-            "north-db": {"strategy": "database", "cluster": "second", "database": "north"},
-            "north-schema": {"strategy": "schema", "cluster": "second"},
-            "north-row": {"strategy": "row", "cluster": "second"},
-        },
-    }
-
-
-@pytest.fixture(scope="module")
-async def migrated_two(migrated: DevCluster, second: DevCluster) -> DevCluster:
-    router = SessionRouter(DatabaseSettings.model_validate(two_cluster_config(migrated, second)))
-    try:
-        await migrate(router, Base.metadata)
-    finally:
-        await router.dispose()
-    second.wait_replayed()
-    migrated.wait_replayed()
-    return second
 
 
 @pytest.fixture

@@ -10,6 +10,7 @@ import argparse
 import asyncio
 
 from app.cli.common import EXIT_OK, command_parser
+from app.cli.moves import add_move_commands, run_drop_moved, run_move
 from app.core.config import load_settings
 from app.db.migrate import app_migrations
 from app.models import Base
@@ -22,11 +23,14 @@ EXAMPLE = """python -m app tenants add acme --strategy schema
   python -m app tenants add umbrella --strategy database --database umbrella
   python -m app tenants list
   python -m app tenants disable acme
-  python -m app tenants remove acme --drop"""
+  python -m app tenants remove acme --drop
+  python -m app tenants move acme --to second"""
 
 
 def add_tenant_commands(commands: argparse._SubParsersAction) -> None:  # type: ignore[type-arg]
-    parser = command_parser(commands, "tenants", "add, list, disable, enable, remove", EXAMPLE)
+    parser = command_parser(
+        commands, "tenants", "add, list, disable, enable, remove, move", EXAMPLE
+    )
     actions = parser.add_subparsers(dest="action", required=True)
     actions.add_parser("list", help="every tenant, from the configuration and the catalog")
     add = actions.add_parser("add", help="create storage, migrate, register in the catalog")
@@ -50,6 +54,7 @@ def add_tenant_commands(commands: argparse._SubParsersAction) -> None:  # type: 
         action="store_true",
         help="delete its data: its database, its schema, or (row tenants) its rows",
     )
+    add_move_commands(actions)
 
 
 def run_tenants(args: argparse.Namespace) -> int:
@@ -66,6 +71,10 @@ async def _tenants(args: argparse.Namespace) -> int:
         elif args.action == "add":
             await _add(router, args)
             print(f"added tenant {args.tenant_id} ({args.strategy})")
+        elif args.action == "move":
+            await run_move(router, args)
+        elif args.action == "drop-moved":
+            await run_drop_moved(router, args)
         elif args.action in ("disable", "enable"):
             await provisioning.set_active(router, args.tenant_id, active=args.action == "enable")
             print(f"{args.action}d tenant {args.tenant_id}")

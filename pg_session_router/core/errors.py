@@ -116,6 +116,16 @@ class TopologyChangedError(DatabaseUnavailableError):
     code = "topology_changed"
 
 
+class TenantMovingError(DatabaseUnavailableError):
+    """The tenant is being switched to another cluster (`tenants move`) and the write could
+    not wait for the switch to finish, or reached the old storage after it; nothing was
+    written."""
+
+    public_detail = "this tenant is being moved; nothing was written; retry shortly"
+
+    code = "tenant_moving"
+
+
 class CommitOutcomeUnknownError(RouterError):
     """The connection was lost during COMMIT: the transaction may or may not have committed.
 
@@ -189,3 +199,9 @@ class MigrationError(RouterError):
     """Bringing a target's tables to a revision failed; the target was left as it was."""
 
     code = "migration_failed"
+
+
+class MoveError(RouterError):
+    """A tenant move could not go on; the tenant stays where the catalog says it is."""
+
+    code = "move_failed"

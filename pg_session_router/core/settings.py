@@ -136,6 +136,10 @@ class ClusterSettings(_Section):
     )
     nodes: list[DatabaseUrl] = Field(default_factory=list)
     pool: PoolSettings = PoolSettings()
+    #: A superuser connection to this cluster's primary, for online tenant moves only
+    #: (`tenants move`: publications, subscriptions and replication need it; PostgreSQL 15
+    #: lets only superusers create subscriptions). Sessions never use it.
+    admin: DatabaseUrl | None = None
 
 
 class HealthSettings(_Section):
@@ -259,6 +263,9 @@ class TenancySettings(_Section):
     max_engines: PositiveInt = 100
     #: Pool of each tenant database engine.
     pool: PoolSettings = PoolSettings(size=2, max_overflow=0)
+    #: Seconds a write of a tenant being switched to another cluster (`tenants move`) is
+    #: held, waiting for the switch, before it gets 503 + Retry-After. Reads go on.
+    move_write_pause: PositiveFloat = 5.0
 
 
 class SessionSettings(_Section):

@@ -10,8 +10,9 @@ the end of the unit of work, so an engine is never disposed under a running sess
 from __future__ import annotations
 
 import logging
+import time
 
-from pg_session_router.core.errors import ConfigError
+from pg_session_router.core.errors import ConfigError, TenantMovingError
 from pg_session_router.core.settings import TenancySettings
 from pg_session_router.db.cluster import Cluster
 from pg_session_router.db.keys import ClusterKey
@@ -22,6 +23,9 @@ from pg_session_router.db.tenant_clusters import TenantClusterCache
 from pg_session_router.db.topology import Topology
 
 logger = logging.getLogger(__name__)
+#: Seconds a held write waits for a pushed catalog change before reading the catalog itself
+#: (a push can be missed while the listener reconnects).
+_MOVE_RECHECK = 0.25
 
 
 class TenantAdmission:
@@ -30,6 +34,7 @@ class TenantAdmission:
     ) -> None:
         self._topology = topology
         self.registry = registry
+        self._move_write_pause = settings.move_write_pause
         self.row_security = RowSecurityGuard()
         self.engines = TenantClusterCache(
             topology.build,
@@ -53,6 +58,18 @@ class TenantAdmission:
         if placement.strategy == "row" and not self.row_security.verified(placement.cluster_key):
             await self.row_security.ensure(self.cluster(placement.cluster_key))
         return placement
+
+    async def writable_placement(self, tenant_id: str) -> Placement:
+        """A write of a tenant whose move is switching clusters: held until the catalog says
+        the switch is done (it goes to the new cluster then), for at most
+        `tenancy.move_write_pause`; then `TenantMovingError` (503 + Retry-After)."""
+        deadline = time.monotonic() + self._move_write_pause
+        while (remaining := deadline - time.monotonic()) > 0:
+            await self.registry.changed(min(remaining, _MOVE_RECHECK))
+            placement = await self.placement(tenant_id)
+            if not placement.writes_paused:
+                return placement
+        raise TenantMovingError(f"tenant {tenant_id!r} is switching clusters; write not held")
 
     async def check_row_security(self) -> None:
         """At startup: every cluster that configured row tenants use (ConfigError if not

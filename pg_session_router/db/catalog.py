@@ -25,9 +25,10 @@ from sqlalchemy import (
     Text,
     func,
     select,
+    text,
     true,
 )
-from sqlalchemy.ext.asyncio import AsyncEngine
+from sqlalchemy.ext.asyncio import AsyncConnection, AsyncEngine
 
 from pg_session_router.core.errors import RouterError
 from pg_session_router.core.names import validate_tenant_id
@@ -64,6 +65,22 @@ last_writes_table = Table(
     Column("key", Text, primary_key=True),
     Column("stream", Text, nullable=False),
     Column("lsn", BigInteger, nullable=False),
+)
+
+#: Online moves of catalogued tenants to another cluster (`db/moves.py`), one row per tenant
+#: from the start of its move until `tenants drop-moved` (or `--abort`).
+tenant_moves_table = Table(
+    "router_tenant_moves",
+    catalog_metadata,
+    Column("tenant_id", Text, primary_key=True),
+    Column("source_cluster", Text, nullable=False),
+    Column("target_cluster", Text, nullable=False),
+    Column("state", Text, nullable=False),
+    Column("started_at", DateTime(timezone=True), nullable=False, server_default=func.now()),
+    Column("rows_copied", BigInteger),
+    Column("bytes_copied", BigInteger),
+    Column("write_pause_ms", BigInteger),
+    CheckConstraint("state IN ('copying', 'paused', 'moved')", name="tenant_moves_state"),
 )
 
 SETTING_COLUMNS = ("strategy", "cluster", "url", "database", "schema", "active")
@@ -130,9 +147,19 @@ class TenantCatalog:
         #: Catalog queries made (each reads the whole table).
         self.loads = 0
 
-    async def load(self) -> dict[str, TenantSettings]:
+    async def load(self) -> tuple[dict[str, TenantSettings], dict[str, str]]:
+        """The accepted tenants, and the state of each move under way (tenant id -> state)."""
         self.loads += 1
         query = select(tenants_table).order_by(tenants_table.c.created_at, tenants_table.c.id)
         async with self._engine().connect() as connection:
             rows = (await connection.execute(query)).mappings().all()
-        return accepted_rows(self._database, rows)
+            moving = await _moves(connection)
+        return accepted_rows(self._database, rows), moving
+
+
+async def _moves(connection: AsyncConnection) -> dict[str, str]:
+    # A deployment whose catalog predates moves has no such table yet: no move under way.
+    if await connection.scalar(text(f"SELECT to_regclass('{tenant_moves_table.name}')")) is None:
+        return {}
+    query = select(tenant_moves_table.c.tenant_id, tenant_moves_table.c.state)
+    return {row.tenant_id: row.state for row in await connection.execute(query)}

@@ -23,6 +23,7 @@ from sqlalchemy.exc import TimeoutError as PoolTimeoutError
 from pg_session_router.core.errors import (
     ConnectionLostError,
     NoNodeAvailableError,
+    TenantMovingError,
     TopologyChangedError,
 )
 
@@ -40,6 +41,9 @@ _CONNECT_ONLY_SQLSTATES = frozenset({"57P03", "53300", "08001", "08004"})
 #: read_only_sql_transaction: a write in a read-only transaction, or on a standby.
 READ_ONLY_SQLSTATE = "25006"
 UNDEFINED_TABLE_SQLSTATE = "42P01"
+#: Raised by the fence a tenant move leaves on the old storage (class 55, object not in
+#: prerequisite state): the write reached storage the tenant has left; nothing was written.
+TENANT_MOVED_SQLSTATE = "55R01"
 
 _LOSS_TYPES: tuple[type[BaseException], ...] = (
     asyncpg.exceptions.ConnectionDoesNotExistError,
@@ -117,7 +121,9 @@ def is_write_retryable(exc: BaseException) -> bool:
     rolls the transaction back); a loss during COMMIT is `CommitOutcomeUnknownError`, never
     replayed.
     """
-    return isinstance(exc, NoNodeAvailableError | TopologyChangedError | ConnectionLostError)
+    return isinstance(
+        exc, NoNodeAvailableError | TopologyChangedError | ConnectionLostError | TenantMovingError
+    )
 
 
 def is_connect_refusal(exc: BaseException) -> bool:

@@ -22,7 +22,9 @@ from __future__ import annotations
 import asyncio
 import logging
 import time
+from collections.abc import Mapping, Sequence
 from dataclasses import dataclass
+from typing import Any
 
 from sqlalchemy import MetaData, delete, insert, select, text, update
 from sqlalchemy.ext.asyncio import AsyncSession
@@ -32,7 +34,7 @@ from pg_session_router.core.names import validate_tenant_id
 from pg_session_router.core.settings import TenantSettings
 from pg_session_router.core.storage import first_conflict
 from pg_session_router.core.validation import check_tenant
-from pg_session_router.db.catalog import accepted_rows, tenants_table
+from pg_session_router.db.catalog import accepted_rows, tenant_moves_table, tenants_table
 from pg_session_router.db.catalog_listener import notify_statement
 from pg_session_router.db.consistency import REPLAYED_POSITION
 from pg_session_router.db.driver_errors import describe_error
@@ -125,11 +127,51 @@ async def _refuse_conflicts(
     rows = (await session.execute(select(tenants_table))).mappings().all()
     if tenant_id in settings.tenants or any(row["id"] == tenant_id for row in rows):
         raise TenantConflictError(f"tenant {tenant_id!r} already exists")
-    # The same rules as for the configuration file: existing tenants first, the new one last.
-    every = {**settings.tenants, **accepted_rows(settings, rows), tenant_id: tenant}
-    conflict = first_conflict(settings, every)
+    await _refuse_claimed(router, session, rows, tenant_id, tenant)
+
+
+async def _refuse_claimed(
+    router: SessionRouter,
+    session: AsyncSession,
+    rows: Sequence[Mapping[Any, Any]],
+    tenant_id: str,
+    tenant: TenantSettings,
+) -> None:
+    """The same rules as for the configuration file: existing tenants first (and the other
+    side of every move: the target while copying, the old storage until it is dropped), the
+    new claim last."""
+    settings = router.settings
+    every = {**settings.tenants, **accepted_rows(settings, rows)}
+    every.pop(tenant_id, None)
+    every.update(await _move_claims(session, every))
+    conflict = first_conflict(settings, {**every, tenant_id: tenant})
     if conflict is not None:
         raise TenantConflictError(f"tenant {conflict}")
+
+
+async def _move_claims(
+    session: AsyncSession, tenants: Mapping[str, TenantSettings]
+) -> dict[str, TenantSettings]:
+    if await session.scalar(text(f"SELECT to_regclass('{tenant_moves_table.name}')")) is None:
+        return {}
+    claims: dict[str, TenantSettings] = {}
+    for move in (await session.execute(select(tenant_moves_table))).mappings():
+        tenant = tenants.get(move["tenant_id"])
+        if tenant is not None:
+            other_side = move["source_cluster" if move["state"] == "moved" else "target_cluster"]
+            label = f"{move['tenant_id']} (its {move['state']} move's other side)"
+            claims[label] = tenant.model_copy(update={"cluster": other_side})
+    return claims
+
+
+async def refuse_conflicts_of_move(
+    router: SessionRouter, tenant_id: str, target: TenantSettings
+) -> None:
+    """Before a move starts: its target storage must be nobody else's."""
+    async with router.session() as session:
+        await session.execute(_MANAGEMENT_LOCK)
+        rows = (await session.execute(select(tenants_table))).mappings().all()
+        await _refuse_claimed(router, session, rows, tenant_id, target)
 
 
 async def _undo_add(router: SessionRouter, placement: Placement, *, created: bool) -> None:
@@ -183,7 +225,7 @@ async def _replayed(router: SessionRouter, replica: str, lsn: int, deadline: flo
 
 
 async def set_active(router: SessionRouter, tenant_id: str, *, active: bool) -> None:
-    tenant = await _catalog_tenant(router, tenant_id)
+    tenant = await catalog_tenant(router, tenant_id)
     await _set_active_row(router, tenant_id, active=active)
     router.tenants.remember(tenant_id, tenant.model_copy(update={"active": active}))
 
@@ -205,7 +247,7 @@ async def remove_tenant(
 ) -> DataRemoved | None:
     """Unroutable at once here. With `drop`, its data is deleted too (a row tenant's rows need
     the `metadata` of the tenant tables); returns what was deleted."""
-    tenant = await _catalog_tenant(router, tenant_id)
+    tenant = await catalog_tenant(router, tenant_id)
     placement = place(tenant_id, tenant, router.tenants.default_cluster)
     if drop and placement.strategy == "row" and metadata is None:
         raise ConfigError("dropping a row tenant's data needs the MetaData of the tenant tables")
@@ -233,7 +275,7 @@ async def list_tenants(router: SessionRouter) -> list[TenantInfo]:
     ]
 
 
-async def _catalog_tenant(router: SessionRouter, tenant_id: str) -> TenantSettings:
+async def catalog_tenant(router: SessionRouter, tenant_id: str) -> TenantSettings:
     validate_tenant_id(tenant_id)
     if router.tenants.catalog is not None:
         await router.tenants.reload()

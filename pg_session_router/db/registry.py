@@ -48,6 +48,7 @@ class TenantRegistry:
         self._load_failed = False
         self._warned_missing = False
         self._reload: asyncio.Task[None] | None = None
+        self._changed = asyncio.Event()
 
     # -- lookups ---------------------------------------------------------------------------
 
@@ -152,7 +153,7 @@ class TenantRegistry:
         self._loaded_at = time.monotonic()  # also rate-limits retries after a failure
         started_at = self._sequence
         try:
-            tenants = await self.catalog.load()
+            tenants, moving = await self.catalog.load()
         except Exception as exc:  # the primary may be down, or the table not created yet
             if sqlstate(exc) != UNDEFINED_TABLE_SQLSTATE:
                 if not self._load_failed:
@@ -162,10 +163,10 @@ class TenantRegistry:
             if not self._warned_missing:
                 logger.warning("no tenant catalog table yet: run the migrations")
                 self._warned_missing = True
-            tenants = {}
+            tenants, moving = {}, {}
         self._load_failed = False
         catalogued = {
-            tenant_id: place(tenant_id, tenant, self.default_cluster)
+            tenant_id: place(tenant_id, tenant, self.default_cluster, moving.get(tenant_id))
             for tenant_id, tenant in tenants.items()
         }
         # Changes made since this load began may be missing from what it read: replay them.
@@ -177,15 +178,30 @@ class TenantRegistry:
             else:
                 catalogued[tenant_id] = placement
         self._catalogued = catalogued
+        self._announce_change()
+
+    def _announce_change(self) -> None:
+        self._changed.set()
+        self._changed = asyncio.Event()
+
+    async def changed(self, within: float) -> None:
+        """Until the next change of what this registry knows, or `timeout` seconds; then a
+        reload of its own (a pushed change may have been missed while reconnecting)."""
+        try:
+            await asyncio.wait_for(self._changed.wait(), within)
+        except TimeoutError:
+            await self.refresh()
 
     @property
     def catalog_unreachable(self) -> bool:
         """The last catalog load failed (the table missing is not a failure: no tenants)."""
         return self._load_failed
 
-    def remember(self, tenant_id: str, tenant: TenantSettings) -> Placement:
+    def remember(
+        self, tenant_id: str, tenant: TenantSettings, moving: str | None = None
+    ) -> Placement:
         """Make a tenant routable in this process at once (after writing it to the catalog)."""
-        placement = place(tenant_id, tenant, self.default_cluster)
+        placement = place(tenant_id, tenant, self.default_cluster, moving)
         self._catalogued[tenant_id] = placement
         self._record(tenant_id, placement)
         return placement
@@ -197,6 +213,7 @@ class TenantRegistry:
     def _record(self, tenant_id: str, placement: Placement | None) -> None:
         self._sequence += 1
         self._changes.append((self._sequence, tenant_id, placement))
+        self._announce_change()
 
     async def close(self) -> None:
         task, self._reload = self._reload, None

@@ -17,7 +17,7 @@ trip (`routed_session.prepare_connection`), so nothing carries over to the next 
 
 from __future__ import annotations
 
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 from typing import ClassVar
 
 from sqlalchemy import TextClause, text
@@ -65,6 +65,13 @@ class Placement:
     #: `schema`: the schema holding the tenant's tables. `database`: the database name.
     schema: str | None = None
     database: str | None = None
+    #: Its move to another cluster, if one is under way: "copying", "paused" (writes held
+    #: while the catalog switches it), or "moved" (switched; the old storage not dropped yet).
+    moving: str | None = None
+
+    @property
+    def writes_paused(self) -> bool:
+        return self.moving == "paused"
 
     @property
     def strategy(self) -> str:
@@ -124,5 +131,8 @@ STRATEGIES: dict[str, DatabaseStrategy | SchemaStrategy | RowStrategy] = {
 }
 
 
-def place(tenant_id: str, settings: TenantSettings, default_cluster: str) -> Placement:
-    return STRATEGIES[settings.strategy].place(tenant_id, settings, default_cluster)
+def place(
+    tenant_id: str, settings: TenantSettings, default_cluster: str, moving: str | None = None
+) -> Placement:
+    placement = STRATEGIES[settings.strategy].place(tenant_id, settings, default_cluster)
+    return placement if moving is None else replace(placement, moving=moving)

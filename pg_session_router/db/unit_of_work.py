@@ -28,6 +28,7 @@ from pg_session_router.core.errors import (
     ConnectionLostError,
     EventLoopMismatchError,
     ReadOnlySessionError,
+    TenantMovingError,
     TenantStorageMissingError,
     TopologyChangedError,
 )
@@ -39,6 +40,7 @@ from pg_session_router.db.consistency import (
 )
 from pg_session_router.db.driver_errors import (
     READ_ONLY_SQLSTATE,
+    TENANT_MOVED_SQLSTATE,
     UNDEFINED_TABLE_SQLSTATE,
     describe_error,
     is_connect_failure,
@@ -124,6 +126,8 @@ class SessionOpener:
         placement = None
         if target.tenant is not None:
             placement = await self.admission.placement(target.tenant)
+            if placement.writes_paused and not target.read_only:
+                placement = await self.admission.writable_placement(target.tenant)
         route = self._route(target, placement)
         # Counted before the first await: an idle tenant cluster may be evicted (its engines
         # disposed) by another task, and this session is about to check out a connection.
@@ -275,6 +279,9 @@ class SessionOpener:
             return ConnectionLostError(
                 f"lost the connection to {route.node.name} mid-transaction; nothing was committed"
             )
+        if sqlstate(exc) == TENANT_MOVED_SQLSTATE:
+            # A process that had not yet heard of a move wrote to the old storage: fenced.
+            return TenantMovingError(f"{route.node.name}: the tenant has moved; nothing written")
         if route.placement is not None and sqlstate(exc) == UNDEFINED_TABLE_SQLSTATE:
             # A tenant's query names a table its storage lacks: not migrated (yet), an
             # operator's matter; the client may retry later.
