@@ -11,7 +11,7 @@ from collections.abc import AsyncIterator
 import pytest
 
 from app.models import Base
-from pg_session_router.core.errors import TenantInactiveError
+from pg_session_router.core.errors import TenantInactiveError, UnknownTenantError
 from pg_session_router.core.settings import TenantSettings
 from pg_session_router.db import provisioning
 from pg_session_router.db.catalog_listener import APPLICATION_NAME
@@ -36,12 +36,19 @@ async def other_process(migrated: DevCluster) -> AsyncIterator[SessionRouter]:
         await router.dispose()
 
 
-def state(router: SessionRouter, tenant: str) -> str:
+async def state(router: SessionRouter, tenant: str) -> str:
+    """What a request for `tenant` gets from this process."""
     try:
-        placement = router.tenants.cached(tenant)
+        await router.tenants.resolve(tenant)
     except TenantInactiveError:
         return "disabled"
-    return "active" if placement is not None else "unknown"
+    except UnknownTenantError:
+        return "unknown"
+    return "active"
+
+
+async def in_state(router: SessionRouter, tenant: str, expected: str) -> bool:
+    return await state(router, tenant) == expected
 
 
 async def test_add_disable_remove_reach_another_process_within_a_second(
@@ -49,14 +56,17 @@ async def test_add_disable_remove_reach_another_process_within_a_second(
 ) -> None:
     tenant = f"pushed-{uuid.uuid4().hex[:6]}"
     assert other_process.status()["tenancy"]["catalog_push"] is True
+    # Asked for before it exists: remembered as absent (for an hour, NO_POLLING), so only
+    # the push can make it known.
+    assert await state(other_process, tenant) == "unknown"
     await provisioning.add_tenant(
         router, tenant, TenantSettings(strategy="schema"), metadata=Base.metadata
     )
-    await eventually(lambda: state(other_process, tenant) == "active", within=1.0, what="add")
+    await eventually(lambda: in_state(other_process, tenant, "active"), within=1.0, what="add")
     await provisioning.set_active(router, tenant, active=False)
-    await eventually(lambda: state(other_process, tenant) == "disabled", within=1.0, what="off")
+    await eventually(lambda: in_state(other_process, tenant, "disabled"), within=1.0, what="off")
     await provisioning.remove_tenant(router, tenant, drop=True, metadata=Base.metadata)
-    await eventually(lambda: state(other_process, tenant) == "unknown", within=1.0, what="rm")
+    await eventually(lambda: in_state(other_process, tenant, "unknown"), within=1.0, what="rm")
 
 
 async def test_a_change_made_while_disconnected_is_seen_after_the_reconnect(
@@ -65,6 +75,7 @@ async def test_a_change_made_while_disconnected_is_seen_after_the_reconnect(
     tenant = f"missed-{uuid.uuid4().hex[:6]}"
     listener = other_process.catalog_listener
     assert listener is not None
+    assert await state(other_process, tenant) == "unknown"  # remembered as absent
     terminated = migrated.sql(
         "primary",
         "SELECT count(pg_terminate_backend(pid)) FROM pg_stat_activity "
@@ -78,7 +89,7 @@ async def test_a_change_made_while_disconnected_is_seen_after_the_reconnect(
     )
     try:
         await eventually(
-            lambda: state(other_process, tenant) == "active", within=5.0, what="the catch-up"
+            lambda: in_state(other_process, tenant, "active"), within=5.0, what="the catch-up"
         )
     finally:
         await provisioning.remove_tenant(router, tenant, drop=True, metadata=Base.metadata)

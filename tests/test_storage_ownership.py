@@ -244,3 +244,39 @@ async def test_a_reused_row_tenant_id_does_not_inherit_rows_left_behind(
         if tenant_id not in router.tenants:
             await add(router, tenant_id, TenantSettings(strategy="row"), adopt=True)
         await provisioning.remove_tenant(router, tenant_id, drop=True, metadata=Base.metadata)
+
+
+async def test_a_process_looking_tenants_up_one_by_one_refuses_the_same_rows_a_whole_read_does(
+    migrated: DevCluster, router: SessionRouter
+) -> None:
+    """Lookups by id (what serving processes do) check a row against every older row that
+    could claim its storage: the newer of two look-alike schema rows, a row reusing an older
+    tenant's database, and a row claiming a configured tenant's schema are all refused."""
+    base = unique("look")
+    older, newer = f"{base}-x", f"{base}_x"  # both claim schema <base>_x
+    db_owner, db_thief = unique("dbown"), unique("dbthief")
+    intruder = unique("intruder")
+    rows = [
+        {"id": older, "strategy": "schema"},
+        {"id": db_owner, "strategy": "database", "database": db_owner.replace("-", "_")},
+        {"id": newer, "strategy": "schema"},
+        {"id": db_thief, "strategy": "database", "database": db_owner.replace("-", "_")},
+        {"id": intruder, "strategy": "schema", "schema": "globex"},
+    ]
+    async with router.session() as session:
+        for offset, row in enumerate(rows):  # created in this order
+            created = text(f"now() + interval '{offset} milliseconds'")
+            await session.execute(insert(tenants_table).values(**row, created_at=created))
+    serving = SessionRouter(database_settings(migrated))
+    try:
+        assert (await serving.tenants.resolve(older)).schema == older.replace("-", "_")
+        assert (await serving.tenants.resolve(db_owner)).database == db_owner.replace("-", "_")
+        for refused in (newer, db_thief, intruder):
+            with pytest.raises(UnknownTenantError):
+                await serving.tenants.resolve(refused)
+        assert serving.tenants.catalog is not None and serving.tenants.catalog.loads == 0
+    finally:
+        await serving.dispose()
+        async with router.session() as session:
+            ids = [row["id"] for row in rows]
+            await session.execute(tenants_table.delete().where(tenants_table.c.id.in_(ids)))

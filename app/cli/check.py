@@ -18,6 +18,7 @@ from rich.text import Text
 from app.cli.common import EXIT_FAILED, EXIT_OK, console
 from app.core.config import load_settings
 from pg_session_router.core.settings import RouterSettings
+from pg_session_router.db import moves
 from pg_session_router.db.router import SessionRouter
 
 
@@ -28,9 +29,11 @@ def run_config() -> int:
 
 def run_check() -> int:
     settings = load_settings()
-    nodes = asyncio.run(_probe(settings))
+    nodes, moving = asyncio.run(_probe(settings))
     out = console()
     out.print(_table(nodes, settings))
+    if moving:
+        out.print(_moves_table(moving))
     problems = [f"{name}: {problem}" for name, node in nodes.items() if (problem := _problem(node))]
     if problems:
         console(stderr=True).print("; ".join(problems), markup=False, highlight=False)
@@ -39,13 +42,38 @@ def run_check() -> int:
     return EXIT_OK
 
 
-async def _probe(settings: RouterSettings) -> dict[str, dict[str, Any]]:
+async def _probe(
+    settings: RouterSettings,
+) -> tuple[dict[str, dict[str, Any]], dict[str, dict[str, Any]]]:
+    """Every node's state, and the tenant moves recorded in the catalog (none if the catalog
+    cannot be read: the node table says why)."""
     router = SessionRouter.from_settings(settings)
     try:
         await router.monitor.probe_round()
-        return dict(router.status()["nodes"])
+        try:
+            moving = await moves.moves_under_way(router)
+        except Exception:
+            moving = {}
+        return dict(router.status()["nodes"]), moving
     finally:
         await router.dispose()
+
+
+def _moves_table(moving: dict[str, dict[str, Any]]) -> Table:
+    table = Table(title="tenants in motion")
+    for column in ("tenant", "from", "to", "state", "since", "write pause"):
+        table.add_column(column)
+    for tenant_id, move in sorted(moving.items()):
+        pause = move["write_pause_ms"]
+        table.add_row(
+            tenant_id,
+            move["source_cluster"],
+            move["target_cluster"],
+            move["state"] + (" (old storage kept: drop-moved)" if move["state"] == "moved" else ""),
+            f"{move['started_at']:%Y-%m-%d %H:%M:%S}",
+            "-" if pause is None else f"{pause} ms",
+        )
+    return table
 
 
 def _problem(node: dict[str, Any]) -> str | None:

@@ -8,8 +8,9 @@ from __future__ import annotations
 
 import argparse
 import asyncio
+import sys
 
-from app.cli.common import EXIT_OK, command_parser
+from app.cli.common import EXIT_OK, command_parser, positive_int
 from app.cli.moves import add_move_commands, run_drop_moved, run_move
 from app.core.config import load_settings
 from app.db.migrate import app_migrations
@@ -32,7 +33,11 @@ def add_tenant_commands(commands: argparse._SubParsersAction) -> None:  # type: 
         commands, "tenants", "add, list, disable, enable, remove, move", EXAMPLE
     )
     actions = parser.add_subparsers(dest="action", required=True)
-    actions.add_parser("list", help="every tenant, from the configuration and the catalog")
+    listing = actions.add_parser(
+        "list", help="tenants from the configuration and the catalog, a page at a time"
+    )
+    listing.add_argument("--limit", type=positive_int, default=1000, help="catalog rows per page")
+    listing.add_argument("--after", help="start after this tenant id (the last one shown)")
     add = actions.add_parser("add", help="create storage, migrate, register in the catalog")
     add.add_argument("tenant_id")
     add.add_argument("--strategy", choices=["database", "schema", "row"], required=True)
@@ -65,9 +70,14 @@ async def _tenants(args: argparse.Namespace) -> int:
     router = SessionRouter.from_settings(load_settings())
     try:
         if args.action == "list":
-            for info in await provisioning.list_tenants(router):
+            page = await provisioning.list_tenants(router, after=args.after, limit=args.limit)
+            for info in page.tenants:
                 state = "active" if info.settings.active else "disabled"
                 print(f"{info.tenant_id}\t{info.settings.strategy}\t{state}\t{info.source}")
+            if page.next_after is not None:
+                print(
+                    f"more: python -m app tenants list --after {page.next_after}", file=sys.stderr
+                )
         elif args.action == "add":
             await _add(router, args)
             print(f"added tenant {args.tenant_id} ({args.strategy})")

@@ -254,11 +254,14 @@ class TenancySettings(_Section):
 
     #: Also look tenants up in the `tenants` table on the default cluster's primary.
     catalog: bool = True
-    #: Seconds between full reloads of the catalog (disabled or removed tenants stop routing).
+    #: Seconds after which a catalogued tenant's placement is read again (in the background,
+    #: serving the one held meanwhile). Changes are pushed at once; this is the safety net.
     catalog_ttl: PositiveFloat = 30.0
-    #: An unknown id triggers a catalog reload at most this often (seconds), so a burst of
-    #: random ids costs at most one query per interval.
+    #: Seconds an id the catalog does not have is answered 404 without asking it again.
     catalog_min_reload: PositiveFloat = 1.0
+    #: Catalogued tenants' placements held per process (least recently used go first), and
+    #: as many absent ids: memory stays flat however large the catalog.
+    catalog_cache_size: PositiveInt = 10_000
     #: Engines (one per node of a tenant's database) kept open; least recently used go first.
     max_engines: PositiveInt = 100
     #: Pool of each tenant database engine.

@@ -65,7 +65,7 @@ class TenantAdmission:
         `tenancy.move_write_pause`; then `TenantMovingError` (503 + Retry-After)."""
         deadline = time.monotonic() + self._move_write_pause
         while (remaining := deadline - time.monotonic()) > 0:
-            await self.registry.changed(min(remaining, _MOVE_RECHECK))
+            await self.registry.changed(min(remaining, _MOVE_RECHECK), tenant_id)
             placement = await self.placement(tenant_id)
             if not placement.writes_paused:
                 return placement

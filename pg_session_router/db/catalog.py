@@ -1,16 +1,22 @@
 """The `tenants` catalog table on the default cluster's primary, and reading it safely.
 
-The catalog is read whole, never id by id. Every row goes through the same validation as a
-tenant of the configuration file (`TenantSettings`, `check_tenant`) and the storage-ownership
-rules (`core.storage`); a row that fails any of them is logged and skipped, never routable, and
-never stops the rows after it. Row-level security hides the table from every transaction that
-has a tenant (`app.tenant_id` set), so no tenant's session can read other tenants' placements.
+A serving process looks tenants up by id (`lookup`, a batch of ids per query), so what it
+reads and holds does not grow with the catalog; tools that need every tenant (migrations,
+backfills) read it whole (`load`), and listings page through it (`page`). Every row goes
+through the same validation as a tenant of the configuration file (`TenantSettings`,
+`check_tenant`) and the storage-ownership rules (`core.storage`); a row that fails any of
+them is logged and skipped, never routable. A looked-up row is checked against every older
+row that could claim the same storage (same schema name, same database name, a whole
+database or server of its own), found by one indexed query, so a row inserted by hand that
+collides with an older tenant is refused exactly as a whole read would refuse it.
+Row-level security hides the table from every transaction that has a tenant, so no tenant's
+session can read other tenants' placements.
 """
 
 from __future__ import annotations
 
 import logging
-from collections.abc import Callable, Mapping, Sequence
+from collections.abc import Callable, Collection, Mapping, Sequence
 from typing import Any
 
 from pydantic import ValidationError
@@ -20,10 +26,13 @@ from sqlalchemy import (
     CheckConstraint,
     Column,
     DateTime,
+    Index,
     MetaData,
     Table,
     Text,
+    and_,
     func,
+    or_,
     select,
     text,
     true,
@@ -56,6 +65,10 @@ tenants_table = Table(
     Column("created_at", DateTime(timezone=True), nullable=False, server_default=func.now()),
     CheckConstraint("strategy IN ('database', 'schema', 'row')", name="tenants_strategy"),
 )
+# What a lookup's conflict check searches by (`_rivals`): storage named like the tenant's.
+_SCHEMA_CLAIMED = func.coalesce(tenants_table.c.schema, func.replace(tenants_table.c.id, "-", "_"))
+Index("tenants_schema_claimed", _SCHEMA_CLAIMED)
+Index("tenants_database", tenants_table.c.database)
 
 #: Each tenant's last commit position, for `http.consistency_memory = "shared"`
 #: (`db/last_writes.py`).
@@ -92,21 +105,35 @@ def tenant_of_row(row: Mapping[Any, Any]) -> TenantSettings:
     )
 
 
+def valid_row(database: DatabaseSettings, row: Mapping[Any, Any]) -> TenantSettings | None:
+    """The row's tenant if it is valid on its own (not a configured id); else None."""
+    tenant_id = validate_tenant_id(row["id"])
+    if tenant_id in database.tenants:
+        return None  # the configuration file is the source of truth for its tenants
+    tenant = tenant_of_row(row)
+    check_tenant(database, tenant_id, tenant)
+    return tenant
+
+
 def accepted_rows(
-    database: DatabaseSettings, rows: Sequence[Mapping[Any, Any]]
+    database: DatabaseSettings,
+    rows: Sequence[Mapping[Any, Any]],
+    warn_for: Collection[str] | None = None,
 ) -> dict[str, TenantSettings]:
-    """The rows that are valid tenants and claim storage nobody else claims (oldest first)."""
+    """The rows that are valid tenants and claim storage nobody else claims (oldest first).
+    `warn_for`: log only these ids' refusals (a lookup reads other rows to check one)."""
     valid: dict[str, TenantSettings] = {}
     for row in rows:
+        warn = warn_for is None or row["id"] in warn_for
         try:
-            tenant_id = validate_tenant_id(row["id"])
-            if tenant_id in database.tenants:
-                continue  # the configuration file is the source of truth for its tenants
-            tenant = tenant_of_row(row)
-            check_tenant(database, tenant_id, tenant)
+            tenant = valid_row(database, row)
         except Exception as exc:  # one bad row must not take the others down
-            logger.warning("catalog row ignored: %s", _why(exc))
+            if warn:
+                logger.warning("catalog row ignored: %s", _why(exc))
             continue
+        if tenant is None:
+            continue
+        tenant_id = row["id"]
         valid[tenant_id] = tenant
     every = {**database.tenants, **valid}
     index = ClaimIndex(cluster_claims(database, every))
@@ -117,6 +144,8 @@ def accepted_rows(
         claim = claim_of(database, tenant_id, tenant)
         other = index.conflict(claim)
         if other is not None:
+            if warn_for is not None and tenant_id not in warn_for:
+                continue
             logger.warning(
                 "catalog row ignored: %s: its %s is already used by %s",
                 tenant_id,
@@ -139,13 +168,75 @@ def _why(exc: Exception) -> str:
 
 
 class TenantCatalog:
-    """Reads the whole `tenants` table; writes go through `pg_session_router.db.provisioning`."""
+    """Reads the `tenants` table; writes go through `pg_session_router.db.provisioning`."""
 
     def __init__(self, engine: Callable[[], AsyncEngine], database: DatabaseSettings) -> None:
         self._engine = engine
         self._database = database
-        #: Catalog queries made (each reads the whole table).
+        #: Whole reads of the catalog (`load`).
         self.loads = 0
+        #: Lookups by id (`lookup`), each one batch of ids.
+        self.lookups = 0
+        self._has_moves = False
+
+    async def lookup(
+        self, ids: Collection[str]
+    ) -> tuple[dict[str, TenantSettings], dict[str, str]]:
+        """The accepted tenants among `ids`, and their moves under way (see `load`)."""
+        self.lookups += 1
+        query = select(tenants_table).where(tenants_table.c.id.in_(list(ids)))
+        async with self._engine().connect() as connection:
+            found = (await connection.execute(query)).mappings().all()
+            rivals = await self._rivals(connection, found)
+            moving = await self._moves(connection, ids) if found else {}
+        rows = sorted([*found, *rivals], key=lambda r: (r["created_at"], r["id"]))
+        accepted = accepted_rows(self._database, rows, warn_for=set(ids))
+        return {t: accepted[t] for t in ids if t in accepted}, moving
+
+    async def _rivals(
+        self, connection: AsyncConnection, found: Sequence[Mapping[Any, Any]]
+    ) -> Sequence[Mapping[Any, Any]]:
+        """Rows other than `found` that could claim storage one of `found` claims."""
+        claims = []
+        for row in found:
+            tenant = _valid_or_none(self._database, row)
+            if tenant is not None:
+                claims.append((tenant, claim_of(self._database, row["id"], tenant)))
+        if not claims:
+            return []
+        t = tenants_table.c
+        schemas = [claim.schema for _, claim in claims if claim.schema is not None]
+        databases = [claim.database for _, claim in claims]
+        owned = [tenant.cluster for tenant, _ in claims if _owns_a_cluster(tenant)]
+        candidates = or_(
+            t.url.is_not(None),  # a server of its own: compared by server below
+            and_(t.strategy == "database", t.database.is_(None)),  # a whole cluster's database
+            and_(t.strategy == "database", t.database.in_(databases)),
+            and_(t.strategy == "schema", _SCHEMA_CLAIMED.in_(schemas)),
+            and_(t.strategy != "database", t.cluster.in_([c for c in owned if c is not None])),
+        )
+        query = select(tenants_table).where(candidates, t.id.not_in([r["id"] for r in found]))
+        return (await connection.execute(query)).mappings().all()
+
+    async def page(self, after: str | None, limit: int) -> list[tuple[str, TenantSettings | None]]:
+        """Up to `limit` rows with ids after `after`, by id; None for a row that is not valid."""
+        query = select(tenants_table).order_by(tenants_table.c.id).limit(limit)
+        if after is not None:
+            query = query.where(tenants_table.c.id > after)
+        async with self._engine().connect() as connection:
+            rows = (await connection.execute(query)).mappings().all()
+        accepted = accepted_rows(self._database, rows, warn_for=())
+        return [(row["id"], accepted.get(row["id"])) for row in rows]
+
+    async def _moves(self, connection: AsyncConnection, ids: Collection[str]) -> dict[str, str]:
+        if not self._has_moves:
+            self._has_moves = await _has_moves_table(connection)
+            if not self._has_moves:
+                return {}
+        query = select(tenant_moves_table.c.tenant_id, tenant_moves_table.c.state).where(
+            tenant_moves_table.c.tenant_id.in_(list(ids))
+        )
+        return {row.tenant_id: row.state for row in await connection.execute(query)}
 
     async def load(self) -> tuple[dict[str, TenantSettings], dict[str, str]]:
         """The accepted tenants, and the state of each move under way (tenant id -> state)."""
@@ -157,9 +248,26 @@ class TenantCatalog:
         return accepted_rows(self._database, rows), moving
 
 
-async def _moves(connection: AsyncConnection) -> dict[str, str]:
+def _valid_or_none(database: DatabaseSettings, row: Mapping[Any, Any]) -> TenantSettings | None:
+    try:
+        return valid_row(database, row)
+    except Exception:  # refused on its own: `accepted_rows` says why
+        return None
+
+
+def _owns_a_cluster(tenant: TenantSettings) -> bool:
+    """A database tenant placed on a cluster alone: that cluster's database is all its own."""
+    return tenant.strategy == "database" and not tenant.database and tenant.url is None
+
+
+async def _has_moves_table(connection: AsyncConnection) -> bool:
     # A deployment whose catalog predates moves has no such table yet: no move under way.
-    if await connection.scalar(text(f"SELECT to_regclass('{tenant_moves_table.name}')")) is None:
+    found = await connection.scalar(text(f"SELECT to_regclass('{tenant_moves_table.name}')"))
+    return found is not None
+
+
+async def _moves(connection: AsyncConnection) -> dict[str, str]:
+    if not await _has_moves_table(connection):
         return {}
     query = select(tenant_moves_table.c.tenant_id, tenant_moves_table.c.state)
     return {row.tenant_id: row.state for row in await connection.execute(query)}

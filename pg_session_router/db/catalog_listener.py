@@ -1,13 +1,14 @@
 """Catalog changes pushed to every process: LISTEN/NOTIFY on the default cluster's primary.
 
-Adding, enabling, disabling or removing a tenant notifies channel `pgrouter_catalog` in the
-same transaction as the change (PostgreSQL delivers it at COMMIT, never for a rolled-back
-change). Each router started with `start()` listens on a connection of its own to the
-default cluster's current writer and reloads its registry when told, so other processes see
-the change within milliseconds instead of `tenancy.catalog_ttl`. After any disconnection
-(the server restarted, a failover, the backend terminated) it reconnects to whichever node
-is the writer then, with a doubling backoff, and reloads in full: a change notified while
-nobody listened is not lost. The TTL reload stays as the safety net.
+Adding, enabling, disabling, removing or moving a tenant notifies channel `pgrouter_catalog`
+with the tenant's id in the same transaction as the change (PostgreSQL delivers it at COMMIT,
+never for a rolled-back change). Each router started with `start()` listens on a connection
+of its own to the default cluster's current writer and drops that tenant's placement from
+its registry when told, so its next request reads it again: other processes see the change
+within milliseconds instead of `tenancy.catalog_ttl`. After any disconnection (the server
+restarted, a failover, the backend terminated) it reconnects to whichever node is the writer
+then, with a doubling backoff, and marks every placement it holds stale: a change notified
+while nobody listened is not lost. The TTL re-read stays as the safety net.
 """
 
 from __future__ import annotations
@@ -20,6 +21,7 @@ from typing import Any
 from sqlalchemy import TextClause, text
 from sqlalchemy.engine import URL
 
+from pg_session_router.core.names import is_tenant_id
 from pg_session_router.db.driver_errors import describe_error
 from pg_session_router.db.registry import TenantRegistry
 from pg_session_router.db.tasks import cancel_and_wait, connect_direct, start_background
@@ -47,7 +49,6 @@ class CatalogListener:
         self._writer_url = writer_url
         self._connect_timeout = connect_timeout
         self._task: asyncio.Task[None] | None = None
-        self._refreshes: set[asyncio.Task[None]] = set()
         #: Set while subscribed (tests and status wait on it).
         self.listening = asyncio.Event()
 
@@ -68,9 +69,6 @@ class CatalogListener:
     async def stop(self) -> None:
         task, self._task = self._task, None
         await cancel_and_wait(task)
-        # Let reloads in flight finish: cancelled mid-query, they would drop a pooled
-        # connection unreturned.
-        await asyncio.gather(*self._refreshes, return_exceptions=True)
 
     async def _run(self) -> None:
         backoff = _FIRST_BACKOFF
@@ -99,13 +97,14 @@ class CatalogListener:
             await connection.add_listener(CHANNEL, self._notified)
             self.listening.set()
             # Whatever changed while nobody listened (first start, or an outage).
-            await self._registry.refresh()
+            self._registry.invalidate_all()
             await lost.wait()
             logger.info("catalog listener lost its connection: reconnecting")
         finally:
             connection.terminate()
 
     def _notified(self, connection: Any, pid: int, channel: str, payload: str) -> None:
-        refresh = asyncio.get_running_loop().create_task(self._registry.refresh())
-        self._refreshes.add(refresh)
-        refresh.add_done_callback(self._refreshes.discard)
+        if is_tenant_id(payload):
+            self._registry.invalidate(payload)
+        else:  # not one of ours (anyone may NOTIFY): the safe reading is "anything changed"
+            self._registry.invalidate_all()

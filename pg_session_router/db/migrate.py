@@ -153,6 +153,9 @@ def prepare_catalog(conn: Connection) -> None:
     """The router's own tables (`tenants`, `router_last_writes`), created when missing;
     hidden from tenant sessions. The router owns them, not the app's revision history."""
     catalog_metadata.create_all(conn)
+    for table in catalog_metadata.sorted_tables:  # indexes added since the table was created
+        for index in table.indexes:
+            index.create(conn, checkfirst=True)
     # The router's tables are not for tenants: invisible in a tenant's transaction.
     for table in catalog_metadata.sorted_tables:
         enable_row_security(conn, table.name, None, NO_TENANT_SQL)

@@ -262,30 +262,44 @@ async def remove_tenant(
     return removed
 
 
-async def list_tenants(router: SessionRouter) -> list[TenantInfo]:
-    if router.tenants.catalog is not None:
-        await router.tenants.reload()
-    return [
-        TenantInfo(
-            placement.tenant_id,
-            placement.settings,
-            "config" if placement.tenant_id in router.settings.tenants else "catalog",
-        )
-        for placement in sorted(router.tenants, key=lambda p: p.tenant_id)
+@dataclass(frozen=True, slots=True)
+class TenantPage:
+    tenants: list[TenantInfo]
+    #: Pass as `after` for the next page; None on the last page.
+    next_after: str | None
+
+
+async def list_tenants(
+    router: SessionRouter, *, after: str | None = None, limit: int = 1000
+) -> TenantPage:
+    """One page of tenants by id: the configuration file's (on the first page), then the
+    catalog's with ids after `after` (invalid catalog rows are left out). A catalog of any
+    size is listed page by page, never read whole."""
+    configured = [
+        TenantInfo(tenant_id, tenant, "config")
+        for tenant_id, tenant in sorted(router.settings.tenants.items())
+        if after is None
     ]
+    catalog = router.tenants.catalog
+    if catalog is None:
+        return TenantPage(configured, None)
+    rows = await catalog.page(after, limit)
+    catalogued = [TenantInfo(tenant_id, tenant, "catalog") for tenant_id, tenant in rows if tenant]
+    next_after = rows[-1][0] if len(rows) == limit else None
+    return TenantPage(configured + catalogued, next_after)
 
 
 async def catalog_tenant(router: SessionRouter, tenant_id: str) -> TenantSettings:
+    """A catalogued tenant's settings as the catalog has them now (one lookup by id)."""
     validate_tenant_id(tenant_id)
-    if router.tenants.catalog is not None:
-        await router.tenants.reload()
     if tenant_id in router.settings.tenants:
         raise TenantConflictError(
             f"tenant {tenant_id!r} is defined in the configuration file; change it there"
         )
-    if tenant_id not in router.tenants:
+    placement = await router.tenants.lookup(tenant_id)
+    if placement is None:
         raise UnknownTenantError(f"unknown tenant {tenant_id!r}")
-    return router.tenants.settings_of(tenant_id)
+    return placement.settings
 
 
 def _check_settings(router: SessionRouter, tenant_id: str, tenant: TenantSettings) -> None:

@@ -49,5 +49,12 @@ def router_status(
             "catalog_loads": catalog.loads if catalog is not None else None,
             # Subscribed to pushed catalog changes now (None: no catalog or not started).
             "catalog_push": catalog_push,
+            # Tenants known here with a move under way: id -> "copying", "paused" or "moved".
+            "moving": {p.tenant_id: p.moving for p in admission.registry if p.moving},
+        },
+        "clusters": {
+            name: sorted(node.name for node in cluster.nodes)
+            for name, cluster in sorted(topology.clusters.items())
+            if cluster.key.is_configured
         },
     }

@@ -74,5 +74,9 @@ async def _run_standalone(
 def _application_tables(
     item: SchemaItem, name: str | None, type_: str, reflected: bool, compare_to: Any
 ) -> bool:
-    """Autogenerate compares the application's tables only: the router owns its catalog."""
+    """Autogenerate compares the application's tables only: the router owns its catalog
+    (its tables and their indexes)."""
+    if type_ == "index":
+        table = getattr(item, "table", None)
+        return table is None or table.name not in catalog_metadata.tables
     return not (type_ == "table" and name in catalog_metadata.tables)
