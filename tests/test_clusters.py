@@ -20,7 +20,7 @@ from pg_session_router.db.consistency import ConsistencyToken
 from pg_session_router.db.router import SessionRouter
 from pg_session_router.devcluster import DevCluster
 from tests.conftest import two_cluster_config
-from tests.support.cli import run_app
+from tests.support.cli import run_app, toml_of
 from tests.support.faults import eventually
 
 NORTH = {"north-db": "database", "north-schema": "schema", "north-row": "row"}
@@ -110,21 +110,8 @@ async def test_a_primary_down_on_one_cluster_never_touches_the_other(
 def test_migrate_and_check_cover_every_cluster(
     migrated: DevCluster, migrated_two: DevCluster, tmp_path: Path
 ) -> None:
-    config = two_cluster_config(migrated, migrated_two)
-    lines = ["[database.clusters.main]", f'primary = "{config["clusters"]["main"]["primary"]}"']
-    main_replicas = ", ".join(f'"{url}"' for url in config["clusters"]["main"]["replicas"])
-    lines.append(f"replicas = [{main_replicas}]")
-    lines += [
-        "[database.clusters.second]",
-        f'primary = "{config["clusters"]["second"]["primary"]}"',
-    ]
-    second_replicas = ", ".join(f'"{url}"' for url in config["clusters"]["second"]["replicas"])
-    lines.append(f"replicas = [{second_replicas}]")
-    for tenant, settings in config["tenants"].items():
-        lines.append(f"[database.tenants.{tenant}]")
-        lines += [f'{key} = "{value}"' for key, value in settings.items()]
     path = tmp_path / "two.toml"
-    path.write_text("\n".join(lines) + "\n")
+    path.write_text(toml_of({"database": two_cluster_config(migrated, migrated_two)}))
 
     def run(*args: str) -> subprocess.CompletedProcess[str]:
         return run_app(path, *args)

@@ -8,27 +8,35 @@ import asyncio
 import uuid
 from collections.abc import AsyncIterator
 from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
 
 import asyncpg
 import pytest
 from sqlalchemy import text
 
 from app.models import Base
-from pg_session_router.core.errors import DatabaseUnavailableError, TenantConflictError
+from pg_session_router.core.errors import (
+    DatabaseUnavailableError,
+    MoveError,
+    TenantConflictError,
+    TenantMovingError,
+)
 from pg_session_router.core.settings import DatabaseSettings, TenantSettings
 from pg_session_router.db import logical_copy, moves, provisioning
 from pg_session_router.db.migrate import create_all_migrator
 from pg_session_router.db.router import SessionRouter
 from pg_session_router.devcluster import DevCluster
 from tests.conftest import APP_ROLE, two_cluster_config
+from tests.support.cli import run_app, toml_of
 from tests.support.faults import eventually
 
 SEED_ROWS = 500
 CHECKSUM = "SELECT count(*), coalesce(sum(hashtext(id::text || name)), 0) FROM items"
 
 
-def settings(main: DevCluster, second: DevCluster) -> DatabaseSettings:
-    return DatabaseSettings.model_validate(two_cluster_config(main, second))
+def settings(main: DevCluster, second: DevCluster, **overrides: Any) -> DatabaseSettings:
+    return DatabaseSettings.model_validate({**two_cluster_config(main, second), **overrides})
 
 
 @pytest.fixture
@@ -119,11 +127,18 @@ async def reader(router: SessionRouter, tenant: str, load: Load, stop: asyncio.E
 
 @pytest.mark.parametrize("strategy", ["schema", "database"])
 async def test_a_tenant_moves_under_load_without_losing_or_duplicating_a_row(
-    serving: SessionRouter, operator: SessionRouter, migrated: DevCluster, strategy: str
+    serving: SessionRouter,
+    operator: SessionRouter,
+    migrated: DevCluster,
+    migrated_two: DevCluster,
+    strategy: str,
 ) -> None:
     tenant = await seeded(operator, strategy)
     before = await checksum(serving, tenant)
     assert before[0] == SEED_ROWS
+    # A process that never hears of the move (not started: no listener; no TTL re-read).
+    unaware = SessionRouter(settings(migrated, migrated_two, tenancy={"catalog_ttl": 3600.0}))
+    await unaware.tenants.resolve(tenant)
     load, stop = Load(), asyncio.Event()
     clients = [
         *(asyncio.create_task(writer(serving, tenant, me, load, stop)) for me in range(3)),
@@ -159,8 +174,14 @@ async def test_a_tenant_moves_under_load_without_losing_or_duplicating_a_row(
     assert SEED_ROWS <= report.rows <= len(rows)  # counted on the target after the switch
     assert report.source == ("main" if strategy == "schema" else f"main@{tenant_db(tenant)}")
 
-    # The old storage refuses writes (a process that never heard of the move) and is kept
-    # until dropped.
+    # The old storage refuses writes, kept until dropped: a process that never heard of the
+    # move gets 503 (nothing written), and so does anyone writing there by hand.
+    try:
+        with pytest.raises(TenantMovingError):
+            async with unaware.session(tenant=tenant) as session:
+                await session.execute(text("INSERT INTO items (name) VALUES ('stale')"))
+    finally:
+        await unaware.dispose()
     with pytest.raises(asyncpg.PostgresError) as refused:
         await write_directly_to_old_storage(migrated, tenant, strategy)
     assert refused.value.sqlstate == "55R01"
@@ -209,6 +230,8 @@ async def test_an_aborted_move_leaves_the_tenant_working_where_it_was(
         await moves.move_tenant(
             serving, tenant, "second", migrator=create_all_migrator(Base.metadata)
         )
+    with pytest.raises(TenantConflictError, match="move record"):
+        await provisioning.remove_tenant(serving, tenant, drop=True)
     move.cancel()  # the operator's Ctrl-C, halfway
     with pytest.raises(asyncio.CancelledError):
         await move
@@ -256,3 +279,47 @@ async def test_an_aborted_move_leaves_the_tenant_working_where_it_was(
         operator
     )
     await provisioning.remove_tenant(operator, tenant, drop=True)
+
+
+async def test_a_table_that_cannot_move_online_is_refused_before_anything_changes(
+    operator: SessionRouter, migrated_two: DevCluster
+) -> None:
+    tenant = await seeded(operator, "schema")
+    schema = tenant.replace("-", "_")
+    async with operator.session(tenant=tenant) as session:
+        await session.execute(text("CREATE TABLE audit (note text)"))  # no primary key
+    with pytest.raises(MoveError, match="without a primary key cannot be moved online: audit"):
+        await moves.move_tenant(
+            operator, tenant, "second", migrator=create_all_migrator(Base.metadata)
+        )
+    assert tenant not in await moves.moves_under_way(operator)
+    exists = f"SELECT count(*) FROM pg_namespace WHERE nspname = '{schema}'"
+    assert migrated_two.sql("primary", exists, database="app") == "0"
+    await provisioning.remove_tenant(operator, tenant, drop=True)
+
+
+def test_the_command_line_moves_a_tenant_and_reports_it(
+    migrated: DevCluster, migrated_two: DevCluster, tmp_path: Path
+) -> None:
+    """`tenants add` (Alembic), `tenants move` with its report, `check` showing the tenant
+    in motion, `drop-moved`, `remove`: as an operator runs them."""
+    config = tmp_path / "two.toml"
+    config.write_text(toml_of({"database": two_cluster_config(migrated, migrated_two)}))
+    tenant = f"cli-mv-{uuid.uuid4().hex[:6]}"
+
+    def run(*args: str) -> str:
+        done = run_app(config, *args)
+        assert done.returncode == 0, done.stdout + done.stderr
+        return done.stdout
+
+    run("tenants", "add", tenant, "--strategy", "schema")
+    report = run("tenants", "move", tenant, "--to", "second")
+    assert f"tenant {tenant} moved" in report and "write pause" in report
+    assert f"tenants drop-moved {tenant}" in report
+    checked = run("check")
+    assert "tenants in motion" in checked and tenant in checked and "moved" in checked
+    refused = run_app(config, "tenants", "move", tenant, "--abort")
+    assert refused.returncode == 1 and "already switched" in refused.stderr
+    assert "dropped schema" in run("tenants", "drop-moved", tenant)
+    assert "tenants in motion" not in run("check")
+    run("tenants", "remove", tenant, "--drop")

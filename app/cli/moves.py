@@ -9,11 +9,16 @@ undone with `--abort`.
 from __future__ import annotations
 
 import argparse
+import asyncio
+import contextlib
+import signal
+from collections.abc import Iterator
 
 from rich.table import Table
 
 from app.cli.common import console, progress_bar
 from app.db.migrate import app_migrations
+from pg_session_router.core.errors import ConfigError
 from pg_session_router.db import moves
 from pg_session_router.db.router import SessionRouter
 from pg_session_router.migrations import alembic_migrator
@@ -24,7 +29,7 @@ def add_move_commands(actions: argparse._SubParsersAction) -> None:  # type: ign
         "move", help="move a tenant to another cluster online (resumable; --abort undoes)"
     )
     move.add_argument("tenant_id")
-    move.add_argument("--to", required=True, metavar="CLUSTER", help="the target cluster")
+    move.add_argument("--to", metavar="CLUSTER", help="the target cluster (not with --abort)")
     move.add_argument(
         "--abort",
         action="store_true",
@@ -44,14 +49,17 @@ async def run_move(router: SessionRouter, args: argparse.Namespace) -> None:
         await moves.abort_move(router, args.tenant_id)
         print(f"move of tenant {args.tenant_id} aborted: it stays where it was")
         return
-    with progress_bar() as bar:
+    if args.to is None:
+        raise ConfigError("tenants move: --to CLUSTER is required (or --abort)")
+    with progress_bar() as bar, _cancelled_by_signals():
         task = bar.add_task("copying", total=None)
 
         def show(progress: moves.MoveProgress) -> None:
             state = progress.copy
             detail = ""
             if state is not None:
-                lag = "-" if state.lag_bytes is None else f"{state.lag_bytes:,} B behind"
+                behind = state.lag_bytes()
+                lag = "-" if behind is None else f"{behind:,} B behind"
                 detail = f": {state.tables_ready}/{state.tables} tables, {state.rows:,} rows, {lag}"
                 bar.update(task, completed=state.tables_ready, total=state.tables)
             bar.update(task, description=progress.phase + detail)
@@ -77,6 +85,22 @@ async def run_move(router: SessionRouter, args: argparse.Namespace) -> None:
     )
     console().print(table)
     print(f"the old storage stays until: python -m app tenants drop-moved {report.tenant_id}")
+
+
+@contextlib.contextmanager
+def _cancelled_by_signals() -> Iterator[None]:
+    """SIGTERM and SIGHUP (a closed terminal) cancel the move like Ctrl-C, so a switch in
+    progress unfences the source and releases the tenant's writes before the process ends."""
+    loop = asyncio.get_running_loop()
+    task = asyncio.current_task()
+    assert task is not None
+    for signum in (signal.SIGTERM, signal.SIGHUP):
+        loop.add_signal_handler(signum, task.cancel)
+    try:
+        yield
+    finally:
+        for signum in (signal.SIGTERM, signal.SIGHUP):
+            loop.remove_signal_handler(signum)
 
 
 async def run_drop_moved(router: SessionRouter, args: argparse.Namespace) -> None:

@@ -28,10 +28,12 @@ from sqlalchemy import (
     DateTime,
     Index,
     MetaData,
+    Select,
     Table,
     Text,
     and_,
     func,
+    null,
     or_,
     select,
     text,
@@ -184,14 +186,13 @@ class TenantCatalog:
     ) -> tuple[dict[str, TenantSettings], dict[str, str]]:
         """The accepted tenants among `ids`, and their moves under way (see `load`)."""
         self.lookups += 1
-        query = select(tenants_table).where(tenants_table.c.id.in_(list(ids)))
         async with self._engine().connect() as connection:
+            query = (await self._with_moves(connection)).where(tenants_table.c.id.in_(list(ids)))
             found = (await connection.execute(query)).mappings().all()
             rivals = await self._rivals(connection, found)
-            moving = await self._moves(connection, ids) if found else {}
         rows = sorted([*found, *rivals], key=lambda r: (r["created_at"], r["id"]))
         accepted = accepted_rows(self._database, rows, warn_for=set(ids))
-        return {t: accepted[t] for t in ids if t in accepted}, moving
+        return {t: accepted[t] for t in ids if t in accepted}, _moving(found)
 
     async def _rivals(
         self, connection: AsyncConnection, found: Sequence[Mapping[Any, Any]]
@@ -228,24 +229,30 @@ class TenantCatalog:
         accepted = accepted_rows(self._database, rows, warn_for=())
         return [(row["id"], accepted.get(row["id"])) for row in rows]
 
-    async def _moves(self, connection: AsyncConnection, ids: Collection[str]) -> dict[str, str]:
-        if not self._has_moves:
+    async def _with_moves(self, connection: AsyncConnection) -> Select[Any]:
+        """The catalog's rows with the state of their moves, in one statement: read apart, a
+        read overlapping a move's switch could see the old cluster with the new state."""
+        if not self._has_moves:  # a catalog that predates moves has no such table yet
             self._has_moves = await _has_moves_table(connection)
-            if not self._has_moves:
-                return {}
-        query = select(tenant_moves_table.c.tenant_id, tenant_moves_table.c.state).where(
-            tenant_moves_table.c.tenant_id.in_(list(ids))
-        )
-        return {row.tenant_id: row.state for row in await connection.execute(query)}
+        if not self._has_moves:
+            return select(tenants_table, null().label("move_state"))
+        moves = tenant_moves_table
+        joined = tenants_table.outerjoin(moves, moves.c.tenant_id == tenants_table.c.id)
+        return select(tenants_table, moves.c.state.label("move_state")).select_from(joined)
 
     async def load(self) -> tuple[dict[str, TenantSettings], dict[str, str]]:
-        """The accepted tenants, and the state of each move under way (tenant id -> state)."""
+        """Every accepted tenant, and the state of each move (tenant id -> state)."""
         self.loads += 1
-        query = select(tenants_table).order_by(tenants_table.c.created_at, tenants_table.c.id)
         async with self._engine().connect() as connection:
+            query = (await self._with_moves(connection)).order_by(
+                tenants_table.c.created_at, tenants_table.c.id
+            )
             rows = (await connection.execute(query)).mappings().all()
-            moving = await _moves(connection)
-        return accepted_rows(self._database, rows), moving
+        return accepted_rows(self._database, rows), _moving(rows)
+
+
+def _moving(rows: Sequence[Mapping[Any, Any]]) -> dict[str, str]:
+    return {row["id"]: row["move_state"] for row in rows if row["move_state"]}
 
 
 def _valid_or_none(database: DatabaseSettings, row: Mapping[Any, Any]) -> TenantSettings | None:
@@ -264,10 +271,3 @@ async def _has_moves_table(connection: AsyncConnection) -> bool:
     # A deployment whose catalog predates moves has no such table yet: no move under way.
     found = await connection.scalar(text(f"SELECT to_regclass('{tenant_moves_table.name}')"))
     return found is not None
-
-
-async def _moves(connection: AsyncConnection) -> dict[str, str]:
-    if not await _has_moves_table(connection):
-        return {}
-    query = select(tenant_moves_table.c.tenant_id, tenant_moves_table.c.state)
-    return {row.tenant_id: row.state for row in await connection.execute(query)}

@@ -58,12 +58,16 @@ class Storage:
 class CopyProgress:
     tables_ready: int
     tables: int
-    rows: int
-    lag_bytes: int | None  # WAL the target has not confirmed yet (None: not streaming yet)
+    rows: int  # rows the target has applied (statistics: up to a second behind)
+    confirmed: int | None  # WAL position the target has flushed (None: not streaming yet)
+    position: int  # the source's WAL position when this was read
 
     @property
     def copied(self) -> bool:
         return self.tables > 0 and self.tables_ready == self.tables
+
+    def lag_bytes(self) -> int | None:
+        return None if self.confirmed is None else max(0, self.position - self.confirmed)
 
 
 async def connect(storage: Storage, connect_timeout: float) -> Any:
@@ -73,26 +77,58 @@ async def connect(storage: Storage, connect_timeout: float) -> Any:
 
 
 async def tenant_tables(conn: Any, storage: Storage) -> list[str]:
-    """The tenant's tables (sorted), refused if one could not be replicated."""
+    """The tenant's tables (sorted), refused if one could not be replicated or fenced."""
     rows = await conn.fetch(
         """
-        SELECT c.relname, c.relreplident,
+        SELECT c.relname, c.relkind::text AS kind, c.relreplident::text AS identity,
                EXISTS (SELECT 1 FROM pg_index i WHERE i.indrelid = c.oid AND i.indisprimary)
-                   AS has_key
+                   AS has_key,
+               EXISTS (SELECT 1 FROM pg_inherits h WHERE c.oid IN (h.inhrelid, h.inhparent))
+                   AS inherits
         FROM pg_class c JOIN pg_namespace n ON n.oid = c.relnamespace
-        WHERE n.nspname = $1 AND c.relkind = 'r' AND c.relname <> ALL($2::text[])
+        WHERE n.nspname = $1 AND c.relkind IN ('r', 'p') AND c.relname <> ALL($2::text[])
         ORDER BY c.relname
         """,
         storage.schema,
         list(_EXCLUDED_TABLES),
     )
-    keyless = [r["relname"] for r in rows if r["relreplident"] == "d" and not r["has_key"]]
+    _refuse_unmovable(rows)
+    return [r["relname"] for r in rows]
+
+
+def _refuse_unmovable(rows: list[Any]) -> None:
+    if not rows:
+        raise MoveError("the tenant has no tables to move")
+    # A statement on a parent does not fire its partitions' statement triggers: the fence
+    # would not hold. Without a key, PostgreSQL refuses UPDATE and DELETE once published.
+    nested = [r["relname"] for r in rows if r["kind"] == "p" or r["inherits"]]
+    if nested:
+        raise MoveError(f"partitioned or inherited tables cannot move online: {', '.join(nested)}")
+    keyless = [
+        r["relname"]
+        for r in rows
+        if r["identity"] == "n" or (r["identity"] == "d" and not r["has_key"])
+    ]
     if keyless:
         raise MoveError(
             f"tables without a primary key cannot be moved online: {', '.join(keyless)} "
             "(add a primary key, or ALTER TABLE ... REPLICA IDENTITY FULL)"
         )
-    return [r["relname"] for r in rows]
+
+
+async def other_schemas(conn: Any, schema: str) -> list[str]:
+    """Schemas other than `schema` holding tables (a database tenant moves `public` only)."""
+    rows = await conn.fetch(
+        """
+        SELECT DISTINCT n.nspname FROM pg_class c JOIN pg_namespace n ON n.oid = c.relnamespace
+        WHERE c.relkind IN ('r', 'p') AND n.nspname <> $1
+          AND n.nspname NOT IN ('pg_catalog', 'information_schema')
+          AND n.nspname NOT LIKE 'pg\\_%'
+        ORDER BY 1
+        """,
+        schema,
+    )
+    return [r["nspname"] for r in rows]
 
 
 async def row_counts(conn: Any, storage: Storage, tables: list[str]) -> dict[str, int]:
@@ -106,9 +142,14 @@ async def ensure_publication(conn: Any, name: str, storage: Storage, tables: lis
     await conn.execute(f"CREATE PUBLICATION {quote_identifier(name)} FOR TABLE {listed}")
 
 
+#: libpq options carried from the admin URL's query string into the subscription's.
+_CONNINFO_OPTIONS = ("sslmode", "sslrootcert", "sslcert", "sslkey", "sslcrl")
+
+
 def conninfo(url: URL) -> str:
     """A libpq connection string for the subscription (it connects from the target's server
-    to the source's). Stored by PostgreSQL in `pg_subscription`, readable by superusers only."""
+    to the source's, so the host must be one the target can reach). Stored by PostgreSQL in
+    `pg_subscription`, readable by superusers only."""
     parts = {
         "host": url.host or "localhost",
         "port": str(url.port or 5432),
@@ -116,6 +157,10 @@ def conninfo(url: URL) -> str:
         "dbname": url.database or "",
         "password": url.password or "",
     }
+    for option in _CONNINFO_OPTIONS:
+        value = url.query.get(option)
+        if isinstance(value, str):
+            parts[option] = value
     quoted = {k: v.replace("\\", "\\\\").replace("'", "\\'") for k, v in parts.items() if v}
     return " ".join(f"{key}='{value}'" for key, value in quoted.items())
 
@@ -123,6 +168,12 @@ def conninfo(url: URL) -> str:
 async def ensure_subscription(conn: Any, name: str, source: Storage) -> None:
     if await conn.fetchval("SELECT 1 FROM pg_subscription WHERE subname = $1", name):
         return
+    # The statement carries the source's password: keep it out of the server's log even
+    # when it fails, and make sure the literal means what quote_literal assumes.
+    await conn.execute(
+        "SET log_min_error_statement = panic; SET log_statement = 'none'; "
+        "SET standard_conforming_strings = on"
+    )
     ident = quote_identifier(name)
     await conn.execute(
         f"CREATE SUBSCRIPTION {ident} CONNECTION {quote_literal(conninfo(source.admin_url))} "
@@ -144,16 +195,27 @@ async def progress(
         """,
         name,
     )
-    lag = await source.fetchval(
-        """
-        SELECT pg_wal_lsn_diff(pg_current_wal_lsn(), confirmed_flush_lsn)::bigint
-        FROM pg_replication_slots WHERE slot_name = $1
-        """,
+    rows = await target.fetchval(
+        "SELECT coalesce(sum(n_tup_ins), 0)::bigint FROM pg_stat_user_tables "
+        "WHERE schemaname = $1 AND relname = ANY($2::text[])",
+        storage.schema,
+        tables,
+    )
+    position = await wal_position(source)
+    confirmed = await confirmed_position(source, name)
+    ready = sum(1 for state in states if state["srsubstate"] == "r")
+    return CopyProgress(ready, len(tables), int(rows), confirmed, position)
+
+
+async def confirmed_position(source: Any, name: str) -> int | None:
+    """How far the target has applied and flushed the source's WAL (its slot's confirmed
+    position: what the source would resend after a crash of the target starts there)."""
+    confirmed = await source.fetchval(
+        "SELECT pg_wal_lsn_diff(confirmed_flush_lsn, '0/0')::bigint FROM pg_replication_slots "
+        "WHERE slot_name = $1",
         name,
     )
-    rows = sum((await row_counts(target, storage, tables)).values())
-    ready = sum(1 for state in states if state["srsubstate"] == "r")
-    return CopyProgress(ready, len(tables), rows, lag)
+    return None if confirmed is None else int(confirmed)
 
 
 async def fence(
@@ -176,28 +238,34 @@ async def fence(
             )
 
 
-async def unfence(conn: Any, storage: Storage, tables: list[str]) -> None:
+async def unfence(conn: Any, storage: Storage) -> None:
+    """Remove the fence wherever it is (whatever tables the schema holds now)."""
+    triggers = await conn.fetch(
+        """
+        SELECT c.relname FROM pg_trigger t JOIN pg_class c ON c.oid = t.tgrelid
+        JOIN pg_namespace n ON n.oid = c.relnamespace WHERE t.tgname = $1 AND n.nspname = $2
+        """,
+        FENCE,
+        storage.schema,
+    )
     async with conn.transaction():
-        for table in tables:
-            await conn.execute(f"DROP TRIGGER IF EXISTS {FENCE} ON {storage.table(table)}")
+        for row in triggers:
+            await conn.execute(f"DROP TRIGGER IF EXISTS {FENCE} ON {storage.table(row['relname'])}")
         await conn.execute(f"DROP FUNCTION IF EXISTS {quote_identifier(storage.schema)}.{FENCE}()")
 
 
 async def wal_position(conn: Any) -> int:
-    return int(await conn.fetchval("SELECT pg_wal_lsn_diff(pg_current_wal_lsn(), '0/0')::bigint"))
+    """The insert position: it covers every commit made so far, asynchronous ones included
+    (the write position may lag behind those)."""
+    lsn = await conn.fetchval("SELECT pg_wal_lsn_diff(pg_current_wal_insert_lsn(), '0/0')::bigint")
+    return int(lsn)
 
 
-async def wait_confirmed(conn: Any, name: str, position: int, within: float) -> bool:
-    """Until the subscription has applied and confirmed the source's WAL up to `position`."""
+async def wait_confirmed(source: Any, name: str, position: int, within: float) -> bool:
+    """Until the target has applied and flushed the source's WAL up to `position`."""
     deadline = time.monotonic() + within
     while time.monotonic() < deadline:
-        confirmed = await conn.fetchval(
-            """
-            SELECT pg_wal_lsn_diff(latest_end_lsn, '0/0')::bigint FROM pg_stat_subscription
-            WHERE subname = $1 AND relid IS NULL
-            """,
-            name,
-        )
+        confirmed = await confirmed_position(source, name)
         if confirmed is not None and confirmed >= position:
             return True
         await asyncio.sleep(0.01)

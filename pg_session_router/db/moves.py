@@ -27,12 +27,14 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
+import hashlib
 import time
 from collections.abc import AsyncIterator, Callable
 from dataclasses import dataclass
 from typing import Any
 
 from sqlalchemy import delete, insert, select, text, update
+from sqlalchemy.ext.asyncio import AsyncSession
 
 from pg_session_router.core.errors import ConfigError, MoveError, TenantConflictError
 from pg_session_router.core.settings import TenantSettings
@@ -43,10 +45,11 @@ from pg_session_router.db.keys import ClusterKey
 from pg_session_router.db.migrate import TargetMigrator, target_of
 from pg_session_router.db.provisioning import (
     catalog_tenant,
-    refuse_conflicts_of_move,
+    reserve_move_target,
     wait_for_replicas,
 )
 from pg_session_router.db.router import SessionRouter
+from pg_session_router.db.tasks import connect_direct
 from pg_session_router.db.tenancy import Placement, place
 from pg_session_router.db.tenant_storage import DataRemoved, create_storage, drop_storage
 
@@ -114,7 +117,6 @@ async def move_tenant(
             move = _plan(
                 router, tenant_id, tenant, tenant.cluster or router.tenants.default_cluster, to
             )
-            await refuse_conflicts_of_move(router, tenant_id, move.target_placement.settings)
             await _start(router, move)
         else:
             if record["target_cluster"] != to:
@@ -164,9 +166,8 @@ async def abort_move(router: SessionRouter, tenant_id: str) -> None:
         else:  # the move stopped before creating it: nothing subscribes
             async with _connected(router, move.source) as source:
                 await copy.drop_publication(source, move.name)
-        tables = await _tables(router, move.source)
         async with _connected(router, move.source) as conn:
-            await copy.unfence(conn, move.source, tables)
+            await copy.unfence(conn, move.source)
         if target_exists:
             await router.close_tenant_cluster(move.target_placement.cluster_key)
             await drop_storage(router, move.target_placement, None)
@@ -189,6 +190,11 @@ async def drop_moved(router: SessionRouter, tenant_id: str) -> DataRemoved:
         old_placement = place(tenant_id, old, router.tenants.default_cluster)
         if old_placement.cluster_key == router.tenants.placement(tenant_id).cluster_key:
             raise MoveError(f"tenant {tenant_id!r} lives on {record['source_cluster']!r}")
+        source_settings = tenant.model_copy(update={"cluster": record["source_cluster"]})
+        move = _plan(
+            router, tenant_id, source_settings, record["source_cluster"], record["target_cluster"]
+        )
+        await _drop_replication(router, move)  # a cleanup that failed after the switch
         await router.close_tenant_cluster(old_placement.cluster_key)
         removed = await drop_storage(router, old_placement, None)
         await _catalog_change(
@@ -255,19 +261,33 @@ def _storage(router: SessionRouter, placement: Placement) -> copy.Storage:
 
 
 async def _start(router: SessionRouter, move: _Move) -> None:
-    """Refuse a target that exists already (it may be someone's), then record the move."""
-    if await _storage_exists(router, move.target, move.target_placement):
-        raise TenantConflictError(
-            f"the target {_describe(move.target_placement)} exists on "
-            f"{move.target_placement.cluster_key.cluster!r} already; drop it first"
-        )
+    """Under the management lock: refuse a target claimed by a tenant or existing already
+    (it may be someone's), then record the move, which claims the target from then on."""
     values = {
         "tenant_id": move.tenant_id,
         "source_cluster": move.source_placement.cluster_key.cluster,
         "target_cluster": move.target_placement.cluster_key.cluster,
         "state": "copying",
     }
-    await _catalog_change(router, move.tenant_id, insert(tenant_moves_table).values(**values))
+
+    async def record(session: AsyncSession) -> None:
+        async with _connected(router, move.source) as source:
+            await copy.tenant_tables(source, move.source)  # refuses what cannot move online
+            others = await copy.other_schemas(source, "public")
+        if move.source_placement.strategy == "database" and others:
+            raise MoveError(
+                "a database tenant moves its public schema only; it has tables in "
+                f"{', '.join(others)}"
+            )
+        if await _storage_exists(router, move.target, move.target_placement):
+            raise TenantConflictError(
+                f"the target {_describe(move.target_placement)} exists on "
+                f"{move.target_placement.cluster_key.cluster!r} already; drop it first"
+            )
+        await session.execute(insert(tenant_moves_table).values(**values))
+        await session.execute(notify_statement(move.tenant_id))
+
+    await reserve_move_target(router, move.tenant_id, move.target_placement.settings, record)
 
 
 async def _prepare_target(
@@ -287,12 +307,18 @@ async def _copy(router: SessionRouter, move: _Move, notify: Progress, within: fl
             raise MoveError("the target tables hold rows already: abort and start again")
         await copy.ensure_publication(source, move.name, move.source, tables)
         await copy.ensure_subscription(target, move.name, move.source)
+        previous: int | None = None
         while True:
             state = await copy.progress(source, target, move.name, move.target, tables)
-            caught_up = state.lag_bytes is not None and state.lag_bytes <= CATCH_UP_BYTES
+            # Caught up: the target has confirmed what the source had written one poll ago
+            # (on a busy shared cluster, "no bytes behind" may never be true).
+            caught_up = (
+                previous is not None and state.confirmed is not None and state.confirmed >= previous
+            )
             notify(MoveProgress("catching up" if state.copied else "copying", state))
             if state.copied and caught_up:
                 return
+            previous = state.position if state.copied else None
             if deadline is not None and time.monotonic() > deadline:
                 raise MoveError("the copy did not finish in time; run the move again to resume")
             await asyncio.sleep(_POLL)
@@ -303,7 +329,7 @@ async def _switch(router: SessionRouter, move: _Move, notify: Progress) -> int:
     notify(MoveProgress("switching"))
     tenant = move.source_placement.settings
     paused_at = time.monotonic()
-    await _set_state(router, move.tenant_id, "paused")
+    await _set_state(router, move.tenant_id, "paused", expected=("copying", "paused"))
     router.tenants.remember(move.tenant_id, tenant, "paused")
     try:
         await _fence_and_apply(router, move)
@@ -313,15 +339,18 @@ async def _switch(router: SessionRouter, move: _Move, notify: Progress) -> int:
     pause_ms = round((time.monotonic() - paused_at) * 1000)
     target_settings = move.target_placement.settings
     async with router.session() as session:
+        switched = await session.execute(
+            update(tenant_moves_table)
+            .where(tenant_moves_table.c.tenant_id == move.tenant_id)
+            .where(tenant_moves_table.c.state == "paused")
+            .values(state="moved", write_pause_ms=pause_ms)
+        )
+        if switched.rowcount != 1:  # type: ignore[attr-defined]
+            raise MoveError("the move's record changed under it (aborted by someone?)")
         await session.execute(
             update(tenants_table)
             .where(tenants_table.c.id == move.tenant_id)
             .values(cluster=target_settings.cluster)
-        )
-        await session.execute(
-            update(tenant_moves_table)
-            .where(tenant_moves_table.c.tenant_id == move.tenant_id)
-            .values(state="moved", write_pause_ms=pause_ms)
         )
         await session.execute(notify_statement(move.tenant_id))
     router.tenants.remember(move.tenant_id, target_settings, "moved")
@@ -340,23 +369,31 @@ async def _fence_and_apply(router: SessionRouter, move: _Move) -> None:
                 f"than the write pause ({pause:g} s); nothing changed, run the move again"
             ) from exc
         final = await copy.wal_position(source)
-        if not await copy.wait_confirmed(target, move.name, final, FINAL_APPLY_TIMEOUT):
+        if not await copy.wait_confirmed(source, move.name, final, FINAL_APPLY_TIMEOUT):
             raise MoveError("the target did not apply the last changes in time; run it again")
         before = await copy.row_counts(source, move.source, tables)
         after = await copy.row_counts(target, move.target, tables)
         if before != after:
             raise MoveError(f"row counts differ after the copy (source {before}, target {after})")
         await copy.copy_sequences(source, target, move.source)
-    await wait_for_replicas(router, ClusterKey.configured(move.target_placement.cluster_key.stream))
+    target_stream = ClusterKey.configured(move.target_placement.cluster_key.stream)
+    if not await wait_for_replicas(router, target_stream):
+        raise MoveError("the target's replicas did not replay the copy in time; run it again")
 
 
 async def _resume_writes(router: SessionRouter, move: _Move) -> None:
-    """A switch that failed: unfence the source and let writes go there again."""
-    with contextlib.suppress(Exception):  # the source may be what failed; the state matters
-        tables = await _tables(router, move.source)
+    """A switch that failed: unfence the source and let writes go there again. If the
+    fence cannot be removed, the state stays "paused" (writes answered 503), never a
+    "copying" that says writable while the source refuses every write."""
+    try:
         async with _connected(router, move.source) as conn:
-            await copy.unfence(conn, move.source, tables)
-    await _set_state(router, move.tenant_id, "copying")
+            await copy.unfence(conn, move.source)
+    except Exception as exc:
+        raise MoveError(
+            "the switch failed and the source could not be unfenced: the tenant's writes stay "
+            "paused; run the move again, or abort it (tenants move --abort)"
+        ) from exc
+    await _set_state(router, move.tenant_id, "copying", expected=("paused",))
     router.tenants.remember(move.tenant_id, move.source_placement.settings, "copying")
 
 
@@ -393,14 +430,19 @@ async def _record(router: SessionRouter, tenant_id: str) -> dict[str, Any] | Non
     return None if row is None else dict(row)
 
 
-async def _set_state(router: SessionRouter, tenant_id: str, state: str) -> None:
-    await _catalog_change(
-        router,
-        tenant_id,
-        update(tenant_moves_table)
-        .where(tenant_moves_table.c.tenant_id == tenant_id)
-        .values(state=state),
-    )
+async def _set_state(
+    router: SessionRouter, tenant_id: str, state: str, *, expected: tuple[str, ...]
+) -> None:
+    async with router.session() as session:
+        changed = await session.execute(
+            update(tenant_moves_table)
+            .where(tenant_moves_table.c.tenant_id == tenant_id)
+            .where(tenant_moves_table.c.state.in_(expected))
+            .values(state=state)
+        )
+        if changed.rowcount != 1:  # type: ignore[attr-defined]
+            raise MoveError("the move's record changed under it (aborted by someone?)")
+        await session.execute(notify_statement(tenant_id))
 
 
 async def _catalog_change(router: SessionRouter, tenant_id: str, statement: Any) -> None:
@@ -412,21 +454,24 @@ async def _catalog_change(router: SessionRouter, tenant_id: str, statement: Any)
 
 @contextlib.asynccontextmanager
 async def _move_lock(router: SessionRouter, tenant_id: str) -> AsyncIterator[None]:
-    """Held for the whole move on a connection of its own: a second move, abort or drop of
-    the same tenant is refused while it runs (and a crashed move's lock goes with it)."""
-    key = int.from_bytes(copy.copy_name(tenant_id).encode()[-8:], "big") & 0x7FFF_FFFF_FFFF_FFFF
-    async with router.default_cluster.primary.engine.connect() as conn:
-        got = await conn.scalar(text("SELECT pg_try_advisory_lock(:key)").bindparams(key=key))
-        await conn.commit()
-        if not got:
+    """Held for the whole move on a direct connection of its own (not a pooled one, which
+    would keep it after an unlock that failed): a second move, abort or drop of the same
+    tenant is refused while it runs, and a crashed move's lock goes with its connection."""
+    digest = hashlib.sha256(f"pgrouter-move:{tenant_id}".encode()).digest()
+    key = int.from_bytes(digest[:8], "big") & 0x7FFF_FFFF_FFFF_FFFF
+    writer = router.default_cluster.writer()
+    url = (writer or router.default_cluster.primary).url
+    conn = await connect_direct(
+        url, connect_timeout=router.settings.connect_timeout, application_name=copy.APPLICATION_NAME
+    )
+    try:
+        if not await conn.fetchval("SELECT pg_try_advisory_lock($1)", key):
             raise TenantConflictError(
                 f"tenant {tenant_id!r} is being moved by another process right now"
             )
-        try:
-            yield
-        finally:
-            await conn.execute(text("SELECT pg_advisory_unlock(:key)").bindparams(key=key))
-            await conn.commit()
+        yield
+    finally:
+        await conn.close()  # releases the lock
 
 
 @contextlib.asynccontextmanager
@@ -442,11 +487,6 @@ async def _connected(
         yield conn
     finally:
         await conn.close()
-
-
-async def _tables(router: SessionRouter, storage: copy.Storage) -> list[str]:
-    async with _connected(router, storage) as conn:
-        return await copy.tenant_tables(conn, storage)
 
 
 async def _storage_exists(

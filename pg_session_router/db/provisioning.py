@@ -22,7 +22,7 @@ from __future__ import annotations
 import asyncio
 import logging
 import time
-from collections.abc import Mapping, Sequence
+from collections.abc import Awaitable, Callable, Mapping, Sequence
 from dataclasses import dataclass
 from typing import Any
 
@@ -127,6 +127,7 @@ async def _refuse_conflicts(
     rows = (await session.execute(select(tenants_table))).mappings().all()
     if tenant_id in settings.tenants or any(row["id"] == tenant_id for row in rows):
         raise TenantConflictError(f"tenant {tenant_id!r} already exists")
+    await refuse_while_moving(session, tenant_id)
     await _refuse_claimed(router, session, rows, tenant_id, tenant)
 
 
@@ -164,14 +165,34 @@ async def _move_claims(
     return claims
 
 
-async def refuse_conflicts_of_move(
-    router: SessionRouter, tenant_id: str, target: TenantSettings
+async def reserve_move_target(
+    router: SessionRouter,
+    tenant_id: str,
+    target: TenantSettings,
+    record: Callable[[AsyncSession], Awaitable[None]],
 ) -> None:
-    """Before a move starts: its target storage must be nobody else's."""
+    """Before a move starts, under the management lock: its target storage must be nobody
+    else's; `record` writes the move in the same transaction, so a tenant added meanwhile
+    sees the claim."""
     async with router.session() as session:
         await session.execute(_MANAGEMENT_LOCK)
         rows = (await session.execute(select(tenants_table))).mappings().all()
         await _refuse_claimed(router, session, rows, tenant_id, target)
+        await record(session)
+
+
+async def refuse_while_moving(session: AsyncSession, tenant_id: str) -> None:
+    """A tenant with a move record (under way, or old storage not dropped) is not removed
+    or re-added: the move's replication and storage would be left behind, or inherited."""
+    if await session.scalar(text(f"SELECT to_regclass('{tenant_moves_table.name}')")) is None:
+        return
+    query = select(tenant_moves_table.c.state).where(tenant_moves_table.c.tenant_id == tenant_id)
+    state = await session.scalar(query)
+    if state is not None:
+        raise TenantConflictError(
+            f"tenant {tenant_id!r} has a move record ({state}): finish it, abort it "
+            "(tenants move --abort) or drop its old storage (tenants drop-moved) first"
+        )
 
 
 async def _undo_add(router: SessionRouter, placement: Placement, *, created: bool) -> None:
@@ -248,6 +269,8 @@ async def remove_tenant(
     """Unroutable at once here. With `drop`, its data is deleted too (a row tenant's rows need
     the `metadata` of the tenant tables); returns what was deleted."""
     tenant = await catalog_tenant(router, tenant_id)
+    async with router.session() as session:  # the primary: a move just recorded counts
+        await refuse_while_moving(session, tenant_id)
     placement = place(tenant_id, tenant, router.tenants.default_cluster)
     if drop and placement.strategy == "row" and metadata is None:
         raise ConfigError("dropping a row tenant's data needs the MetaData of the tenant tables")

@@ -3,10 +3,12 @@ as an operator would: a subprocess in the checkout, configured by a TOML file.""
 
 from __future__ import annotations
 
+import json
 import os
 import subprocess
 import sys
 from pathlib import Path
+from typing import Any
 
 from app.core.config import CONFIG_FILE_ENV
 
@@ -25,3 +27,26 @@ def run_app(
         text=True,
         timeout=timeout,
     )
+
+
+def toml_of(table: dict[str, Any], prefix: str = "") -> str:
+    """A TOML document of nested dicts of strings, numbers, booleans and lists of strings
+    (what the app's configuration files hold)."""
+    scalars, tables = [], []
+    for key, value in table.items():
+        if isinstance(value, dict):
+            tables.append(toml_of(value, f"{prefix}.{key}" if prefix else key))
+        else:
+            scalars.append(f"{key} = {_toml_value(value)}")
+    header = [f"[{prefix}]"] if prefix and scalars else []
+    return "\n".join([*header, *scalars, *tables]) + "\n"
+
+
+def _toml_value(value: Any) -> str:
+    if isinstance(value, bool):
+        return "true" if value else "false"
+    if isinstance(value, int | float):
+        return str(value)
+    if isinstance(value, list):
+        return "[" + ", ".join(_toml_value(item) for item in value) + "]"
+    return json.dumps(str(value))
