@@ -12,7 +12,17 @@ import datetime
 import sys
 from pathlib import Path
 
-from bench import consistency, failover, http, migrations, overhead, proxy, tenants
+from bench import (
+    catalog,
+    consistency,
+    failover,
+    http,
+    migrations,
+    move,
+    overhead,
+    proxy,
+    tenants,
+)
 from bench.common import machine
 
 BENCHMARKS = {
@@ -23,6 +33,8 @@ BENCHMARKS = {
     "tenants": tenants.main,
     "migrations": migrations.main,
     "consistency": consistency.main,
+    "catalog": catalog.main,
+    "move": move.main,
 }
 HEADER = """# Benchmark results
 

@@ -136,6 +136,14 @@ class ClusterSettings(_Section):
     )
     nodes: list[DatabaseUrl] = Field(default_factory=list)
     pool: PoolSettings = PoolSettings()
+    #: What stands between the router and these servers: "none", or "pgbouncer-transaction"
+    #: (a transaction-mode pooler such as PgBouncer's `pool_mode = transaction`): then no
+    #: prepared statement is cached or named twice, and tenant settings last one transaction.
+    pooler: Literal["none", "pgbouncer-transaction"] = "none"
+    #: The servers behind the pooler, by node (`primary`, `replica1`, `node1`...): health
+    #: probes, the catalog listener and move locks connect there (a pooler answers even when
+    #: its server is gone, and LISTEN or session locks cannot go through transaction pooling).
+    probe_urls: dict[Identifier, DatabaseUrl] = Field(default_factory=dict)
     #: A superuser connection to this cluster's primary, for online tenant moves only
     #: (`tenants move`: publications, subscriptions and replication need it; PostgreSQL 15
     #: lets only superusers create subscriptions). Sessions never use it.

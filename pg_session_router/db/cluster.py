@@ -15,6 +15,7 @@ from __future__ import annotations
 
 import logging
 import time
+import uuid
 from collections.abc import Sequence
 from typing import Any, Literal
 
@@ -87,6 +88,21 @@ def _clean_for_use_outside_the_router(connection: Any) -> None:
         connection.invalidate(exc)
 
 
+def _unique_statement_name() -> str:
+    return f"__asyncpg_{uuid.uuid4().hex}__"
+
+
+#: Behind a transaction-mode pooler, consecutive statements of one client may run on different
+#: server connections, and one server connection serves many clients: no statement cache
+#: (asyncpg's or SQLAlchemy's), and every prepared statement named uniquely, so that no client
+#: finds another's statement, or misses its own (sqlalchemy#6467, asyncpg#1058).
+POOLER_CONNECT_ARGS: dict[str, Any] = {
+    "statement_cache_size": 0,
+    "prepared_statement_cache_size": 0,
+    "prepared_statement_name_func": _unique_statement_name,
+}
+
+
 class MeasuredPool(AsyncAdaptedQueuePool):
     """SQLAlchemy's asyncio queue pool, counting checkouts and the seconds they waited (for
     a free connection, or for a new one to connect): two clock reads per checkout. Counts
@@ -118,8 +134,14 @@ class Node:
         connect_timeout: float,
         session: SessionSettings,
         weight: int = 1,
+        behind_pooler: bool = False,
+        direct_url: URL | None = None,
     ) -> None:
         self.name = name
+        self.behind_pooler = behind_pooler
+        #: The server itself, on this node's database (not through a pooler): for what a
+        #: transaction pooler cannot carry (LISTEN, session advisory locks).
+        self.direct_url = direct_url or url
         self.configured_role = configured_role
         self.url = url
         self.health = health
@@ -139,6 +161,7 @@ class Node:
                 # asyncpg's `timeout` bounds TCP connect plus the startup handshake.
                 "timeout": connect_timeout,
                 "server_settings": {"application_name": f"session-router:{name}"},
+                **(POOLER_CONNECT_ARGS if behind_pooler else {}),
             },
         )
         event.listen(self.engine.sync_engine, "checkout", _discard_closed_connections)
@@ -245,17 +268,20 @@ class Cluster:
         """Build the cluster; a key naming a database swaps it in on every node (tenants)."""
 
         def node(role: Role | None, label: str, url: URL, weight: int = 1) -> Node:
+            probe = settings.probe_urls.get(label, url)
             if key.database is not None:
-                url = url.set(database=key.database)
+                url, probe = url.set(database=key.database), probe.set(database=key.database)
             return Node(
                 f"{key.name}.{label}",
                 role,
                 url,
                 pool or settings.pool,
-                health=monitor.server(url),
+                health=monitor.server(probe),  # the server itself, even behind a pooler
                 connect_timeout=database.connect_timeout,
                 session=database.session,
                 weight=weight,
+                behind_pooler=settings.pooler != "none",
+                direct_url=probe,
             )
 
         nodes: list[Node] = []

@@ -460,7 +460,7 @@ async def _move_lock(router: SessionRouter, tenant_id: str) -> AsyncIterator[Non
     digest = hashlib.sha256(f"pgrouter-move:{tenant_id}".encode()).digest()
     key = int.from_bytes(digest[:8], "big") & 0x7FFF_FFFF_FFFF_FFFF
     writer = router.default_cluster.writer()
-    url = (writer or router.default_cluster.primary).url
+    url = (writer or router.default_cluster.primary).direct_url  # the server, not a pooler
     conn = await connect_direct(
         url, connect_timeout=router.settings.connect_timeout, application_name=copy.APPLICATION_NAME
     )

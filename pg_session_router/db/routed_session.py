@@ -36,6 +36,10 @@ class RoutedSession(Session):
     """
 
     connection_setup: str | None = None
+    #: Behind a transaction-mode pooler: the tenant's settings for each transaction alone,
+    #: sent inside it (one statement more per transaction); nothing is left on a connection.
+    transaction_setup: str | None = None
+    per_transaction: bool = False
     tenant_id: str | None = None
     #: Set around a COMMIT whose WAL position is wanted (a consistency token): the connection
     #: to read it on, after the COMMIT but before the connection goes back to the pool.
@@ -133,6 +137,10 @@ def _run_transaction_setup(
     # Runs when a transaction begins, before any statement of the caller's (and before the
     # BEGIN itself, which SQLAlchemy's asyncpg dialect sends with the first statement), so ORM
     # statements and raw text() alike see only the tenant's schema or rows.
+    if session.per_transaction:
+        if session.transaction_setup is not None:
+            connection.exec_driver_sql(session.transaction_setup)
+        return
     info = connection.connection.info
     # Keyed on the setup too: a tenant removed and added again elsewhere gets set up anew.
     owner = None if session.tenant_id is None else (session.tenant_id, session.connection_setup)

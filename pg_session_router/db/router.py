@@ -222,7 +222,8 @@ class SessionRouter:
 
     def _writer_url(self) -> URL | None:
         writer = self.default_cluster.writer()
-        return writer.url if writer is not None else None
+        # The server itself (its probe URL): LISTEN cannot go through a transaction pooler.
+        return writer.direct_url if writer is not None else None
 
     @property
     def loop_closed(self) -> bool:

@@ -39,13 +39,16 @@ CURRENT_ROW_TENANT_SQL = f"NULLIF(current_setting('{ROW_TENANT_SETTING}', true),
 ROW_TENANT_SEARCH_PATH = "public, pg_temp"
 
 
-def connection_setup(tenant_id: str, search_path: str, *, rows: bool) -> str:
+def connection_setup(tenant_id: str, search_path: str, *, rows: bool, local: bool = False) -> str:
     """The statement that sets a connection up for a tenant (ids and schema names are
-    validated before they get here; they are quoted all the same)."""
+    validated before they get here; they are quoted all the same). `local`: for this
+    transaction only (behind a transaction-mode pooler, the next transaction may run on
+    another client's server connection)."""
     settings = [("search_path", search_path), (SERVED_TENANT_SETTING, tenant_id)]
     if rows:
         settings.append((ROW_TENANT_SETTING, tenant_id))
-    calls = ", ".join(f"set_config('{name}', {quote_literal(v)}, false)" for name, v in settings)
+    scope = "true" if local else "false"
+    calls = ", ".join(f"set_config('{name}', {quote_literal(v)}, {scope})" for name, v in settings)
     return f"SELECT {calls}"
 
 
@@ -62,6 +65,8 @@ class Placement:
     settings: TenantSettings
     cluster_key: ClusterKey
     connection_setup: str | None
+    #: The same settings for one transaction only (clusters behind a transaction pooler).
+    transaction_setup: str | None
     #: `schema`: the schema holding the tenant's tables. `database`: the database name.
     schema: str | None = None
     database: str | None = None
@@ -100,7 +105,7 @@ class DatabaseStrategy:
             key, database = ClusterKey.configured(settings.cluster), None
         else:  # refused by TenantSettings' own validation
             raise ValueError("a database tenant needs url, database or cluster")
-        return Placement(tenant_id, settings, key, None, database=database)
+        return Placement(tenant_id, settings, key, None, None, database=database)
 
 
 class SchemaStrategy:
@@ -110,9 +115,11 @@ class SchemaStrategy:
 
     def place(self, tenant_id: str, settings: TenantSettings, default_cluster: str) -> Placement:
         schema = settings.schema_name or default_schema_name(tenant_id)
-        setup = connection_setup(tenant_id, f"{quote_identifier(schema)}, pg_temp", rows=False)
+        path = f"{quote_identifier(schema)}, pg_temp"
+        setup = connection_setup(tenant_id, path, rows=False)
+        local = connection_setup(tenant_id, path, rows=False, local=True)
         cluster = ClusterKey.configured(settings.cluster or default_cluster)
-        return Placement(tenant_id, settings, cluster, setup, schema=schema)
+        return Placement(tenant_id, settings, cluster, setup, local, schema=schema)
 
 
 class RowStrategy:
@@ -122,8 +129,9 @@ class RowStrategy:
 
     def place(self, tenant_id: str, settings: TenantSettings, default_cluster: str) -> Placement:
         setup = connection_setup(tenant_id, ROW_TENANT_SEARCH_PATH, rows=True)
+        local = connection_setup(tenant_id, ROW_TENANT_SEARCH_PATH, rows=True, local=True)
         cluster = ClusterKey.configured(settings.cluster or default_cluster)
-        return Placement(tenant_id, settings, cluster, setup)
+        return Placement(tenant_id, settings, cluster, setup, local)
 
 
 STRATEGIES: dict[str, DatabaseStrategy | SchemaStrategy | RowStrategy] = {

@@ -181,6 +181,8 @@ class SessionOpener:
         if route.placement is not None:
             routed.tenant_id = route.placement.tenant_id
             routed.connection_setup = route.placement.connection_setup
+            routed.transaction_setup = route.placement.transaction_setup
+        routed.per_transaction = route.node.behind_pooler
         session.info["node"] = route.node.name
         session.info["route_reason"] = route.reason
         routed.route = route
