@@ -83,7 +83,9 @@ async def workload(router: SessionRouter, clients: int = 8, rounds: int = 6) -> 
         for n in range(rounds):
             try:
                 async with router.session(read_only=n % 2 == 0) as session:
-                    await session.scalar(text("SELECT CAST(:a AS integer) + CAST(:b AS integer)"), {"a": me, "b": n})
+                    await session.scalar(
+                        text("SELECT CAST(:a AS integer) + CAST(:b AS integer)"), {"a": me, "b": n}
+                    )
                     await session.scalar(
                         text("SELECT count(*) FROM pg_class WHERE oid > :o"), {"o": n}
                     )
