@@ -205,3 +205,10 @@ class MoveError(RouterError):
     """A tenant move could not go on; the tenant stays where the catalog says it is."""
 
     code = "move_failed"
+
+
+class CredentialsError(ConfigError):
+    """A password provider could not give a password (a variable unset, a file unreadable,
+    a function failing). Names the source, never a secret."""
+
+    code = "credentials_error"

@@ -15,6 +15,7 @@ configuration never prints the secret it contained.
 
 from __future__ import annotations
 
+from pathlib import Path
 from typing import Annotated, Literal
 
 from pydantic import (
@@ -123,6 +124,26 @@ class ReplicaSettings(_Section):
     weight: PositiveInt = 1
 
 
+class CredentialsSettings(_Section):
+    """Where a cluster's password comes from, instead of its URLs (exactly one source):
+    read at connect time, so a rotated secret is used by the next connection."""
+
+    #: An environment variable holding the password.
+    env: str | None = Field(default=None, pattern=r"^[A-Za-z_][A-Za-z0-9_]*$")
+    #: A file holding the password (re-read when it changes: mounted secrets rotate).
+    file: Path | None = None
+    #: `module:function`, an async function returning the password, or (password, seconds
+    #: it stays valid), e.g. a cloud IAM token; cached until then.
+    function: str | None = Field(default=None, pattern=r"^[A-Za-z_][\w.]*:[A-Za-z_]\w*$")
+
+    @model_validator(mode="after")
+    def _exactly_one(self) -> CredentialsSettings:
+        given = [name for name in ("env", "file", "function") if getattr(self, name)]
+        if len(given) != 1:
+            raise ValueError("give exactly one of env, file, function")
+        return self
+
+
 class ClusterSettings(_Section):
     """A primary and the streaming replicas that follow it.
 
@@ -144,10 +165,24 @@ class ClusterSettings(_Section):
     #: probes, the catalog listener and move locks connect there (a pooler answers even when
     #: its server is gone, and LISTEN or session locks cannot go through transaction pooling).
     probe_urls: dict[Identifier, DatabaseUrl] = Field(default_factory=dict)
+    #: The password of every node of this cluster (and of its `probe_urls`), from a provider
+    #: instead of the URLs (which must then carry none).
+    credentials: CredentialsSettings | None = None
     #: A superuser connection to this cluster's primary, for online tenant moves only
     #: (`tenants move`: publications, subscriptions and replication need it; PostgreSQL 15
     #: lets only superusers create subscriptions). Sessions never use it.
     admin: DatabaseUrl | None = None
+
+    @model_validator(mode="after")
+    def _one_source_of_passwords(self) -> ClusterSettings:
+        if self.credentials is not None:
+            urls = [self.primary, *(r.url for r in self.replicas), *self.nodes]
+            urls += list(self.probe_urls.values())
+            if any(url is not None and url.password for url in urls):
+                raise ValueError(
+                    "credentials: the URLs must not carry a password as well (one source)"
+                )
+        return self
 
 
 class HealthSettings(_Section):

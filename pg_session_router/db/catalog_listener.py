@@ -19,9 +19,9 @@ from collections.abc import Callable
 from typing import Any
 
 from sqlalchemy import TextClause, text
-from sqlalchemy.engine import URL
 
 from pg_session_router.core.names import is_tenant_id
+from pg_session_router.db.cluster import Node
 from pg_session_router.db.driver_errors import describe_error
 from pg_session_router.db.registry import TenantRegistry
 from pg_session_router.db.tasks import cancel_and_wait, connect_direct, start_background
@@ -42,11 +42,11 @@ class CatalogListener:
     def __init__(
         self,
         registry: TenantRegistry,
-        writer_url: Callable[[], URL | None],
+        writer: Callable[[], Node | None],
         connect_timeout: float,
     ) -> None:
         self._registry = registry
-        self._writer_url = writer_url
+        self._writer = writer
         self._connect_timeout = connect_timeout
         self._task: asyncio.Task[None] | None = None
         #: Set while subscribed (tests and status wait on it).
@@ -85,11 +85,15 @@ class CatalogListener:
             backoff = min(backoff * 2, _MAX_BACKOFF)
 
     async def _listen_until_lost(self) -> None:
-        url = self._writer_url()
-        if url is None:
+        writer = self._writer()
+        if writer is None:
             raise ConnectionError("the default cluster has no writer now")
+        # The server itself: LISTEN cannot go through a transaction pooler.
         connection = await connect_direct(
-            url, connect_timeout=self._connect_timeout, application_name=APPLICATION_NAME
+            writer.direct_url,
+            connect_timeout=self._connect_timeout,
+            application_name=APPLICATION_NAME,
+            password=writer.password,
         )
         lost = asyncio.Event()
         connection.add_termination_listener(lambda _: lost.set())

@@ -37,6 +37,7 @@ from pg_session_router.core.settings import (
     SessionSettings,
 )
 from pg_session_router.db.balancing import POLICIES, ReplicaPolicy
+from pg_session_router.db.credentials import PasswordProvider
 from pg_session_router.db.health import HealthMonitor, ServerHealth
 from pg_session_router.db.keys import ClusterKey
 from pg_session_router.db.routed_session import RoutedSession, hand_out_raw
@@ -136,9 +137,12 @@ class Node:
         weight: int = 1,
         behind_pooler: bool = False,
         direct_url: URL | None = None,
+        password: PasswordProvider | None = None,
     ) -> None:
         self.name = name
         self.behind_pooler = behind_pooler
+        #: Where this node's password comes from when not from its URL (read at connect).
+        self.password = password
         #: The server itself, on this node's database (not through a pooler): for what a
         #: transaction pooler cannot carry (LISTEN, session advisory locks).
         self.direct_url = direct_url or url
@@ -162,6 +166,8 @@ class Node:
                 "timeout": connect_timeout,
                 "server_settings": {"application_name": f"session-router:{name}"},
                 **(POOLER_CONNECT_ARGS if behind_pooler else {}),
+                # asyncpg calls it for every new connection: a rotated secret is used at once.
+                **({"password": password} if password is not None else {}),
             },
         )
         event.listen(self.engine.sync_engine, "checkout", _discard_closed_connections)
@@ -264,6 +270,7 @@ class Cluster:
         monitor: HealthMonitor,
         database: DatabaseSettings,
         pool: PoolSettings | None = None,
+        password: PasswordProvider | None = None,
     ) -> Cluster:
         """Build the cluster; a key naming a database swaps it in on every node (tenants)."""
 
@@ -276,12 +283,13 @@ class Cluster:
                 role,
                 url,
                 pool or settings.pool,
-                health=monitor.server(probe),  # the server itself, even behind a pooler
+                health=monitor.server(probe, password),  # the server itself, not a pooler
                 connect_timeout=database.connect_timeout,
                 session=database.session,
                 weight=weight,
                 behind_pooler=settings.pooler != "none",
                 direct_url=probe,
+                password=password,
             )
 
         nodes: list[Node] = []

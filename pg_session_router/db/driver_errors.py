@@ -38,6 +38,9 @@ _RECOVERY_CONFLICT_SQLSTATES = frozenset({"40001", "40P01"})
 NO_EJECT_SQLSTATES = frozenset({"53300"})
 # Only ever raised while connecting: cannot connect now, too many connections, rejected.
 _CONNECT_ONLY_SQLSTATES = frozenset({"57P03", "53300", "08001", "08004"})
+#: The server refused our credentials (invalid_authorization_specification, invalid_password):
+#: a secret mid-rotation, when it comes from a provider, which the next attempt reads again.
+CREDENTIALS_SQLSTATES = frozenset({"28000", "28P01"})
 #: read_only_sql_transaction: a write in a read-only transaction, or on a standby.
 READ_ONLY_SQLSTATE = "25006"
 UNDEFINED_TABLE_SQLSTATE = "42P01"
@@ -103,7 +106,8 @@ def is_connect_failure(exc: BaseException) -> bool:
     for error in error_chain(exc):
         if isinstance(error, OSError | asyncio.TimeoutError | asyncpg.exceptions.InterfaceError):
             return True
-    return is_connection_loss(exc) or sqlstate(exc) in _CONNECT_SQLSTATES
+    code = sqlstate(exc)
+    return is_connection_loss(exc) or code in _CONNECT_SQLSTATES or code in CREDENTIALS_SQLSTATES
 
 
 def is_read_retryable(exc: BaseException) -> bool:

@@ -30,7 +30,8 @@ from sqlalchemy.engine import URL
 
 from pg_session_router.core.settings import HealthSettings, RoutingSettings
 from pg_session_router.core.storage import server_of
-from pg_session_router.db.driver_errors import describe_error
+from pg_session_router.db.credentials import PasswordProvider
+from pg_session_router.db.driver_errors import CREDENTIALS_SQLSTATES, describe_error, sqlstate
 from pg_session_router.db.events import RouterObserver
 from pg_session_router.db.tasks import cancel_and_wait, connect_direct, start_background
 
@@ -65,6 +66,8 @@ class ServerHealth:
         self.endpoint = endpoint
         self.events = events if events is not None else RouterObserver()
         self.url = url  # credentials for the probe connection; never logged
+        #: The password's provider, when not in `url`.
+        self.password: PasswordProvider | None = None
         self.settings = settings
         self.up = True
         self.since = time.time()
@@ -173,7 +176,7 @@ class HealthMonitor:
         self._task: asyncio.Task[None] | None = None
         self._wake = asyncio.Event()
 
-    def server(self, url: URL) -> ServerHealth:
+    def server(self, url: URL, password: PasswordProvider | None = None) -> ServerHealth:
         """The health of `url`'s server, shared by every node on it (counted, see release)."""
         endpoint = server_of(url)  # nodes on one server share its health
         server = self.servers.get(endpoint)
@@ -181,6 +184,7 @@ class HealthMonitor:
             server = self.servers[endpoint] = ServerHealth(
                 endpoint, url, self.settings, self.events
             )
+            server.password = password
         server.nodes += 1
         return server
 
@@ -257,6 +261,12 @@ class HealthMonitor:
             try:
                 row = await self._query(server, reuse=False)
             except Exception as exc:
+                if sqlstate(exc) in CREDENTIALS_SQLSTATES:
+                    # The server answered: it is up, our secret is not (yet) the one it has,
+                    # e.g. mid-rotation. Sessions retry with the provider read again; ejecting
+                    # the server would fail every request instead.
+                    logger.warning("%s: probe credentials refused", server.endpoint)
+                    return
                 server.eject(f"probe failed: {describe_error(exc)}")
                 return
         server.record_probe(row)
@@ -270,7 +280,10 @@ class HealthMonitor:
             connection = None
         if connection is None:
             connection = await connect_direct(
-                server.url, connect_timeout=timeout, application_name="session-router:health"
+                server.url,
+                connect_timeout=timeout,
+                application_name="session-router:health",
+                password=server.password,
             )
             connection.add_termination_listener(partial(self._probe_connection_lost, server))
         try:

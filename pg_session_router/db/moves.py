@@ -459,10 +459,12 @@ async def _move_lock(router: SessionRouter, tenant_id: str) -> AsyncIterator[Non
     tenant is refused while it runs, and a crashed move's lock goes with its connection."""
     digest = hashlib.sha256(f"pgrouter-move:{tenant_id}".encode()).digest()
     key = int.from_bytes(digest[:8], "big") & 0x7FFF_FFFF_FFFF_FFFF
-    writer = router.default_cluster.writer()
-    url = (writer or router.default_cluster.primary).direct_url  # the server, not a pooler
+    node = router.default_cluster.primary  # the writer if there is one
     conn = await connect_direct(
-        url, connect_timeout=router.settings.connect_timeout, application_name=copy.APPLICATION_NAME
+        node.direct_url,  # the server itself: a session lock cannot go through a pooler
+        connect_timeout=router.settings.connect_timeout,
+        application_name=copy.APPLICATION_NAME,
+        password=node.password,
     )
     try:
         if not await conn.fetchval("SELECT pg_try_advisory_lock($1)", key):

@@ -18,7 +18,6 @@ import logging
 from collections.abc import Awaitable, Callable
 from typing import Any, TypeVar
 
-from sqlalchemy.engine import URL
 from sqlalchemy.ext.asyncio import AsyncSession
 
 from pg_session_router.core.errors import NoNodeAvailableError, TargetError
@@ -67,7 +66,7 @@ class SessionRouter:
         self._topology = Topology(settings, self.monitor, self.tenants.settings_of)
         #: Catalog changes pushed by other processes (LISTEN/NOTIFY), from `start()` on.
         self.catalog_listener = (
-            CatalogListener(self.tenants, self._writer_url, settings.connect_timeout)
+            CatalogListener(self.tenants, self._catalog_writer, settings.connect_timeout)
             if settings.tenancy.catalog
             else None
         )
@@ -220,10 +219,8 @@ class SessionRouter:
             self.catalog_listener.start()
         await self._admission.check_row_security()
 
-    def _writer_url(self) -> URL | None:
-        writer = self.default_cluster.writer()
-        # The server itself (its probe URL): LISTEN cannot go through a transaction pooler.
-        return writer.direct_url if writer is not None else None
+    def _catalog_writer(self) -> Node | None:
+        return self.default_cluster.writer()
 
     @property
     def loop_closed(self) -> bool:

@@ -7,7 +7,7 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import contextvars
-from collections.abc import Coroutine
+from collections.abc import Awaitable, Callable, Coroutine
 from typing import Any
 
 import asyncpg
@@ -27,14 +27,21 @@ async def cancel_and_wait(task: asyncio.Task[None] | None) -> None:
             await task
 
 
-async def connect_direct(url: URL, *, connect_timeout: float, application_name: str) -> Any:
+async def connect_direct(
+    url: URL,
+    *,
+    connect_timeout: float,
+    application_name: str,
+    password: Callable[[], Awaitable[str]] | None = None,
+) -> Any:
     """An asyncpg connection of the router's own to `url`'s server (credentials from the URL,
-    never logged), named so that operators and tests can tell it from pooled ones."""
+    or from `password`, a provider; never logged), named so that operators and tests can tell
+    it from pooled ones."""
     return await asyncpg.connect(
         host=url.host,
         port=url.port,
         user=url.username,
-        password=url.password,
+        password=password or url.password,
         database=url.database,
         timeout=connect_timeout,
         server_settings={"application_name": application_name},

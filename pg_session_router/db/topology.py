@@ -12,6 +12,7 @@ from collections.abc import Callable, Iterator
 from pg_session_router.core.errors import TargetError
 from pg_session_router.core.settings import DatabaseSettings, PoolSettings, TenantSettings
 from pg_session_router.db.cluster import Cluster, Node
+from pg_session_router.db.credentials import provider_of
 from pg_session_router.db.health import HealthMonitor, ServerHealth
 from pg_session_router.db.keys import ClusterKey
 
@@ -28,6 +29,13 @@ class Topology:
         self._tenant_settings = tenant_settings
         self._clusters: dict[ClusterKey, Cluster] = {}
         self._nodes: dict[str, Node] = {}
+        #: One provider per configured cluster, shared by its tenant databases' engines (a
+        #: function's cached token is fetched once).
+        self._passwords = {
+            name: provider_of(cluster.credentials)
+            for name, cluster in settings.clusters.items()
+            if cluster.credentials is not None
+        }
         for name in settings.clusters:
             self.add(self.build(ClusterKey.configured(name)))
         self.default = self._clusters[ClusterKey.configured(settings.default_cluster)]
@@ -37,8 +45,17 @@ class Topology:
         pool: PoolSettings | None = None
         if key.own_server_of is not None:  # the tenant's own server, from its url
             tenant = self._tenant_settings(key.own_server_of)
+            # The default cluster's options, but nothing that names its servers or secrets.
             base = self.settings.clusters[self.settings.default_cluster].model_copy(
-                update={"primary": tenant.url, "replicas": [], "nodes": []}
+                update={
+                    "primary": tenant.url,
+                    "replicas": [],
+                    "nodes": [],
+                    "probe_urls": {},
+                    "credentials": None,
+                    "pooler": "none",
+                    "admin": None,
+                }
             )
             pool = self.settings.tenancy.pool
         elif key.cluster in self.settings.clusters:
@@ -47,8 +64,9 @@ class Topology:
                 pool = self.settings.tenancy.pool
         else:
             raise TargetError(f"no cluster named {key.name!r}")
+        password = None if key.cluster is None else self._passwords.get(key.cluster)
         return Cluster.from_settings(
-            key, base, monitor=self._monitor, database=self.settings, pool=pool
+            key, base, monitor=self._monitor, database=self.settings, pool=pool, password=password
         )
 
     def add(self, cluster: Cluster) -> Cluster:
