@@ -14,6 +14,7 @@ from collections.abc import Iterator
 
 from app.cli.check import run_check, run_config
 from app.cli.common import command_parser, configure_logging, run_command
+from app.cli.drain import add_drain_command, run_drain
 from app.cli.migrate import add_migrate_command, run_migrate
 from app.cli.tenants import add_tenant_commands, run_tenants
 
@@ -54,6 +55,7 @@ def build_parser() -> argparse.ArgumentParser:
     serve.add_argument("--reload", action="store_true", help="restart on code changes (dev)")
     add_migrate_command(commands)
     add_tenant_commands(commands)
+    add_drain_command(commands)
     command_parser(
         commands,
         "check",
@@ -84,6 +86,8 @@ def _dispatch(args: argparse.Namespace, parser: argparse.ArgumentParser) -> int:
         return run_tenants(args)
     if args.command == "check":
         return run_check()
+    if args.command == "drain":
+        return run_drain(args)
     return run_config()
 
 

@@ -370,6 +370,9 @@ class HttpSettings(_Section):
     #: (`Authorization: Bearer ...`), or details are public (a local or demo deployment).
     health_token: Annotated[SecretStr, AfterValidator(_long_enough_secret)] | None = None
     health_details_public: bool = False
+    #: `POST /admin/nodes/{node}/drain` and `.../undrain` (taking a server out of rotation),
+    #: only for `Authorization: Bearer <this>`; without it, no admin endpoint (404).
+    admin_token: Annotated[SecretStr, AfterValidator(_long_enough_secret)] | None = None
     #: Write responses carry `X-Consistency-Token`; reads that send it back see the write.
     #: Costs one query after each write's COMMIT.
     consistency_tokens: bool = True

@@ -197,12 +197,13 @@ class Node:
 
     @property
     def writable(self) -> bool:
-        return self.health.up and self.role == "primary"
+        health = self.health
+        return health.up and not health.drained and self.role == "primary"
 
     @property
     def readable_replica(self) -> bool:
         health = self.health
-        return health.up and health.fresh and self.role == "replica"
+        return health.up and health.fresh and not health.drained and self.role == "replica"
 
     def factory(self, read_only: bool) -> async_sessionmaker[AsyncSession]:
         """Writes: read-write. Reads on a replica: plain too, since a hot standby refuses

@@ -88,6 +88,8 @@ class ServerHealth:
         self.probes = 0
         #: Nodes (engines) on this server; the monitor forgets a server when it reaches 0.
         self.nodes = 0
+        #: Taken out of rotation by an operator (`router.drain`): no new session here.
+        self.drained = False
 
     def eject(self, reason: str) -> None:
         """Open the circuit now. Safe to call again while open (pushes the trial out)."""
@@ -150,6 +152,7 @@ class ServerHealth:
             "lag_seconds": self.lag_seconds,
             "server_version": self.server_version,
             "fresh": self.fresh,
+            "drained": self.drained,
             "last_probe_at": self.last_probe_at,
             "probes": self.probes,
         }

@@ -28,6 +28,9 @@ from pg_session_router.db.catalog import TenantCatalog
 from pg_session_router.db.catalog_listener import CatalogListener
 from pg_session_router.db.cluster import Cluster, Node
 from pg_session_router.db.consistency import ConsistencyToken, read_wal_position
+from pg_session_router.db.drain import DrainReport
+from pg_session_router.db.drain import drain as drain_server
+from pg_session_router.db.drain import undrain as undrain_server
 from pg_session_router.db.driver_errors import is_read_retryable, is_write_retryable
 from pg_session_router.db.events import Observers
 from pg_session_router.db.health import HealthMonitor
@@ -123,6 +126,8 @@ class SessionRouter:
             cluster = self.cluster(placement.cluster_key)
         elif target.node is not None:
             node = self._topology.node(target.node)
+            if node.health.drained:
+                raise NoNodeAvailableError(f"{node.name} is drained (router.undrain to restore)")
             owner = self._topology.owner_of(node)
             return Route(owner, node, target.read_only, None, "explicit-node")
         elif target.cluster is not None:
@@ -218,6 +223,15 @@ class SessionRouter:
         if self.catalog_listener is not None:
             self.catalog_listener.start()
         await self._admission.check_row_security()
+
+    async def drain(self, node: str, *, within: float = 30.0) -> DrainReport:
+        """Stop routing new sessions to `node`'s server, wait up to `within` seconds for its
+        sessions to end, close its pools (see `db/drain.py`); `undrain` brings it back."""
+        return await drain_server(self._topology, node, within=within)
+
+    def undrain(self, node: str) -> list[str]:
+        """Route to `node`'s server again; the nodes it brought back."""
+        return undrain_server(self._topology, node)
 
     def _catalog_writer(self) -> Node | None:
         return self.default_cluster.writer()

@@ -15,6 +15,7 @@ from typing import Any
 
 from fastapi import APIRouter, Request
 from fastapi.responses import JSONResponse, Response
+from pydantic import SecretStr
 
 from pg_session_router.core.settings import HttpSettings
 from pg_session_router.db.router import SessionRouter
@@ -58,10 +59,15 @@ def operators_only(request: Request, enabled: bool) -> Response | None:
 def details_allowed(request: Request, http: HttpSettings) -> bool:
     if http.health_details_public:
         return True
-    if http.health_token is None:
+    return bearer_matches(request, http.health_token)
+
+
+def bearer_matches(request: Request, secret: SecretStr | None) -> bool:
+    """`Authorization: Bearer <secret>`, compared in constant time; never with no secret."""
+    if secret is None:
         return False
     scheme, _, presented = request.headers.get("authorization", "").partition(" ")
-    expected = http.health_token.get_secret_value()
+    expected = secret.get_secret_value()
     return scheme.lower() == "bearer" and hmac.compare_digest(
         presented.strip().encode(), expected.encode()
     )

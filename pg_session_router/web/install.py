@@ -17,6 +17,7 @@ from fastapi import FastAPI
 
 from pg_session_router.core.errors import ConfigError
 from pg_session_router.db.provider import RouterProvider, SettingsSource
+from pg_session_router.web.admin import drain_node, undrain_node
 from pg_session_router.web.errors import install_error_handlers
 from pg_session_router.web.installation import STATE_KEY, RouterInstallation
 from pg_session_router.web.metrics import metrics_endpoint
@@ -47,6 +48,13 @@ def install_router(
     # Always routed, 404 unless `http.metrics` (settings are read at startup, routes now).
     app.add_api_route("/metrics", metrics_endpoint, methods=["GET"], include_in_schema=False)
     app.add_api_route("/status", status_page, methods=["GET"], include_in_schema=False)
+    # 404 unless `http.admin_token`.
+    app.add_api_route(
+        "/admin/nodes/{node}/drain", drain_node, methods=["POST"], include_in_schema=False
+    )
+    app.add_api_route(
+        "/admin/nodes/{node}/undrain", undrain_node, methods=["POST"], include_in_schema=False
+    )
     install_error_handlers(app)
     _wrap_lifespan(app, installation)
     return installation

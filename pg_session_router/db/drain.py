@@ -1,0 +1,59 @@
+"""Taking a server out of rotation for maintenance, and back: `router.drain`, `router.undrain`.
+
+A drained server gets no new session from this process: reads go to the other replicas (or
+the primary, by the fallback rule), writes wait for another writer within `retry.deadline`
+(a planned switchover: drain the primary, promote a replica, and writes pause instead of
+failing), explicit node targets are refused. Draining waits for the sessions already on the
+server to end, up to a deadline, then closes its pools. It acts on the *server*: every node on
+it (the cluster's own, and tenant databases on it) is drained together, since maintenance
+takes the whole server. Each process drains its own routers: the admin endpoint
+(`web/admin.py`) drains the process that answers.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import time
+from dataclasses import dataclass
+
+from pg_session_router.db.cluster import Node
+from pg_session_router.db.topology import Topology
+
+_POLL = 0.01
+
+
+@dataclass(frozen=True, slots=True)
+class DrainReport:
+    node: str
+    nodes: list[str]  # every node on the same server, drained together
+    sessions_left: int  # still running at the deadline (their connections close when they end)
+    seconds: float
+
+
+def nodes_on_server(topology: Topology, node: Node) -> list[Node]:
+    return [other for other in topology.nodes.values() if other.health is node.health]
+
+
+async def drain(topology: Topology, name: str, *, within: float) -> DrainReport:
+    started = time.monotonic()
+    node = topology.node(name)  # TargetError for an unknown name
+    node.health.drained = True
+    nodes = nodes_on_server(topology, node)
+    deadline = started + within
+    # Polled: the pools' checkouts have no hook to wait on, and a drain is rare.
+    while time.monotonic() < deadline:
+        if not any(n.in_use() for n in nodes):
+            break
+        await asyncio.sleep(_POLL)
+    left = sum(n.in_use() for n in nodes)
+    for drained in nodes:
+        # Idle connections close now; one still checked out closes when its session ends.
+        await drained.dispose()
+    names = sorted(n.name for n in nodes)
+    return DrainReport(name, names, left, time.monotonic() - started)
+
+
+def undrain(topology: Topology, name: str) -> list[str]:
+    node = topology.node(name)
+    node.health.drained = False
+    return sorted(n.name for n in nodes_on_server(topology, node))
