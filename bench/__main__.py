@@ -20,6 +20,7 @@ from bench import (
     migrations,
     move,
     overhead,
+    pooler,
     proxy,
     tenants,
 )
@@ -35,6 +36,7 @@ BENCHMARKS = {
     "consistency": consistency.main,
     "catalog": catalog.main,
     "move": move.main,
+    "pooler": pooler.main,
 }
 HEADER = """# Benchmark results
 

@@ -16,8 +16,8 @@ from sqlalchemy import text
 from pg_session_router.core.settings import DatabaseSettings
 from pg_session_router.db.router import SessionRouter
 from pg_session_router.devcluster import DevCluster
+from pg_session_router.devpoolers import PgBouncer
 from tests.conftest import APP_ROLE, HEALTH_INTERVAL
-from tests.support.pgbouncer import PgBouncer
 
 SETTINGS = (
     "SELECT current_setting('search_path') || '|' || "

@@ -1,8 +1,9 @@
-"""A real PgBouncer in front of a dev cluster's node, for the pooler tests.
+"""Connection poolers in front of a dev cluster's nodes, for the pooler tests and benchmarks:
+a real PgBouncer in transaction mode. Development tooling, like `devcluster.py`.
 
-Debian's `pgbouncer` package is installed by the test run itself when missing (as root, like
-the PostgreSQL binaries the cluster fixtures need and Chromium for the status page). PgBouncer
-refuses to run as root: like the servers, it runs as `postgres`.
+Debian's `pgbouncer` package is installed by the run itself when missing (as root, like the
+PostgreSQL binaries the cluster fixtures need). PgBouncer refuses to run as root: like the
+servers, it runs as `postgres`.
 """
 
 from __future__ import annotations
