@@ -6,18 +6,19 @@ from __future__ import annotations
 
 import asyncio
 import uuid
-from collections.abc import AsyncIterator
+from collections.abc import AsyncIterator, Iterator
 
 import pytest
 
 from app.models import Base
 from pg_session_router.core.errors import TenantInactiveError, UnknownTenantError
-from pg_session_router.core.settings import TenantSettings
+from pg_session_router.core.settings import DatabaseSettings, TenantSettings
 from pg_session_router.db import provisioning
 from pg_session_router.db.catalog_listener import APPLICATION_NAME
+from pg_session_router.db.migrate import migrate
 from pg_session_router.db.router import SessionRouter
 from pg_session_router.devcluster import DevCluster
-from tests.conftest import database_settings
+from tests.conftest import APP_ROLE, HEALTH_INTERVAL, database_settings
 from tests.support.faults import eventually
 
 #: Only a push can explain a change seen within this test: the TTL and miss-reloads are off.
@@ -93,3 +94,62 @@ async def test_a_change_made_while_disconnected_is_seen_after_the_reconnect(
         )
     finally:
         await provisioning.remove_tenant(router, tenant, drop=True, metadata=Base.metadata)
+
+
+@pytest.fixture(scope="module")
+def failover_cluster() -> Iterator[DevCluster]:
+    with DevCluster(replicas=1) as cluster:
+        cluster.create_role(APP_ROLE, createdb=True)
+        cluster.create_database("app", owner=APP_ROLE)
+        yield cluster
+
+
+def discovering(pg: DevCluster) -> DatabaseSettings:
+    nodes = [pg.url(name, database="app", user=APP_ROLE) for name in pg.nodes]
+    return DatabaseSettings.model_validate(
+        {
+            "connect_timeout": 1.0,
+            "health": {"interval": HEALTH_INTERVAL, "probe_timeout": 0.5},
+            "retry": {"deadline": 10.0},
+            "clusters": {"main": {"nodes": nodes}},  # roles discovered by the monitor
+            "tenancy": NO_POLLING,
+        }
+    )
+
+
+async def test_the_listener_follows_a_promotion_and_hears_changes_made_on_the_new_primary(
+    failover_cluster: DevCluster,
+) -> None:
+    operator = SessionRouter(discovering(failover_cluster))
+    await migrate(operator, Base.metadata)  # the catalog
+    failover_cluster.wait_replayed()
+    other = SessionRouter(discovering(failover_cluster))
+    await other.start()
+    await operator.start()
+    try:
+        listener = other.catalog_listener
+        assert listener is not None
+        await asyncio.wait_for(listener.listening.wait(), timeout=5)
+        tenant = f"after-failover-{uuid.uuid4().hex[:6]}"
+        assert await state(other, tenant) == "unknown"  # remembered as absent for an hour
+        failover_cluster.stop_node("primary", mode="fast")
+        failover_cluster.promote("replica1")
+        await eventually(
+            lambda: (
+                other.default_cluster.writer() is not None
+                and other.default_cluster.writer().name == "main.node2"
+            ),  # type: ignore[union-attr]
+            within=10,
+            what="the new primary found",
+        )
+        await eventually(listener.listening.is_set, within=10, what="re-subscribed")
+        await eventually(
+            lambda: operator.default_cluster.writer() is not None, within=10, what="operator"
+        )
+        await provisioning.add_tenant(
+            operator, tenant, TenantSettings(strategy="schema"), metadata=Base.metadata
+        )
+        await eventually(lambda: in_state(other, tenant, "active"), within=1.0, what="pushed")
+    finally:
+        await other.dispose()
+        await operator.dispose()
