@@ -1,9 +1,10 @@
 """Connection poolers in front of a dev cluster's nodes, for the pooler tests and benchmarks:
-a real PgBouncer in transaction mode. Development tooling, like `devcluster.py`.
+a real PgBouncer in transaction mode, and pgpool-II in front of a primary and its replicas
+(load balancing reads itself). Development tooling, like `devcluster.py`.
 
-Debian's `pgbouncer` package is installed by the run itself when missing (as root, like the
-PostgreSQL binaries the cluster fixtures need). PgBouncer refuses to run as root: like the
-servers, it runs as `postgres`.
+Debian's `pgbouncer` and `pgpool2` packages are installed by the run itself when missing (as
+root, like the PostgreSQL binaries the cluster fixtures need). Both refuse to run as root:
+like the servers, they run as `postgres`.
 """
 
 from __future__ import annotations
@@ -73,29 +74,103 @@ class PgBouncer:
             stdout=subprocess.DEVNULL,
             stderr=subprocess.DEVNULL,
         )
-        self._wait_listening()
-
-    def _wait_listening(self, within: float = 10.0) -> None:
-        deadline = time.monotonic() + within
-        while time.monotonic() < deadline:
-            if self._process.poll() is not None:
-                log = (self.folder / "pgbouncer.log").read_text(errors="replace")[-2000:]
-                raise RuntimeError(f"pgbouncer exited: {log}")
-            with socket.socket() as probe:
-                if probe.connect_ex(("127.0.0.1", self.port)) == 0:
-                    return
-            time.sleep(0.05)
-        raise RuntimeError("pgbouncer did not start listening")
+        _wait_listening(self._process, self.port, self.folder / "pgbouncer.log")
 
     def url(self, database: str, user: str) -> str:
         return f"postgresql+asyncpg://{user}@127.0.0.1:{self.port}/{database}"
 
     def stop(self) -> None:
-        if self._process.poll() is None:
-            self._process.send_signal(signal.SIGINT)  # immediate shutdown
-            try:
-                self._process.wait(timeout=10)
-            except subprocess.TimeoutExpired:
-                self._process.kill()
-                self._process.wait()
+        _stop(self._process)
         shutil.rmtree(self.folder, ignore_errors=True)
+
+
+class PgpoolII:
+    """pgpool-II in streaming-replication mode: writes to the primary, reads balanced over the
+    replicas (`load_balance_mode`), its own connection cache per child process."""
+
+    def __init__(self, primary_port: int, replica_ports: list[int], *, children: int = 64) -> None:
+        self.port = free_port()
+        self.folder = Path(tempfile.mkdtemp(prefix="pgpool-"))
+        run_as = "postgres" if os.geteuid() == 0 else None
+        backends = [(primary_port, 0), *((port, 1) for port in replica_ports)]
+        lines = [
+            "listen_addresses = '127.0.0.1'",
+            f"port = {self.port}",
+            f"unix_socket_directories = '{self.folder}'",
+            "pcp_listen_addresses = ''",
+            f"pcp_port = {free_port()}",
+            f"pcp_socket_dir = '{self.folder}'",
+            "backend_clustering_mode = 'streaming_replication'",
+            "load_balance_mode = on",
+            "sr_check_period = 0",
+            "health_check_period = 0",
+            "failover_on_backend_error = off",
+            "enable_pool_hba = off",
+            f"num_init_children = {children}",
+            "max_pool = 4",
+            "connection_cache = on",
+            f"pid_file_name = '{self.folder / 'pgpool.pid'}'",
+            f"logdir = '{self.folder}'",
+        ]
+        for number, (port, weight) in enumerate(backends):
+            lines += [
+                f"backend_hostname{number} = '127.0.0.1'",
+                f"backend_port{number} = {port}",
+                f"backend_weight{number} = {weight}",
+                f"backend_flag{number} = 'DISALLOW_TO_FAILOVER'",
+            ]
+        (self.folder / "pgpool.conf").write_text("\n".join(lines) + "\n")
+        (self.folder / "pcp.conf").write_text("")
+        if run_as:
+            shutil.chown(self.folder, run_as, run_as)
+            for path in self.folder.iterdir():
+                shutil.chown(path, run_as, run_as)
+        binary = debian_binary("pgpool", "pgpool2")
+        self._log = open(self.folder / "pgpool.log", "wb")  # noqa: SIM115 - closed in stop()
+        self._process = subprocess.Popen(
+            [
+                binary,
+                "-n",
+                "-f",
+                str(self.folder / "pgpool.conf"),
+                "-F",
+                str(self.folder / "pcp.conf"),
+            ],
+            user=run_as,
+            stdout=self._log,
+            stderr=subprocess.STDOUT,
+        )
+        _wait_listening(self._process, self.port, self.folder / "pgpool.log")
+
+    def url(self, database: str, user: str) -> str:
+        return f"postgresql+asyncpg://{user}@127.0.0.1:{self.port}/{database}"
+
+    def stop(self) -> None:
+        _stop(self._process)
+        self._log.close()
+        shutil.rmtree(self.folder, ignore_errors=True)
+
+
+def _wait_listening(
+    process: subprocess.Popen[bytes], port: int, log: Path, within: float = 20.0
+) -> None:
+    deadline = time.monotonic() + within
+    while time.monotonic() < deadline:
+        if process.poll() is not None:
+            tail = log.read_text(errors="replace")[-2000:] if log.exists() else ""
+            raise RuntimeError(f"the pooler exited: {tail}")
+        with socket.socket() as probe:
+            if probe.connect_ex(("127.0.0.1", port)) == 0:
+                return
+        time.sleep(0.05)
+    raise RuntimeError("the pooler did not start listening")
+
+
+def _stop(process: subprocess.Popen[bytes]) -> None:
+    if process.poll() is None:
+        process.send_signal(signal.SIGINT)  # immediate shutdown, for both poolers
+        try:
+            process.wait(timeout=10)
+        except subprocess.TimeoutExpired:
+            process.kill()
+            process.wait()
