@@ -56,6 +56,9 @@ class PgBouncer:
             "auth_type = trust\n"
             f"auth_file = {self.folder / 'users.txt'}\n"
             "pool_mode = transaction\n"
+            # DISCARD ALL after every transaction: no prepared statement piles up on a server
+            # connection (what the README asks of deployments too).
+            "server_reset_query_always = 1\n"
             # One server connection per database and user: every client shares it, so a
             # prepared statement or a session setting left behind meets the next client.
             f"default_pool_size = {pool_size}\n"

@@ -108,7 +108,21 @@ async def test_a_password_rotated_in_postgres_and_in_its_file_costs_no_request(
                 errors.append(repr(exc))
             await asyncio.sleep(0.005)
 
-    clients = [asyncio.create_task(client(me)) for me in range(4)]
+    async def reader() -> None:
+        # Reads alone: a read checks its connection out at its first statement, where a
+        # refused password must be replayed like any refused connection.
+        while not stop.is_set():
+            try:
+                async with router.session(tenant="globex", read_only=True) as session:
+                    await session.scalar(text("SELECT 1"))
+            except Exception as exc:
+                errors.append(repr(exc))
+            await asyncio.sleep(0.005)
+
+    clients = [
+        *(asyncio.create_task(client(me)) for me in range(4)),
+        *(asyncio.create_task(reader()) for _ in range(2)),
+    ]
     try:
         await eventually(lambda: done > 20, within=10, what="traffic with the first secret")
         # The rotation, as an operator or a secrets manager does it: the server first, the
@@ -149,10 +163,16 @@ async def test_providers_name_their_source_never_the_secret(
     assert await from_file() == FIRST and FIRST not in repr(from_file)
     path.write_text(SECOND)
     assert await from_file() == SECOND  # re-read when it changes
+    path.write_text("")  # rewritten in place: for a moment, empty
+    assert await from_file() == SECOND  # the last password it held
     path.unlink()
     with pytest.raises(CredentialsError) as missing:
-        await from_file()
-    assert SECOND not in str(missing.value) and str(path) in str(missing.value)
+        await FilePassword(path)()  # never held one: says which file, nothing more
+    assert str(path) in str(missing.value)
+    path.write_bytes(b"\xff\xfe" + SECOND.encode())
+    with pytest.raises(CredentialsError, match="not UTF-8") as garbled:
+        await FilePassword(path)()
+    assert SECOND not in str(garbled.value)
     with pytest.raises(CredentialsError, match="PG_ROUTER_UNSET"):
         await EnvPassword("PG_ROUTER_UNSET")()
 

@@ -14,7 +14,7 @@ import pytest
 from sqlalchemy import text
 
 from app.main import create_app
-from pg_session_router.core.errors import NoNodeAvailableError
+from pg_session_router.core.errors import TargetError
 from pg_session_router.core.settings import DatabaseSettings, HttpSettings, RouterSettings
 from pg_session_router.db.provider import RouterProvider
 from pg_session_router.db.router import SessionRouter
@@ -97,7 +97,7 @@ async def test_a_drained_replica_costs_no_read_and_ends_with_its_pool_closed(
         await eventually(
             lambda: router_connections(migrated, "replica1") == 0, within=5, what="pool closed"
         )
-        with pytest.raises(NoNodeAvailableError, match="drained"):
+        with pytest.raises(TargetError, match="drained"):
             async with router.session("main.replica1"):
                 pass
         router.undrain("main.replica1")

@@ -46,11 +46,14 @@ def run_drain(args: argparse.Namespace) -> int:
         method="POST",
         headers={"Authorization": f"Bearer {token.get_secret_value()}"},
     )
+    # No redirects: urllib would carry the Authorization header to wherever they point.
+    opener = urllib.request.build_opener(_NoRedirects)
     try:
-        with urllib.request.urlopen(request, timeout=args.within + 10) as response:  # noqa: S310
+        with opener.open(request, timeout=args.within + 10) as response:
             body = json.loads(response.read())
     except urllib.error.HTTPError as exc:
-        raise RouterError(f"{action} {args.node}: the app answered {exc.code}") from None
+        detail = _detail(exc)
+        raise RouterError(f"{action} {args.node}: the app answered {exc.code}{detail}") from None
     except urllib.error.URLError as exc:
         raise RouterError(f"{action} {args.node}: cannot reach {args.url}: {exc.reason}") from None
     if args.undrain:
@@ -58,7 +61,21 @@ def run_drain(args: argparse.Namespace) -> int:
     else:
         report = body["drained"]
         print(
-            f"drained: {', '.join(report['nodes'])} in {report['seconds']:.2f} s; "
-            f"sessions still running: {report['sessions_left']}"
+            f"drained in process {report['pid']}: {', '.join(report['nodes'])} in "
+            f"{report['seconds']:.2f} s; sessions still running: {report['sessions_left']}"
         )
+        print("(each process drains its own routers: with several workers, see the README)")
     return EXIT_OK
+
+
+class _NoRedirects(urllib.request.HTTPRedirectHandler):
+    def redirect_request(self, *args: object, **kwargs: object) -> None:
+        return None
+
+
+def _detail(error: urllib.error.HTTPError) -> str:
+    try:
+        detail = json.loads(error.read()).get("detail")
+    except (ValueError, AttributeError):
+        return ""
+    return f": {detail}" if isinstance(detail, str) else ""

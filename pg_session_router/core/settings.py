@@ -174,6 +174,23 @@ class ClusterSettings(_Section):
     admin: DatabaseUrl | None = None
 
     @model_validator(mode="after")
+    def _probe_urls_name_nodes(self) -> ClusterSettings:
+        labels = {"primary"} if self.primary is not None else set()
+        labels |= {f"replica{i}" for i in range(1, len(self.replicas) + 1)}
+        labels |= {f"node{i}" for i in range(1, len(self.nodes) + 1)}
+        unknown = sorted(set(self.probe_urls) - labels)
+        if unknown:
+            raise ValueError(f"probe_urls: no node named {', '.join(unknown)} here")
+        missing = sorted(labels - set(self.probe_urls))
+        if self.pooler != "none" and missing:
+            # Else health would probe the pooler (always up), LISTEN and session locks
+            # would go through transaction pooling: failures nobody would see.
+            raise ValueError(
+                f"probe_urls: behind a pooler, every node needs one ({', '.join(missing)})"
+            )
+        return self
+
+    @model_validator(mode="after")
     def _one_source_of_passwords(self) -> ClusterSettings:
         if self.credentials is not None:
             urls = [self.primary, *(r.url for r in self.replicas), *self.nodes]
@@ -408,6 +425,18 @@ class HttpSettings(_Section):
                 "consistency_cookie and consistency_memory carry the tokens of writes: they "
                 "need consistency_tokens = true"
             )
+        return self
+
+    @model_validator(mode="after")
+    def _admin_token_of_its_own(self) -> HttpSettings:
+        admin, health = self.admin_token, self.health_token
+        # Monitoring credentials must not be able to take servers out of rotation.
+        if (
+            admin is not None
+            and health is not None
+            and admin.get_secret_value() == health.get_secret_value()
+        ):
+            raise ValueError("admin_token must differ from health_token")
         return self
 
 

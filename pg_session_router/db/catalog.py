@@ -69,8 +69,18 @@ tenants_table = Table(
 )
 # What a lookup's conflict check searches by (`_rivals`): storage named like the tenant's.
 _SCHEMA_CLAIMED = func.coalesce(tenants_table.c.schema, func.replace(tenants_table.c.id, "-", "_"))
+# One index per arm of its OR (so the planner can combine them, never scan the table):
 Index("tenants_schema_claimed", _SCHEMA_CLAIMED)
 Index("tenants_database", tenants_table.c.database)
+Index("tenants_own_server", tenants_table.c.id, postgresql_where=tenants_table.c.url.is_not(None))
+Index(
+    "tenants_whole_cluster",
+    tenants_table.c.id,
+    postgresql_where=and_(
+        tenants_table.c.strategy == "database", tenants_table.c.database.is_(None)
+    ),
+)
+Index("tenants_cluster", tenants_table.c.cluster)
 
 #: Each tenant's last commit position, for `http.consistency_memory = "shared"`
 #: (`db/last_writes.py`).

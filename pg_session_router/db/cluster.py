@@ -140,6 +140,8 @@ class Node:
         password: PasswordProvider | None = None,
     ) -> None:
         self.name = name
+        #: Sessions routed here and not ended yet (a drain of its server waits for them).
+        self.in_flight = 0
         self.behind_pooler = behind_pooler
         #: Where this node's password comes from when not from its URL (read at connect).
         self.password = password
@@ -171,7 +173,10 @@ class Node:
             },
         )
         event.listen(self.engine.sync_engine, "checkout", _discard_closed_connections)
-        event.listen(self.engine.sync_engine, "engine_connect", _clean_for_use_outside_the_router)
+        if not behind_pooler:  # behind one, nothing is left on a connection to clean
+            event.listen(
+                self.engine.sync_engine, "engine_connect", _clean_for_use_outside_the_router
+            )
         # The same pool, marked as the router's (connections a tenant's session set up are
         # reset for anyone else); the read-only one turns BEGIN into BEGIN READ ONLY (SQLAlchemy
         # resets the flag on return).

@@ -23,6 +23,8 @@ from pg_session_router.core.settings import CredentialsSettings
 
 #: A cached function result is refreshed this long before it expires.
 EXPIRY_MARGIN = 30.0
+#: How long a function's bare password (no lifetime given) is reused.
+BARE_RESULT_SECONDS = 10.0
 
 
 class EnvPassword:
@@ -41,7 +43,9 @@ class EnvPassword:
 
 class FilePassword:
     """Re-read when the file changes (modification time, size or inode: a mounted secret is
-    usually swapped by a symlink), else served from memory."""
+    usually swapped by a symlink), else served from memory. A file that is briefly empty or
+    unreadable (rewritten in place) serves the last password it held. The stat is a syscall
+    on the event loop, as cheap as the connect it precedes."""
 
     def __init__(self, path: Path) -> None:
         self.path = path
@@ -57,8 +61,13 @@ class FilePassword:
                 if not value:
                     raise CredentialsError(f"password file {self.path} is empty")
                 self._value, self._seen = value, seen
-        except OSError as exc:
-            raise CredentialsError(f"password file {self.path}: {exc.strerror}") from None
+        except (OSError, UnicodeError, CredentialsError) as exc:
+            if self._value:
+                return self._value  # mid-rewrite: the last password it held
+            if isinstance(exc, CredentialsError):
+                raise
+            why = exc.strerror if isinstance(exc, OSError) else "not UTF-8 text"
+            raise CredentialsError(f"password file {self.path}: {why}") from None
         return self._value
 
     def __repr__(self) -> str:
@@ -67,34 +76,44 @@ class FilePassword:
 
 class FunctionPassword:
     """`module:function`: an async function returning the password, or (password, seconds it
-    stays valid). Called at connect time; a result with a lifetime is cached until shortly
-    before it ends, and concurrent connects share one call."""
+    stays valid). Called at connect time by one task that concurrent connects share (a
+    connect's timeout never cancels it for the others); a result is cached until shortly
+    before its lifetime ends (a bare password for `BARE_RESULT_SECONDS`). A failed call serves
+    the last password while it is valid."""
 
     def __init__(self, reference: str) -> None:
         self.reference = reference
         self._function = _import(reference)
         self._value: str | None = None
-        self._valid_until = 0.0
-        self._lock = asyncio.Lock()
+        self._valid_until = 0.0  # refresh from then on
+        self._expires = 0.0  # serve no longer than this, even when a refresh fails
+        self._fetching: asyncio.Task[None] | None = None
 
     async def __call__(self) -> str:
-        if self._value is not None and time.monotonic() < self._valid_until:
-            return self._value
-        async with self._lock:
-            if self._value is not None and time.monotonic() < self._valid_until:
-                return self._value
-            try:
-                result = await self._function()
-            except Exception as exc:
-                raise CredentialsError(
-                    f"password function {self.reference} failed: {type(exc).__name__}"
-                ) from None
-            password, lifetime = result if isinstance(result, tuple) else (result, 0.0)
-            if not isinstance(password, str) or not password:
-                raise CredentialsError(f"password function {self.reference} gave no password")
-            self._value = password
-            self._valid_until = time.monotonic() + max(0.0, float(lifetime) - EXPIRY_MARGIN)
-            return password
+        if self._value is None or time.monotonic() >= self._valid_until:
+            fetching = self._fetching
+            if fetching is None or fetching.done() or fetching.get_loop().is_closed():
+                fetching = self._fetching = asyncio.get_running_loop().create_task(self._fetch())
+            await asyncio.shield(fetching)
+        assert self._value is not None
+        return self._value
+
+    async def _fetch(self) -> None:
+        try:
+            result = await self._function()
+        except Exception as exc:
+            if self._value is not None and time.monotonic() < self._expires:
+                return
+            raise CredentialsError(
+                f"password function {self.reference} failed: {type(exc).__name__}"
+            ) from None
+        password, lifetime = result if isinstance(result, tuple) else (result, None)
+        if not isinstance(password, str) or not password:
+            raise CredentialsError(f"password function {self.reference} gave no password")
+        now = time.monotonic()
+        life = BARE_RESULT_SECONDS if lifetime is None else float(lifetime)
+        self._value, self._expires = password, now + life
+        self._valid_until = now + max(0.0, life - EXPIRY_MARGIN) if lifetime else now + life
 
     def __repr__(self) -> str:
         return f"<password from {self.reference}()>"

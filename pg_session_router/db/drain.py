@@ -13,6 +13,7 @@ takes the whole server. Each process drains its own routers: the admin endpoint
 from __future__ import annotations
 
 import asyncio
+import os
 import time
 from dataclasses import dataclass
 
@@ -24,6 +25,7 @@ _POLL = 0.01
 
 @dataclass(frozen=True, slots=True)
 class DrainReport:
+    pid: int  # the process drained: each process drains its own routers
     node: str
     nodes: list[str]  # every node on the same server, drained together
     sessions_left: int  # still running at the deadline (their connections close when they end)
@@ -40,17 +42,18 @@ async def drain(topology: Topology, name: str, *, within: float) -> DrainReport:
     node.health.drained = True
     nodes = nodes_on_server(topology, node)
     deadline = started + within
-    # Polled: the pools' checkouts have no hook to wait on, and a drain is rare.
+    # Sessions are counted from the moment they are routed (a read checks its connection out
+    # only at its first statement). Polled: a drain is rare.
     while time.monotonic() < deadline:
-        if not any(n.in_use() for n in nodes):
+        if not any(n.in_flight for n in nodes):
             break
         await asyncio.sleep(_POLL)
-    left = sum(n.in_use() for n in nodes)
+    left = sum(n.in_flight for n in nodes)
     for drained in nodes:
         # Idle connections close now; one still checked out closes when its session ends.
         await drained.dispose()
     names = sorted(n.name for n in nodes)
-    return DrainReport(name, names, left, time.monotonic() - started)
+    return DrainReport(os.getpid(), name, names, left, time.monotonic() - started)
 
 
 def undrain(topology: Topology, name: str) -> list[str]:

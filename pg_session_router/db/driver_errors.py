@@ -35,12 +35,13 @@ _CONNECT_SQLSTATES = frozenset(
 _LOSS_SQLSTATES = frozenset({"08000", "08003", "08006", "08007", "57P01", "57P02"})
 _RECOVERY_CONFLICT_SQLSTATES = frozenset({"40001", "40P01"})
 #: The server is alive but busy: retry elsewhere, but do not eject it.
-NO_EJECT_SQLSTATES = frozenset({"53300"})
+#: A refused password (28P01) too: the server is up, our secret may be mid-rotation.
+NO_EJECT_SQLSTATES = frozenset({"53300", "28P01"})
 # Only ever raised while connecting: cannot connect now, too many connections, rejected.
-_CONNECT_ONLY_SQLSTATES = frozenset({"57P03", "53300", "08001", "08004"})
+_CONNECT_ONLY_SQLSTATES = frozenset({"57P03", "53300", "08001", "08004", "28P01"})
 #: The server refused our credentials (invalid_authorization_specification, invalid_password):
 #: a secret mid-rotation, when it comes from a provider, which the next attempt reads again.
-CREDENTIALS_SQLSTATES = frozenset({"28000", "28P01"})
+CREDENTIALS_SQLSTATES = frozenset({"28P01"})
 #: read_only_sql_transaction: a write in a read-only transaction, or on a standby.
 READ_ONLY_SQLSTATE = "25006"
 UNDEFINED_TABLE_SQLSTATE = "42P01"

@@ -28,6 +28,7 @@ from typing import Any
 import asyncpg
 from sqlalchemy.engine import URL
 
+from pg_session_router.core.errors import CredentialsError
 from pg_session_router.core.settings import HealthSettings, RoutingSettings
 from pg_session_router.core.storage import server_of
 from pg_session_router.db.credentials import PasswordProvider
@@ -68,6 +69,8 @@ class ServerHealth:
         self.url = url  # credentials for the probe connection; never logged
         #: The password's provider, when not in `url`.
         self.password: PasswordProvider | None = None
+        #: Consecutive probes refused for the provider's password.
+        self.refused_probes = 0
         self.settings = settings
         self.up = True
         self.since = time.time()
@@ -156,6 +159,28 @@ class ServerHealth:
             "last_probe_at": self.last_probe_at,
             "probes": self.probes,
         }
+
+
+#: Consecutive probes a server may refuse a provider's password before it is ejected like any
+#: failing server (a rotation takes a moment; a wrong secret is not a rotation).
+MAX_REFUSED_PROBES = 5
+
+
+def _credentials_in_rotation(server: ServerHealth, exc: Exception) -> bool:
+    """A probe that failed on our side of a password rotation: the provider could not give a
+    password (this process's problem, not the server's), or the server refused the one it
+    gave a few times in a row. The server is up; sessions retry with the provider read again,
+    where ejecting it would fail every request."""
+    if server.password is None:
+        return False
+    if isinstance(exc, CredentialsError):
+        logger.warning("%s: %s", server.endpoint, exc)
+        return True
+    if sqlstate(exc) in CREDENTIALS_SQLSTATES:
+        server.refused_probes += 1
+        logger.warning("%s: probe password refused (%d)", server.endpoint, server.refused_probes)
+        return server.refused_probes <= MAX_REFUSED_PROBES
+    return False
 
 
 class HealthMonitor:
@@ -264,14 +289,11 @@ class HealthMonitor:
             try:
                 row = await self._query(server, reuse=False)
             except Exception as exc:
-                if sqlstate(exc) in CREDENTIALS_SQLSTATES:
-                    # The server answered: it is up, our secret is not (yet) the one it has,
-                    # e.g. mid-rotation. Sessions retry with the provider read again; ejecting
-                    # the server would fail every request instead.
-                    logger.warning("%s: probe credentials refused", server.endpoint)
+                if _credentials_in_rotation(server, exc):
                     return
                 server.eject(f"probe failed: {describe_error(exc)}")
                 return
+        server.refused_probes = 0
         server.record_probe(row)
         server.admit()
 

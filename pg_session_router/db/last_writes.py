@@ -58,6 +58,8 @@ class SharedLastWrites:
             return None  # an id that can never exist: no query for it
         table = last_writes_table
         query = select(table.c.stream, table.c.lsn).where(table.c.key == key)
+        if self._router().default_cluster.writer() is None:
+            return None  # no primary now (failover, drain): no waiting on one for a hint
         try:
             async with self._router().session(_ON_THE_PRIMARY) as session:
                 row = (await session.execute(query)).first()

@@ -20,6 +20,7 @@ from sqlalchemy.orm.attributes import instance_state
 
 from pg_session_router.core.errors import CrossTenantError
 from pg_session_router.db.consistency import read_wal_position
+from pg_session_router.db.tenancy import ROW_TENANT_SETTING, SERVED_TENANT_SETTING
 
 logger = logging.getLogger(__name__)
 
@@ -138,8 +139,9 @@ def _run_transaction_setup(
     # BEGIN itself, which SQLAlchemy's asyncpg dialect sends with the first statement), so ORM
     # statements and raw text() alike see only the tenant's schema or rows.
     if session.per_transaction:
-        if session.transaction_setup is not None:
-            connection.exec_driver_sql(session.transaction_setup)
+        # Behind a transaction pooler the server connection may come with another client's
+        # session-level settings: a tenant-less transaction clears the tenant ones too.
+        connection.exec_driver_sql(session.transaction_setup or NO_TENANT_TRANSACTION_SETUP)
         return
     info = connection.connection.info
     # Keyed on the setup too: a tenant removed and added again elsewhere gets set up anew.
@@ -150,6 +152,13 @@ def _run_transaction_setup(
         info[OWNER_KEY] = owner
 
 
+#: Behind a transaction pooler, what a transaction without a tenant starts with: the default
+#: search path (the role's or database's, as RESET would give) and no tenant, for itself only.
+NO_TENANT_TRANSACTION_SETUP = (
+    "SELECT set_config('search_path', "
+    "(SELECT reset_val FROM pg_settings WHERE name = 'search_path'), true), "
+    f"set_config('{SERVED_TENANT_SETTING}', '', true), set_config('{ROW_TENANT_SETTING}', '', true)"
+)
 #: Whom a pooled connection is set up for, in its info: (tenant id, setup), None (no tenant),
 #: or `UNKNOWN_OWNER` (handed to a user outside the router, e.g. `engine.connect()`).
 OWNER_KEY = "pg_session_router.owner"

@@ -126,8 +126,8 @@ class SessionRouter:
             cluster = self.cluster(placement.cluster_key)
         elif target.node is not None:
             node = self._topology.node(target.node)
-            if node.health.drained:
-                raise NoNodeAvailableError(f"{node.name} is drained (router.undrain to restore)")
+            if node.health.drained:  # an operator's decision: not retried until the deadline
+                raise TargetError(f"{node.name} is drained (router.undrain to restore)")
             owner = self._topology.owner_of(node)
             return Route(owner, node, target.read_only, None, "explicit-node")
         elif target.cluster is not None:

@@ -19,6 +19,7 @@ from sqlalchemy.pool import NullPool
 from pg_session_router.core.errors import TenantConflictError
 from pg_session_router.core.names import quote_identifier
 from pg_session_router.core.settings import TenantSettings
+from pg_session_router.db.credentials import PasswordProvider
 from pg_session_router.db.driver_errors import sqlstate
 from pg_session_router.db.migrate import lock_statement, target_of
 from pg_session_router.db.router import SessionRouter
@@ -47,17 +48,25 @@ class DataRemoved:
         return f"deleted rows: {counts or 'none'}"
 
 
-def server_admin_url(router: SessionRouter, tenant: TenantSettings) -> URL:
-    """Where to run CREATE/DROP DATABASE: the tenant's server, on a database that exists."""
+def server_admin_url(
+    router: SessionRouter, tenant: TenantSettings
+) -> tuple[URL, PasswordProvider | None]:
+    """Where to run CREATE/DROP DATABASE: the tenant's server itself (not a pooler), on a
+    database that exists, and the password's provider if the cluster has one."""
     if tenant.url is not None:
-        return tenant.url.set(database="postgres")
+        return tenant.url.set(database="postgres"), None
     cluster_name = tenant.cluster or router.tenants.default_cluster
-    return router.cluster(cluster_name).primary.url
+    node = router.cluster(cluster_name).primary
+    return node.direct_url, node.password
 
 
-async def _on_server(url: URL, statement: str) -> None:
+async def _on_server(server: tuple[URL, PasswordProvider | None], statement: str) -> None:
     # CREATE/DROP DATABASE cannot run inside a transaction: a short-lived autocommit engine.
-    engine = create_async_engine(url, isolation_level="AUTOCOMMIT", poolclass=NullPool)
+    url, password = server
+    connect_args = {} if password is None else {"password": password}
+    engine = create_async_engine(
+        url, isolation_level="AUTOCOMMIT", poolclass=NullPool, connect_args=connect_args
+    )
     try:
         async with engine.connect() as connection:
             await connection.execute(text(statement))

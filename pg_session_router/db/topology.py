@@ -113,7 +113,8 @@ class Topology:
         """For lag: each configured cluster's writer and the servers that follow it."""
         for name in self.settings.clusters:
             cluster = self._clusters[ClusterKey.configured(name)]
-            writer = cluster.writer()
+            # The primary by health alone: a drained primary still leads its replicas.
+            writer = next((n for n in cluster.nodes if n.health.up and n.role == "primary"), None)
             if writer is not None:
                 yield writer.health, [n.health for n in cluster.nodes if n is not writer]
 

@@ -132,6 +132,7 @@ class SessionOpener:
         # Counted before the first await: an idle tenant cluster may be evicted (its engines
         # disposed) by another task, and this session is about to check out a connection.
         route.cluster.in_flight += 1
+        route.node.in_flight += 1  # what a drain of its server waits for
         try:
             if route.reason == "consistency-token" and self.max_wait_for_replica > 0:
                 waited = await self._wait_on_replica(route, target)
@@ -140,6 +141,7 @@ class SessionOpener:
             return await self._connect(route)
         except BaseException:
             self.admission.end_flight(route.cluster)
+            route.node.in_flight -= 1
             raise
 
     async def _wait_on_replica(
@@ -356,6 +358,7 @@ class UnitOfWork:
             raise
         finally:
             self._opener.admission.end_flight(self._route.cluster)
+            self._route.node.in_flight -= 1
             self._opener.events.session_ended(self._session.info, self._route, error)
 
     def _wants_commit(self) -> bool:
@@ -457,6 +460,10 @@ def reroute(route: Route, min_lsn: int | None) -> Route:
 
 
 def _rebind(session: RoutedSession, route: Route) -> None:
+    previous: Route | None = session.route
+    if previous is not None:  # the session is counted on the node it is on
+        previous.node.in_flight -= 1
+    route.node.in_flight += 1
     session.bind = route.node.sync_engine(route.read_only)
     session.route = route
     session.info["node"] = route.node.name
