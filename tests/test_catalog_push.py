@@ -20,6 +20,7 @@ from pg_session_router.db.router import SessionRouter
 from pg_session_router.devcluster import DevCluster
 from tests.conftest import APP_ROLE, HEALTH_INTERVAL, database_settings
 from tests.support.faults import eventually
+from tests.support.routers import listening_router
 
 #: Only a push can explain a change seen within this test: the TTL and miss-reloads are off.
 NO_POLLING = {"catalog_ttl": 3600.0, "catalog_min_reload": 3600.0}
@@ -27,14 +28,8 @@ NO_POLLING = {"catalog_ttl": 3600.0, "catalog_min_reload": 3600.0}
 
 @pytest.fixture
 async def other_process(migrated: DevCluster) -> AsyncIterator[SessionRouter]:
-    router = SessionRouter(database_settings(migrated, tenancy=NO_POLLING))
-    await router.start()
-    assert router.catalog_listener is not None
-    await asyncio.wait_for(router.catalog_listener.listening.wait(), timeout=5)
-    try:
+    async with listening_router(database_settings(migrated, tenancy=NO_POLLING)) as router:
         yield router
-    finally:
-        await router.dispose()
 
 
 async def state(router: SessionRouter, tenant: str) -> str:

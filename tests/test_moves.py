@@ -30,6 +30,7 @@ from pg_session_router.devcluster import DevCluster
 from tests.conftest import APP_ROLE, two_cluster_config
 from tests.support.cli import run_app, toml_of
 from tests.support.faults import eventually
+from tests.support.routers import listening_router
 
 SEED_ROWS = 500
 CHECKSUM = "SELECT count(*), coalesce(sum(hashtext(id::text || name)), 0) FROM items"
@@ -42,14 +43,8 @@ def settings(main: DevCluster, second: DevCluster, **overrides: Any) -> Database
 @pytest.fixture
 async def serving(migrated: DevCluster, migrated_two: DevCluster) -> AsyncIterator[SessionRouter]:
     """An app process serving the tenants (hears catalog changes pushed)."""
-    router = SessionRouter(settings(migrated, migrated_two))
-    await router.start()
-    assert router.catalog_listener is not None
-    await asyncio.wait_for(router.catalog_listener.listening.wait(), timeout=5)
-    try:
+    async with listening_router(settings(migrated, migrated_two)) as router:
         yield router
-    finally:
-        await router.dispose()
 
 
 @pytest.fixture

@@ -7,7 +7,6 @@ own, so rows other tests leave in the same tenants change nothing here.
 
 from __future__ import annotations
 
-import json
 import math
 import subprocess
 import uuid
@@ -20,7 +19,7 @@ import pytest
 from pg_session_router.devcluster import DevCluster
 
 from .conftest import APP_ROLE, HEALTH_INTERVAL, tenants_config
-from .support.cli import run_app
+from .support.cli import run_app, toml_of
 
 NORMALISED = r"btrim(regexp_replace(name, '\s+', ' ', 'g'))"
 
@@ -39,37 +38,24 @@ def fresh_id(prefix: str) -> str:
     return f"{prefix}-{uuid.uuid4().hex[:8]}"
 
 
-def toml_value(value: Any) -> str:
-    if isinstance(value, bool):
-        return "true" if value else "false"
-    if isinstance(value, int | float):
-        return repr(value)
-    if isinstance(value, list):
-        return "[" + ", ".join(toml_value(v) for v in value) + "]"
-    return json.dumps(str(value))  # a JSON string is a TOML basic string
-
-
-def toml_table(header: str, values: dict[str, Any]) -> str:
-    lines = [f"[{header}]", *(f"{key} = {toml_value(v)}" for key, v in values.items())]
-    return "\n".join(lines) + "\n"
-
-
 def write_config(pg: DevCluster, path: Path, extra_tenants: dict[str, Any] | None = None) -> Path:
     """The app's settings file: the cluster with its replicas, and conftest's tenants."""
-    main = {
-        "primary": pg.url(database="app", user=APP_ROLE),
-        "replicas": [pg.url(node.name, database="app", user=APP_ROLE) for node in pg.replicas],
+    database = {
+        "default_cluster": "main",
+        "connect_timeout": 1.0,
+        "health": {"interval": HEALTH_INTERVAL, "probe_timeout": 0.5},
+        "retry": {"deadline": 2.0},
+        "clusters": {
+            "main": {
+                "primary": pg.url(database="app", user=APP_ROLE),
+                "replicas": [
+                    pg.url(node.name, database="app", user=APP_ROLE) for node in pg.replicas
+                ],
+            }
+        },
+        "tenants": {**tenants_config(pg), **(extra_tenants or {})},
     }
-    sections = [
-        toml_table("database", {"default_cluster": "main", "connect_timeout": 1.0}),
-        toml_table("database.health", {"interval": HEALTH_INTERVAL, "probe_timeout": 0.5}),
-        toml_table("database.retry", {"deadline": 2.0}),
-        toml_table("database.clusters.main", main),
-    ]
-    tenants = {**tenants_config(pg), **(extra_tenants or {})}
-    for tenant, settings in tenants.items():
-        sections.append(toml_table(f"database.tenants.{json.dumps(tenant)}", settings))
-    path.write_text("\n".join(sections))
+    path.write_text(toml_of({"database": database}))
     return path
 
 

@@ -40,6 +40,7 @@ from sqlalchemy import (
     true,
 )
 from sqlalchemy.ext.asyncio import AsyncConnection, AsyncEngine
+from sqlalchemy.sql.elements import ColumnElement
 
 from pg_session_router.core.errors import RouterError
 from pg_session_router.core.names import validate_tenant_id
@@ -68,9 +69,13 @@ tenants_table = Table(
     CheckConstraint("strategy IN ('database', 'schema', 'row')", name="tenants_strategy"),
 )
 # What a lookup's conflict check searches by (`_rivals`): storage named like the tenant's.
+# One index per arm of its OR, so that the planner combines them and never reads the table
+# (row-level security only lets leakproof operators, such as text equality, reach an index:
+# the schema a row claims by default, replace(id, '-', '_'), is matched through its ids).
 _SCHEMA_CLAIMED = func.coalesce(tenants_table.c.schema, func.replace(tenants_table.c.id, "-", "_"))
-# One index per arm of its OR (so the planner can combine them, never scan the table):
-Index("tenants_schema_claimed", _SCHEMA_CLAIMED)
+#: Past this many underscores, the ids that spell a schema are too many to list.
+_MAX_SPELLINGS_UNDERSCORES = 8
+Index("tenants_schema", tenants_table.c.schema)
 Index("tenants_database", tenants_table.c.database)
 Index("tenants_own_server", tenants_table.c.id, postgresql_where=tenants_table.c.url.is_not(None))
 Index(
@@ -219,14 +224,16 @@ class TenantCatalog:
         schemas = [claim.schema for _, claim in claims if claim.schema is not None]
         databases = [claim.database for _, claim in claims]
         owned = [tenant.cluster for tenant, _ in claims if _owns_a_cluster(tenant)]
-        candidates = or_(
+        arms = [
             t.url.is_not(None),  # a server of its own: compared by server below
             and_(t.strategy == "database", t.database.is_(None)),  # a whole cluster's database
             and_(t.strategy == "database", t.database.in_(databases)),
-            and_(t.strategy == "schema", _SCHEMA_CLAIMED.in_(schemas)),
-            and_(t.strategy != "database", t.cluster.in_([c for c in owned if c is not None])),
-        )
-        query = select(tenants_table).where(candidates, t.id.not_in([r["id"] for r in found]))
+        ]
+        if schemas:
+            arms.append(and_(t.strategy == "schema", or_(*map(_claiming_schema, schemas))))
+        if owned := [cluster for cluster in owned if cluster is not None]:
+            arms.append(and_(t.strategy != "database", t.cluster.in_(owned)))
+        query = select(tenants_table).where(or_(*arms), t.id.not_in([r["id"] for r in found]))
         return (await connection.execute(query)).mappings().all()
 
     async def page(self, after: str | None, limit: int) -> list[tuple[str, TenantSettings | None]]:
@@ -263,6 +270,31 @@ class TenantCatalog:
 
 def _moving(rows: Sequence[Mapping[Any, Any]]) -> dict[str, str]:
     return {row["id"]: row["move_state"] for row in rows if row["move_state"]}
+
+
+def _claiming_schema(schema: str) -> ColumnElement[bool]:
+    """Rows that claim `schema`: by name, or by default through an id spelled like it
+    (`co-op` and `co_op` both claim `co_op`)."""
+    t = tenants_table.c
+    spellings = _ids_spelling(schema)
+    by_default = (
+        _SCHEMA_CLAIMED == schema  # noqa: SIM300 - the complete check, without an index: rare
+        if spellings is None
+        else t.id.in_(spellings)
+    )
+    return or_(t.schema == schema, and_(t.schema.is_(None), by_default))
+
+
+def _ids_spelling(schema: str) -> list[str] | None:
+    """Every id whose default schema name is `schema` ('-' or '_' at each '_'), or None
+    when there are too many to list."""
+    parts = schema.split("_")
+    if len(parts) - 1 > _MAX_SPELLINGS_UNDERSCORES:
+        return None
+    spellings = [parts[0]]
+    for part in parts[1:]:
+        spellings = [f"{head}{sep}{part}" for head in spellings for sep in ("-", "_")]
+    return spellings
 
 
 def _valid_or_none(database: DatabaseSettings, row: Mapping[Any, Any]) -> TenantSettings | None:
