@@ -97,7 +97,7 @@ def test_every_command_helps_with_an_example() -> None:
     parser = build_parser()
     assert "example:" in parser.format_help()
     commands = parser._subparsers._group_actions[0].choices  # type: ignore[union-attr]
-    assert set(commands) == {"demo", "serve", "migrate", "tenants", "check", "config"}
+    assert set(commands) == {"demo", "serve", "migrate", "tenants", "check", "config", "drain"}
     for name, command in commands.items():
         assert "example:" in command.format_help(), name
 
