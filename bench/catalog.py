@@ -21,6 +21,7 @@ import gc
 import statistics
 import time
 import tracemalloc
+from collections.abc import Awaitable, Callable
 
 from sqlalchemy import text
 
@@ -69,17 +70,15 @@ async def on_demand(cluster: DevCluster, total: int, used: int, offset: int = 0)
         await router.dispose()
 
 
-async def held_on_demand(cluster: DevCluster, total: int, used: int) -> float:
-    """MB held for the catalog after serving `used` tenants (traced: slow, so not timed)."""
+async def traced_mb(cluster: DevCluster, work: Callable[[SessionRouter], Awaitable[None]]) -> float:
+    """MB a new router holds after `work` (traced: slow, so never timed)."""
     tracemalloc.start()
     try:
         gc.collect()
         base = tracemalloc.get_traced_memory()[0]
         router = SessionRouter(settings_for(cluster))
         try:
-            step = max(1, total // used)
-            for n in range(1, total + 1, step):
-                await router.tenants.resolve(f"bench-{n}")
+            await work(router)
             return held_bytes(base)
         finally:
             await router.dispose()
@@ -87,9 +86,18 @@ async def held_on_demand(cluster: DevCluster, total: int, used: int) -> float:
         tracemalloc.stop()
 
 
+async def held_on_demand(cluster: DevCluster, total: int, used: int) -> float:
+    """MB held for the catalog after serving `used` tenants spread over it."""
+
+    async def serve(router: SessionRouter) -> None:
+        for n in range(1, total + 1, max(1, total // used)):
+            await router.tenants.resolve(f"bench-{n}")
+
+    return await traced_mb(cluster, serve)
+
+
 async def whole(cluster: DevCluster) -> tuple[float, float]:
-    """MB held after reading the whole catalog (traced), and how long the read takes (s,
-    untraced)."""
+    """MB held after reading the whole catalog, and how long the read takes (s, untraced)."""
     router = SessionRouter(settings_for(cluster))
     try:
         started = time.perf_counter()
@@ -97,18 +105,11 @@ async def whole(cluster: DevCluster) -> tuple[float, float]:
         seconds = time.perf_counter() - started
     finally:
         await router.dispose()
-    tracemalloc.start()
-    try:
-        gc.collect()
-        base = tracemalloc.get_traced_memory()[0]
-        router = SessionRouter(settings_for(cluster))
-        try:
-            await router.tenants.reload()
-            return held_bytes(base), seconds
-        finally:
-            await router.dispose()
-    finally:
-        tracemalloc.stop()
+
+    async def read_all(router: SessionRouter) -> None:
+        await router.tenants.reload()
+
+    return await traced_mb(cluster, read_all), seconds
 
 
 async def warm_route(cluster: DevCluster, calls: int) -> tuple[float, float]:

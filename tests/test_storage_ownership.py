@@ -20,7 +20,7 @@ from pg_session_router.core.errors import (
     TenantConflictError,
     UnknownTenantError,
 )
-from pg_session_router.core.settings import TenantSettings
+from pg_session_router.core.settings import DatabaseSettings, TenantSettings
 from pg_session_router.db import provisioning
 from pg_session_router.db.catalog import tenants_table
 from pg_session_router.db.router import SessionRouter
@@ -275,6 +275,41 @@ async def test_a_process_looking_tenants_up_one_by_one_refuses_the_same_rows_a_w
             with pytest.raises(UnknownTenantError):
                 await serving.tenants.resolve(refused)
         assert serving.tenants.catalog is not None and serving.tenants.catalog.loads == 0
+    finally:
+        await serving.dispose()
+        async with router.session() as session:
+            ids = [row["id"] for row in rows]
+            await session.execute(tenants_table.delete().where(tenants_table.c.id.in_(ids)))
+
+
+async def test_a_lookup_refuses_a_whole_database_that_a_schema_tenant_lives_in(
+    migrated: DevCluster, router: SessionRouter
+) -> None:
+    """A careless operator's rows: a schema tenant on cluster `side`, then a tenant whose own
+    server URL is `side`'s database, then a tenant owning `side` whole. A whole read keeps
+    only the first; so must a process looking the second up by id (it would otherwise read,
+    and with `remove --drop` delete, the first's database)."""
+    database = f"side_{uuid.uuid4().hex[:6]}"
+    migrated.create_database(database, owner=APP_ROLE)
+    side = {"primary": migrated.url(database=database, user=APP_ROLE)}
+    lives, whole_url, owner = unique("lives"), unique("wholeurl"), unique("owner")
+    rows = [
+        {"id": lives, "strategy": "schema", "cluster": "side"},
+        {"id": whole_url, "strategy": "database", "url": side["primary"]},
+        {"id": owner, "strategy": "database", "cluster": "side"},
+    ]
+    async with router.session() as session:
+        for offset, row in enumerate(rows):
+            created = text(f"now() + interval '{offset} milliseconds'")
+            await session.execute(insert(tenants_table).values(**row, created_at=created))
+    settings = database_settings(migrated).model_dump(by_alias=True)
+    settings["clusters"]["side"] = side
+    serving = SessionRouter(DatabaseSettings.model_validate(settings))
+    try:
+        for refused in (whole_url, owner):
+            with pytest.raises(UnknownTenantError):
+                await serving.tenants.resolve(refused)
+        assert (await serving.tenants.resolve(lives)).strategy == "schema"
     finally:
         await serving.dispose()
         async with router.session() as session:

@@ -1,10 +1,11 @@
 """Tenant admission: from a tenant id to a cluster that may take its session right now.
 
 Two steps, both async only on a miss: the registry resolves the id to a `Placement` (a
-dictionary read; an unknown id may reload the catalog), and a database-placed tenant's cluster
-is built within the engine budget (`TenantClusterCache`: an LRU of engines that waits for
-room when every engine is busy). Sessions in flight are counted per cluster from admission to
-the end of the unit of work, so an engine is never disposed under a running session.
+dictionary read; an id not held here is looked up in the catalog, by id), and a
+database-placed tenant's cluster is built within the engine budget (`TenantClusterCache`: an
+LRU of engines that waits for room when every engine is busy). Sessions in flight are counted
+per cluster from admission to the end of the unit of work, so an engine is never disposed
+under a running session.
 """
 
 from __future__ import annotations

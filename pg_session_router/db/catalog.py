@@ -5,10 +5,12 @@ reads and holds does not grow with the catalog; tools that need every tenant (mi
 backfills) read it whole (`load`), and listings page through it (`page`). Every row goes
 through the same validation as a tenant of the configuration file (`TenantSettings`,
 `check_tenant`) and the storage-ownership rules (`core.storage`); a row that fails any of
-them is logged and skipped, never routable. A looked-up row is checked against every older
-row that could claim the same storage (same schema name, same database name, a whole
-database or server of its own), found by one indexed query, so a row inserted by hand that
-collides with an older tenant is refused exactly as a whole read would refuse it.
+them is logged and skipped, never routable. A looked-up row is checked against the rows that
+could claim the same storage (same schema name, same database name, a whole database or
+server of its own, the tenants of a cluster whose database it would take), and theirs in
+turn, a few indexed queries (an index per arm; only rows with a server of their own are all
+read), so a row inserted by hand that collides with an older tenant is refused as a whole read
+would refuse it (ties of creation time broken by id, by code point, in both).
 Row-level security hides the table from every transaction that has a tenant, so no tenant's
 session can read other tenants' placements.
 """
@@ -16,7 +18,7 @@ session can read other tenants' placements.
 from __future__ import annotations
 
 import logging
-from collections.abc import Callable, Collection, Mapping, Sequence
+from collections.abc import Callable, Collection, Iterable, Mapping, Sequence
 from typing import Any
 
 from pydantic import ValidationError
@@ -31,14 +33,18 @@ from sqlalchemy import (
     Select,
     Table,
     Text,
+    all_,
     and_,
+    any_,
     func,
+    literal,
     null,
     or_,
     select,
     text,
     true,
 )
+from sqlalchemy.dialects.postgresql import ARRAY
 from sqlalchemy.ext.asyncio import AsyncConnection, AsyncEngine
 from sqlalchemy.sql.elements import ColumnElement
 
@@ -75,6 +81,8 @@ tenants_table = Table(
 _SCHEMA_CLAIMED = func.coalesce(tenants_table.c.schema, func.replace(tenants_table.c.id, "-", "_"))
 #: Past this many underscores, the ids that spell a schema are too many to list.
 _MAX_SPELLINGS_UNDERSCORES = 8
+#: Rounds of rivals of rivals a lookup reads (a chain of claims is rarely longer than two).
+_RIVAL_ROUNDS = 3
 Index("tenants_schema", tenants_table.c.schema)
 Index("tenants_database", tenants_table.c.database)
 Index("tenants_own_server", tenants_table.c.id, postgresql_where=tenants_table.c.url.is_not(None))
@@ -202,7 +210,7 @@ class TenantCatalog:
         """The accepted tenants among `ids`, and their moves under way (see `load`)."""
         self.lookups += 1
         async with self._engine().connect() as connection:
-            query = (await self._with_moves(connection)).where(tenants_table.c.id.in_(list(ids)))
+            query = (await self._with_moves(connection)).where(tenants_table.c.id == _any(ids))
             found = (await connection.execute(query)).mappings().all()
             rivals = await self._rivals(connection, found)
         rows = sorted([*found, *rivals], key=lambda r: (r["created_at"], r["id"]))
@@ -211,40 +219,70 @@ class TenantCatalog:
 
     async def _rivals(
         self, connection: AsyncConnection, found: Sequence[Mapping[Any, Any]]
-    ) -> Sequence[Mapping[Any, Any]]:
-        """Rows other than `found` that could claim storage one of `found` claims."""
+    ) -> list[Mapping[Any, Any]]:
+        """Rows other than `found` that could claim storage one of `found` claims, and the
+        rows that could claim theirs (a rival may itself lose to an older row: a few rounds
+        reach every row a whole read would weigh)."""
+        seen = {row["id"] for row in found}
+        rivals: list[Mapping[Any, Any]] = []
+        frontier: Sequence[Mapping[Any, Any]] = found
+        for _ in range(_RIVAL_ROUNDS):
+            arms = self._claims_arms(frontier)
+            if not arms:
+                break
+            query = select(tenants_table).where(or_(*arms), tenants_table.c.id != _all(seen))
+            frontier = (await connection.execute(query)).mappings().all()
+            if not frontier:
+                break
+            rivals.extend(frontier)
+            seen.update(row["id"] for row in frontier)
+        return rivals
+
+    def _claims_arms(self, rows: Sequence[Mapping[Any, Any]]) -> list[ColumnElement[bool]]:
+        """What finds the rows whose storage could collide with `rows`' (one indexed arm each:
+        row-level security only lets leakproof operators, such as text equality, reach an
+        index, so the default schema names are matched through the ids that spell them)."""
         claims = []
-        for row in found:
+        for row in rows:
             tenant = _valid_or_none(self._database, row)
             if tenant is not None:
-                claims.append((tenant, claim_of(self._database, row["id"], tenant)))
+                claims.append(claim_of(self._database, row["id"], tenant))
         if not claims:
             return []
         t = tenants_table.c
-        schemas = [claim.schema for _, claim in claims if claim.schema is not None]
-        databases = [claim.database for _, claim in claims]
-        owned = [tenant.cluster for tenant, _ in claims if _owns_a_cluster(tenant)]
         arms = [
-            t.url.is_not(None),  # a server of its own: compared by server below
+            t.url.is_not(None),  # a server of its own: compared by server in accepted_rows
             and_(t.strategy == "database", t.database.is_(None)),  # a whole cluster's database
-            and_(t.strategy == "database", t.database.in_(databases)),
+            and_(t.strategy == "database", t.database == _any(c.database for c in claims)),
         ]
+        schemas = {c.schema for c in claims if c.schema is not None}
         if schemas:
-            arms.append(and_(t.strategy == "schema", or_(*map(_claiming_schema, schemas))))
-        if owned := [cluster for cluster in owned if cluster is not None]:
-            arms.append(and_(t.strategy != "database", t.cluster.in_(owned)))
-        query = select(tenants_table).where(or_(*arms), t.id.not_in([r["id"] for r in found]))
-        return (await connection.execute(query)).mappings().all()
+            arms.append(and_(t.strategy == "schema", _claiming_schemas(schemas)))
+        # A whole database claimed: the schema and row tenants of every configured cluster
+        # whose own database it is (by server and name, whatever the clusters are called).
+        wholes = {(c.server, c.database) for c in claims if c.kind == "database"}
+        names = [
+            claim.owner.removeprefix("cluster ")
+            for claim in cluster_claims(self._database, {})
+            if (claim.server, claim.database) in wholes
+        ]
+        if names:
+            on_cluster = t.cluster == _any(names)
+            if self._database.default_cluster in names:
+                on_cluster = or_(on_cluster, t.cluster.is_(None))
+            arms.append(and_(t.strategy != "database", on_cluster))
+        return arms
 
     async def page(self, after: str | None, limit: int) -> list[tuple[str, TenantSettings | None]]:
-        """Up to `limit` rows with ids after `after`, by id; None for a row that is not valid."""
-        query = select(tenants_table).order_by(tenants_table.c.id).limit(limit)
+        """Up to `limit` rows with ids after `after`, by id; None for a row that is not
+        routable (judged as a serving process judges it: by lookup, against its rivals)."""
+        query = select(tenants_table.c.id).order_by(tenants_table.c.id).limit(limit)
         if after is not None:
             query = query.where(tenants_table.c.id > after)
         async with self._engine().connect() as connection:
-            rows = (await connection.execute(query)).mappings().all()
-        accepted = accepted_rows(self._database, rows, warn_for=())
-        return [(row["id"], accepted.get(row["id"])) for row in rows]
+            ids = list((await connection.execute(query)).scalars())
+        accepted, _ = await self.lookup(ids) if ids else ({}, {})
+        return [(tenant_id, accepted.get(tenant_id)) for tenant_id in ids]
 
     async def _with_moves(self, connection: AsyncConnection) -> Select[Any]:
         """The catalog's rows with the state of their moves, in one statement: read apart, a
@@ -261,8 +299,9 @@ class TenantCatalog:
         """Every accepted tenant, and the state of each move (tenant id -> state)."""
         self.loads += 1
         async with self._engine().connect() as connection:
+            # Ties broken by code point, as a lookup sorts them (not by the collation).
             query = (await self._with_moves(connection)).order_by(
-                tenants_table.c.created_at, tenants_table.c.id
+                tenants_table.c.created_at, tenants_table.c.id.collate("C")
             )
             rows = (await connection.execute(query)).mappings().all()
         return accepted_rows(self._database, rows), _moving(rows)
@@ -272,17 +311,31 @@ def _moving(rows: Sequence[Mapping[Any, Any]]) -> dict[str, str]:
     return {row["id"]: row["move_state"] for row in rows if row["move_state"]}
 
 
-def _claiming_schema(schema: str) -> ColumnElement[bool]:
-    """Rows that claim `schema`: by name, or by default through an id spelled like it
-    (`co-op` and `co_op` both claim `co_op`)."""
+def _any(values: Iterable[str]) -> ColumnElement[Any]:
+    """`= ANY($1)`: one array parameter, however many values (asyncpg takes 32,767)."""
+    return any_(literal(sorted(set(values)), ARRAY(Text)))
+
+
+def _all(values: Iterable[str]) -> ColumnElement[Any]:
+    return all_(literal(sorted(set(values)), ARRAY(Text)))
+
+
+def _claiming_schemas(schemas: Collection[str]) -> ColumnElement[bool]:
+    """Rows that claim one of `schemas`: by name, or by default through an id spelled like
+    it (`co-op` and `co_op` both claim `co_op`)."""
     t = tenants_table.c
-    spellings = _ids_spelling(schema)
-    by_default = (
-        _SCHEMA_CLAIMED == schema  # noqa: SIM300 - the complete check, without an index: rare
-        if spellings is None
-        else t.id.in_(spellings)
-    )
-    return or_(t.schema == schema, and_(t.schema.is_(None), by_default))
+    spellings: list[str] = []
+    unlisted: list[str] = []
+    for schema in schemas:
+        spelled = _ids_spelling(schema)
+        if spelled is None:
+            unlisted.append(schema)
+        else:
+            spellings.extend(spelled)
+    by_default = [t.id == _any(spellings)] if spellings else []
+    # Too many spellings to list: the complete check, without an index (rare names).
+    by_default += [_SCHEMA_CLAIMED == name for name in unlisted]  # noqa: SIM300
+    return or_(t.schema == _any(schemas), and_(t.schema.is_(None), or_(*by_default)))
 
 
 def _ids_spelling(schema: str) -> list[str] | None:
@@ -302,11 +355,6 @@ def _valid_or_none(database: DatabaseSettings, row: Mapping[Any, Any]) -> Tenant
         return valid_row(database, row)
     except Exception:  # refused on its own: `accepted_rows` says why
         return None
-
-
-def _owns_a_cluster(tenant: TenantSettings) -> bool:
-    """A database tenant placed on a cluster alone: that cluster's database is all its own."""
-    return tenant.strategy == "database" and not tenant.database and tenant.url is None
 
 
 async def _has_moves_table(connection: AsyncConnection) -> bool:

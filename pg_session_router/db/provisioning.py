@@ -5,9 +5,10 @@ every process, after checking that its id and its storage are nobody else's (con
 catalog alike): of two processes adding colliding tenants at once, exactly one succeeds and the
 other gets `TenantConflictError` before touching any storage. Then its storage is created (an
 existing database or schema is adopted only when asked), its tables are brought up to date, the
-replicas are waited for, and it becomes routable: at once in this process, in others on their
-next catalog reload (at once for an id they have not seen, within `tenancy.catalog_ttl` for a
-change to one they know). A failure on the way removes the reservation and what was created.
+replicas are waited for, and it becomes routable: at once in this process, in the others as
+soon as the change is pushed to them (they look the id up again), within
+`tenancy.catalog_ttl` at the latest. A failure on the way removes the reservation and what
+was created.
 
 Removing a tenant with `drop` deletes its data, and says what it deleted: its database or
 schema, or, for a row tenant, its rows in every tenant table. Tenants defined in the
@@ -124,7 +125,10 @@ async def _refuse_conflicts(
     router: SessionRouter, session: AsyncSession, tenant_id: str, tenant: TenantSettings
 ) -> None:
     settings = router.settings
-    rows = (await session.execute(select(tenants_table))).mappings().all()
+    oldest_first = select(tenants_table).order_by(
+        tenants_table.c.created_at, tenants_table.c.id.collate("C")
+    )
+    rows = (await session.execute(oldest_first)).mappings().all()
     if tenant_id in settings.tenants or any(row["id"] == tenant_id for row in rows):
         raise TenantConflictError(f"tenant {tenant_id!r} already exists")
     await refuse_while_moving(session, tenant_id)
@@ -176,7 +180,10 @@ async def reserve_move_target(
     sees the claim."""
     async with router.session() as session:
         await session.execute(_MANAGEMENT_LOCK)
-        rows = (await session.execute(select(tenants_table))).mappings().all()
+        oldest_first = select(tenants_table).order_by(
+            tenants_table.c.created_at, tenants_table.c.id.collate("C")
+        )
+        rows = (await session.execute(oldest_first)).mappings().all()
         await _refuse_claimed(router, session, rows, tenant_id, target)
         await record(session)
 

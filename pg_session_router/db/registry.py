@@ -73,6 +73,9 @@ class TenantRegistry:
         self._warned_missing = False
         self._reload: asyncio.Task[None] | None = None
         self._changed = asyncio.Event()
+        #: A catalog read taking longer has failed (a hung primary must not hold every cold
+        #: tenant, nor the router's disposal, forever).
+        self._read_timeout = max(5.0, database.retry.deadline)
 
     # -- lookups ---------------------------------------------------------------------------
 
@@ -85,7 +88,7 @@ class TenantRegistry:
                 return None
             self._cached.move_to_end(tenant_id)
             placement, read_at = entry
-            if time.monotonic() - read_at > self.settings.catalog_ttl:
+            if self.catalog is not None and time.monotonic() - read_at > self.settings.catalog_ttl:
                 # Read it again in the background and keep serving it meanwhile (without a
                 # running loop, the next resolve() reads it).
                 with contextlib.suppress(RuntimeError):
@@ -162,6 +165,8 @@ class TenantRegistry:
     def _queue(self, tenant_id: str) -> asyncio.Future[None]:
         """The lookup `tenant_id` will be part of (needs a running loop)."""
         waiting = self._queued.get(tenant_id)
+        if waiting is not None and waiting.get_loop().is_closed():
+            waiting = None  # left by a router used on an event loop that is gone
         if waiting is None:
             waiting = self._queued[tenant_id] = asyncio.get_running_loop().create_future()
             if self._lookups is None or self._lookups.done():
@@ -171,26 +176,40 @@ class TenantRegistry:
         return waiting
 
     async def _look_up_queued(self) -> None:
-        """One catalog query at a time, each for the ids queued while the last one ran."""
-        assert self.catalog is not None
-        while self._queued:
-            batch = dict(list(self._queued.items())[:_MAX_BATCH])
-            started_at = self._begin_read()
-            found: dict[str, TenantSettings] | None
-            try:
-                found, moving = await self.catalog.lookup(list(batch))
-            except Exception as exc:
-                found, moving = self._lookup_failed(exc)
-            finally:
-                self._reads_in_flight -= 1
-            if found is not None:
-                self._apply_lookup(batch, found, moving, started_at)
-            for tenant_id, waiting in batch.items():
-                again = found is not None and self._requeued(tenant_id)
-                if self._queued.get(tenant_id) is waiting and not again:
-                    del self._queued[tenant_id]
-                    waiting.set_result(None)
-            self._announce_change()
+        """One catalog query at a time, each for the ids queued while the last one ran.
+        Every waiter is answered, whatever happens (a cancelled or failed task included)."""
+        try:
+            while self._queued and self.catalog is not None:
+                await self._look_up_batch(self.catalog)
+        finally:
+            for waiting in self._queued.values():
+                if not waiting.done() and not waiting.get_loop().is_closed():
+                    waiting.set_exception(DatabaseUnavailableError("tenant lookup interrupted"))
+            self._queued.clear()
+
+    async def _look_up_batch(self, catalog: TenantCatalog) -> None:
+        # No bigger than what the cache holds: a batch evicting its own first ids would
+        # look them up again.
+        size = min(_MAX_BATCH, self.settings.catalog_cache_size)
+        batch = dict(list(self._queued.items())[:size])
+        started_at = self._begin_read()
+        found: dict[str, TenantSettings] | None
+        try:
+            async with asyncio.timeout(self._read_timeout):
+                found, moving = await catalog.lookup(list(batch))
+        except Exception as exc:  # TimeoutError included: a hung read is a failed one
+            found, moving = self._lookup_failed(exc)
+        finally:
+            self._reads_in_flight -= 1
+        if found is not None:
+            self._apply_lookup(batch, found, moving, started_at)
+        self._prune_changes()
+        for tenant_id, waiting in batch.items():
+            again = found is not None and self._requeued(tenant_id)
+            if self._queued.get(tenant_id) is waiting and not again:
+                del self._queued[tenant_id]
+                waiting.set_result(None)
+        self._announce_change()
 
     def _lookup_failed(
         self, exc: Exception
@@ -265,12 +284,14 @@ class TenantRegistry:
         assert self.catalog is not None
         started_at = self._begin_read()
         try:
-            tenants, moving = await self.catalog.load()
+            async with asyncio.timeout(self._read_timeout * 4):  # the whole table: longer
+                tenants, moving = await self.catalog.load()
         except Exception as exc:  # the primary may be down, or the table not created yet
             if sqlstate(exc) != UNDEFINED_TABLE_SQLSTATE:
                 if not self._load_failed:
                     logger.warning("tenant catalog unavailable: %s", describe_error(exc))
                 self._load_failed = True
+                self._prune_changes()
                 return
             self._warn_missing()
             tenants, moving = {}, {}
@@ -289,11 +310,10 @@ class TenantRegistry:
         for _, tenant_id, change in self._changes_since(started_at):
             if isinstance(change, Placement):
                 loaded[tenant_id] = (change, now)
-            elif change == FORGOTTEN:
+            elif tenant_id != _EVERY_TENANT:
+                # Forgotten, or announced meanwhile (perhaps disabled): read again on next use.
                 loaded.pop(tenant_id, None)
-            elif tenant_id in loaded:  # announced meanwhile: read again on next use
-                loaded[tenant_id] = (loaded[tenant_id][0], float("-inf"))
-            elif tenant_id == _EVERY_TENANT:
+            else:
                 loaded = OrderedDict((t, (p, float("-inf"))) for t, (p, _) in loaded.items())
         self._cached, self._complete = loaded, True
         self._absent.clear()
@@ -389,12 +409,11 @@ class TenantRegistry:
             self.invalidate(tenant_id)
 
     async def close(self) -> None:
+        # Cancelling the lookup task answers its waiters (DatabaseUnavailableError), rather
+        # than cancelling requests that did not ask for it.
         for task in (self._reload, self._lookups):
             if task is not None and not task.done():
                 task.cancel()
                 with contextlib.suppress(asyncio.CancelledError):
                     await task
         self._reload = self._lookups = None
-        for waiting in self._queued.values():
-            waiting.cancel()
-        self._queued.clear()
