@@ -22,7 +22,7 @@ from pg_session_router.core.settings import HealthSettings
 from pg_session_router.db.health import ServerHealth
 from pg_session_router.db.router import SessionRouter
 from pg_session_router.devcluster import DevCluster
-from tests.support.faults import BlackholeServer
+from tests.support.faults import BlackholeServer, SilentCut
 
 from .conftest import APP_ROLE, database_settings
 
@@ -93,3 +93,49 @@ async def test_the_retry_deadline_counts_from_the_start_of_the_unit_of_work(
             await router.dispose()
     # One connect timeout fills the whole deadline: no second full round of retries after it.
     assert time.monotonic() - started < 1.0 + 0.7
+
+
+async def test_connections_cut_without_a_fin_cost_no_request(migrated: DevCluster) -> None:
+    """A NAT drops the mappings of idle pooled connections: nothing closes them, they just go
+    silent. The next 30 reads and 20 writes all succeed (each write counted once): the idle
+    connections are pinged at checkout and replaced, instead of hanging a first statement."""
+    async with SilentCut(migrated.primary.port) as relay:
+        url = f"postgresql+asyncpg://{APP_ROLE}@127.0.0.1:{relay.port}/app"
+        settings = database_settings(
+            migrated,
+            replicas=False,
+            clusters={"main": {"primary": url, "pool": {"ping_idle_after": 0.2}}},
+        )
+        router = SessionRouter(settings)
+        tag = f"nofin-{time.monotonic_ns()}"
+        try:
+
+            async def write(n: int) -> None:
+                async with router.session() as session:
+                    await session.execute(
+                        text("INSERT INTO items (name) VALUES (:n)"), {"n": f"{tag}-{n}"}
+                    )
+
+            async def read() -> int:
+                async with router.session(read_only=True) as session:
+                    return int(await session.scalar(text("SELECT 1")))
+
+            await asyncio.gather(*(read() for _ in range(10)))  # a warm pool
+            relay.cut()
+            await asyncio.sleep(0.3)  # the stimulus: the pooled connections sit idle, cut
+            outcomes = await asyncio.wait_for(
+                asyncio.gather(
+                    *(write(n) for n in range(20)),
+                    *(read() for _ in range(30)),
+                    return_exceptions=True,
+                ),
+                timeout=20,
+            )
+            assert [o for o in outcomes if isinstance(o, BaseException)] == []
+            async with router.session() as session:
+                written = await session.scalar(
+                    text("SELECT count(*) FROM items WHERE name LIKE :t"), {"t": f"{tag}-%"}
+                )
+            assert written == 20
+        finally:
+            await router.dispose()

@@ -111,6 +111,11 @@ class PoolSettings(_Section):
     recycle: int = 1800
     #: Ping every connection on checkout (a round trip per session; off by default).
     pre_ping: bool = False
+    #: Ping a pooled connection that has been idle this long (seconds) before handing it out,
+    #: within `connect_timeout`: a connection cut without a FIN (a NAT or firewall dropping
+    #: an idle mapping, a pooler restarted on another host) is replaced at checkout instead of
+    #: hanging the request's first statement. A round trip only after such a pause; None: never.
+    ping_idle_after: NonNegativeFloat | None = 30.0
 
 
 def _replica_entry(value: object) -> object:

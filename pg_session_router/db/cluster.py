@@ -13,15 +13,17 @@ picked by the cluster's policy.
 
 from __future__ import annotations
 
+import asyncio
 import logging
 import time
 import uuid
 from collections.abc import Sequence
+from functools import partial
 from typing import Any, Literal
 
 from sqlalchemy import event
 from sqlalchemy.engine import URL
-from sqlalchemy.exc import InvalidatePoolError
+from sqlalchemy.exc import DisconnectionError, InvalidatePoolError
 from sqlalchemy.ext.asyncio import (
     AsyncEngine,
     AsyncSession,
@@ -54,6 +56,33 @@ ReaderReason = Literal[
 ]
 
 Role = Literal["primary", "replica"]
+
+
+def _note_idle_since(dbapi_connection: Any, record: Any) -> None:
+    record.info[_IDLE_SINCE] = time.monotonic()
+
+
+def _ping_if_idle(
+    idle_after: float, within: float, dbapi_connection: Any, record: Any, proxy: Any
+) -> None:
+    """Pool checkout hook: a connection idle longer than `idle_after` answers a ping within
+    `within` seconds, or is replaced. A connection cut without a FIN looks alive (no EOF ever
+    comes) and would hang the first statement sent on it until TCP gives up, minutes later;
+    such cuts happen to idle connections (NAT and firewall timeouts), so only those pay the
+    round trip. DisconnectionError makes the pool discard it (terminated, not closed: a close
+    would wait on the dead socket) and hand out another."""
+    since = record.info.get(_IDLE_SINCE)
+    if since is None or time.monotonic() - since < idle_after:
+        return
+    try:
+        dbapi_connection.run_async(
+            lambda driver: asyncio.wait_for(driver.fetchval("SELECT 1"), within)
+        )
+    except Exception as exc:
+        raise DisconnectionError(f"a connection idle for {idle_after:g} s did not answer") from exc
+
+
+_IDLE_SINCE = "pg_session_router.idle_since"
 
 
 def _discard_closed_connections(dbapi_connection: Any, record: Any, proxy: Any) -> None:
@@ -173,6 +202,13 @@ class Node:
             },
         )
         event.listen(self.engine.sync_engine, "checkout", _discard_closed_connections)
+        if pool.ping_idle_after is not None:
+            event.listen(self.engine.sync_engine, "checkin", _note_idle_since)
+            event.listen(
+                self.engine.sync_engine,
+                "checkout",
+                partial(_ping_if_idle, pool.ping_idle_after, connect_timeout),
+            )
         if not behind_pooler:  # behind one, nothing is left on a connection to clean
             event.listen(
                 self.engine.sync_engine, "engine_connect", _clean_for_use_outside_the_router

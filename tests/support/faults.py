@@ -115,6 +115,57 @@ class CommitCutter:
             task.add_done_callback(self._tasks.discard)
 
 
+class SilentCut:
+    """A loopback relay whose connections can be cut without a FIN: after `cut()`, those it
+    relays go silent both ways (nothing forwarded, nothing closed), as when a NAT or firewall
+    drops an idle mapping; connections made afterwards are relayed normally."""
+
+    def __init__(self, upstream_port: int) -> None:
+        self.upstream_port = upstream_port
+        self.port = 0
+        self._generation = 0
+        self._server: asyncio.Server | None = None
+        self._writers: list[asyncio.StreamWriter] = []
+        self._tasks: set[asyncio.Task[None]] = set()
+
+    async def __aenter__(self) -> SilentCut:
+        self._server = await asyncio.start_server(self._relay, "127.0.0.1", 0)
+        self.port = self._server.sockets[0].getsockname()[1]
+        return self
+
+    async def __aexit__(self, *exc_info: object) -> None:
+        assert self._server is not None
+        self._server.close()
+        for task in list(self._tasks):
+            task.cancel()
+        for writer in self._writers:
+            writer.transport.abort()
+
+    def cut(self) -> None:
+        self._generation += 1
+
+    async def _relay(self, client_r: asyncio.StreamReader, client_w: asyncio.StreamWriter) -> None:
+        server_r, server_w = await asyncio.open_connection("127.0.0.1", self.upstream_port)
+        self._writers += [client_w, server_w]
+        generation = self._generation
+
+        async def pump(source: asyncio.StreamReader, sink: asyncio.StreamWriter) -> None:
+            while data := await source.read(65536):
+                if generation != self._generation:
+                    continue  # cut: swallowed, never answered, never closed
+                sink.write(data)
+                await sink.drain()
+            if generation == self._generation:
+                sink.close()  # an orderly end, passed on (a cut one never is)
+
+        for task in (
+            asyncio.create_task(pump(client_r, server_w)),
+            asyncio.create_task(pump(server_r, client_w)),
+        ):
+            self._tasks.add(task)
+            task.add_done_callback(self._tasks.discard)
+
+
 WHO_ANSWERS = text("SELECT inet_server_port()")
 
 
