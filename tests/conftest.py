@@ -96,9 +96,17 @@ async def router(migrated: DevCluster) -> AsyncIterator[SessionRouter]:
     set_router(router)
     try:
         yield router
+        # Every session ended is counted out of its node (drains wait on these counts).
+        assert sessions_in_flight(router) == {}, sessions_in_flight(router)
     finally:
         set_router(None)
         await router.dispose()
+
+
+def sessions_in_flight(router: SessionRouter) -> dict[str, int]:
+    """Nodes with sessions counted in flight (none once every session has ended)."""
+    nodes = {node for cluster in router.clusters.values() for node in cluster.nodes}
+    return {node.name: node.in_flight for node in nodes if node.in_flight}
 
 
 def one_connection_router(pg: DevCluster, **overrides: Any) -> SessionRouter:

@@ -70,6 +70,9 @@ async def test_a_token_read_waits_for_a_replica_that_catches_up(
         found, node, reason = await read_item(waiting_router, name, after=token)
         await resumer
     assert found and reason == "consistency-token-waited" and ".replica" in node
+    # Counted on the node it ended on, and no longer (what a drain of a server waits for).
+    in_flight = {n.name: n.in_flight for c in waiting_router.clusters.values() for n in c.nodes}
+    assert set(in_flight.values()) == {0}, in_flight
 
 
 @pytest.mark.usefixtures("restore_cluster")

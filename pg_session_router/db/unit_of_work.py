@@ -137,6 +137,9 @@ class SessionOpener:
             if route.reason == "consistency-token" and self.max_wait_for_replica > 0:
                 waited = await self._wait_on_replica(route, target)
                 if waited is not None:
+                    # The session is on the replica it waited on: counted there from now on.
+                    route.node.in_flight -= 1
+                    waited[1].node.in_flight += 1
                     return waited
             return await self._connect(route)
         except BaseException:
