@@ -318,3 +318,51 @@ def test_the_command_line_moves_a_tenant_and_reports_it(
     assert "dropped schema" in run("tenants", "drop-moved", tenant)
     assert "tenants in motion" not in run("check")
     run("tenants", "remove", tenant, "--drop")
+
+
+async def test_a_switch_blocked_by_a_long_transaction_gives_up_and_the_move_resumes(
+    migrated: DevCluster, migrated_two: DevCluster, serving: SessionRouter
+) -> None:
+    """A transaction holding the tenant's table past the write pause: the fence gives up
+    within the pause, writes go on at the source, nothing moved; run again, the move ends."""
+    operator = SessionRouter(settings(migrated, migrated_two, tenancy={"move_write_pause": 0.5}))
+    tenant = await seeded(operator, "schema")
+    schema = tenant.replace("-", "_")
+    holder = await asyncpg.connect(
+        host="127.0.0.1", port=migrated.primary.port, user=APP_ROLE, database="app"
+    )
+    try:
+        copying = asyncio.Event()
+        move = asyncio.create_task(
+            moves.move_tenant(
+                operator,
+                tenant,
+                "second",
+                migrator=create_all_migrator(Base.metadata),
+                on_progress=lambda progress: copying.set(),
+            )
+        )
+        # Once copying, the lock a writer holds, without writing: a transaction that has
+        # written holds up logical decoding itself (the slot's creation, the catch-up), and
+        # the move waits for it, showing bytes behind.
+        await asyncio.wait_for(copying.wait(), timeout=30)
+        blocker = holder.transaction()
+        await blocker.start()
+        await holder.execute(f'LOCK TABLE "{schema}".items IN ROW EXCLUSIVE MODE')
+        with pytest.raises(MoveError, match="write pause"):
+            await asyncio.wait_for(move, timeout=30)
+        await blocker.rollback()
+        # Writable on the source again, the move recorded as copying (resumable).
+        async with serving.session(tenant=tenant) as session:
+            await session.execute(text("INSERT INTO items (name) VALUES ('after-give-up')"))
+        assert session.info["node"].startswith("main")
+        assert (await moves.moves_under_way(operator))[tenant]["state"] == "copying"
+        report = await moves.move_tenant(
+            operator, tenant, "second", migrator=create_all_migrator(Base.metadata)
+        )
+        assert report.rows == SEED_ROWS + 1
+        await moves.drop_moved(operator, tenant)
+        await provisioning.remove_tenant(operator, tenant, drop=True)
+    finally:
+        await holder.close()
+        await operator.dispose()

@@ -225,7 +225,12 @@ async def fence(
     function = f"{quote_identifier(storage.schema)}.{FENCE}"
     message = quote_literal(f"tenant {tenant_id} has moved to another cluster")
     async with conn.transaction():
-        await conn.execute(f"SET LOCAL lock_timeout = '{int(lock_timeout * 1000)}ms'")
+        # Every table's lock in one statement, bounded as a whole by the pause (lock_timeout
+        # alone would allow one pause per table); the triggers then wait for nothing.
+        await conn.execute(f"SET LOCAL statement_timeout = '{int(lock_timeout * 1000)}ms'")
+        listed = ", ".join(storage.table(t) for t in tables)
+        await conn.execute(f"LOCK TABLE {listed} IN SHARE ROW EXCLUSIVE MODE")
+        await conn.execute("SET LOCAL statement_timeout = 0")
         await conn.execute(
             f"CREATE OR REPLACE FUNCTION {function}() RETURNS trigger LANGUAGE plpgsql AS "
             f"$$BEGIN RAISE EXCEPTION {message} "
