@@ -21,6 +21,7 @@ from pg_session_router.core.errors import (
 )
 from pg_session_router.core.settings import TenantSettings
 from pg_session_router.db import provisioning
+from pg_session_router.db.migrate import migrate
 from pg_session_router.db.router import SessionRouter
 from pg_session_router.devcluster import DevCluster
 from tests.support.cli import run_app
@@ -175,3 +176,27 @@ def test_command_line_adds_lists_disables_and_removes(migrated: DevCluster, tmp_
         database="app",
     )
     assert exists == "0"
+
+
+async def test_a_process_that_migrated_at_startup_holds_only_what_it_uses_after(
+    migrated: DevCluster, router: SessionRouter
+) -> None:
+    """`migrate` reads the whole catalog (it migrates every tenant); the app that ran it at
+    startup then serves with the bounded cache, not with every tenant held for good."""
+    added = [fresh_id("held") for _ in range(3)]
+    for tenant in added:
+        await provisioning.add_tenant(
+            router, tenant, TenantSettings(strategy="row"), metadata=Base.metadata
+        )
+    app_process = SessionRouter(database_settings(migrated, tenancy={"catalog_cache_size": 1}))
+    try:
+        await migrate(app_process, Base.metadata)
+        configured = len(app_process.settings.tenants)
+        assert len(app_process.tenants) <= configured + 1
+        for tenant in added:  # served all the same, one at a time
+            assert (await app_process.tenants.resolve(tenant)).tenant_id == tenant
+        assert len(app_process.tenants) <= configured + 1
+    finally:
+        await app_process.dispose()
+        for tenant in added:
+            await provisioning.remove_tenant(router, tenant)

@@ -169,9 +169,13 @@ async def migrate(router: SessionRouter, metadata: MetaData) -> list[str]:
     if router.tenants.catalog is not None:
         await router.tenants.reload()
     labels = [default.label]
-    for target in migration_targets(router)[1:]:
-        await migrator(router, target)
-        labels.append(target.label)
+    try:
+        for target in migration_targets(router)[1:]:
+            await migrator(router, target)
+            labels.append(target.label)
+    finally:
+        # An app that migrates at startup serves afterwards: back to holding what it uses.
+        router.tenants.hold_what_is_used()
     return labels
 
 

@@ -340,6 +340,13 @@ class TenantRegistry:
             while len(self._cached) > self.settings.catalog_cache_size:
                 self._cached.popitem(last=False)
 
+    def hold_what_is_used(self) -> None:
+        """After a whole `reload()` (a tool's, or `migrate` at an app's startup): bound the
+        placements held again, the least recently used going first."""
+        self._complete = False
+        while len(self._cached) > self.settings.catalog_cache_size:
+            self._cached.popitem(last=False)
+
     def _mark_absent(self, tenant_id: str, said_at: float) -> None:
         self._absent[tenant_id] = said_at
         self._absent.move_to_end(tenant_id)
