@@ -185,6 +185,22 @@ async def test_a_tenant_moves_under_load_without_losing_or_duplicating_a_row(
     await provisioning.remove_tenant(operator, tenant, drop=True)
 
 
+async def moving_to_second(operator: SessionRouter, tenant: str) -> asyncio.Task[Any]:
+    """A move of `tenant` to the second cluster, running, once it has started copying."""
+    copying = asyncio.Event()
+    move = asyncio.create_task(
+        moves.move_tenant(
+            operator,
+            tenant,
+            "second",
+            migrator=create_all_migrator(Base.metadata),
+            on_progress=lambda progress: copying.set(),
+        )
+    )
+    await asyncio.wait_for(copying.wait(), timeout=30)
+    return move
+
+
 def tenant_db(tenant: str) -> str:
     return "mv_" + tenant.rsplit("-", 1)[1]
 
@@ -209,17 +225,7 @@ async def test_an_aborted_move_leaves_the_tenant_working_where_it_was(
 ) -> None:
     tenant = await seeded(operator, "schema")
     before = await checksum(serving, tenant)
-    copying = asyncio.Event()
-    move = asyncio.create_task(
-        moves.move_tenant(
-            operator,
-            tenant,
-            "second",
-            migrator=create_all_migrator(Base.metadata),
-            on_progress=lambda progress: copying.set(),
-        )
-    )
-    await asyncio.wait_for(copying.wait(), timeout=30)
+    move = await moving_to_second(operator, tenant)
     # A second move of the same tenant while this one runs is refused.
     with pytest.raises(TenantConflictError, match="being moved"):
         await moves.move_tenant(
@@ -332,20 +338,10 @@ async def test_a_switch_blocked_by_a_long_transaction_gives_up_and_the_move_resu
         host="127.0.0.1", port=migrated.primary.port, user=APP_ROLE, database="app"
     )
     try:
-        copying = asyncio.Event()
-        move = asyncio.create_task(
-            moves.move_tenant(
-                operator,
-                tenant,
-                "second",
-                migrator=create_all_migrator(Base.metadata),
-                on_progress=lambda progress: copying.set(),
-            )
-        )
         # Once copying, the lock a writer holds, without writing: a transaction that has
         # written holds up logical decoding itself (the slot's creation, the catch-up), and
         # the move waits for it, showing bytes behind.
-        await asyncio.wait_for(copying.wait(), timeout=30)
+        move = await moving_to_second(operator, tenant)
         blocker = holder.transaction()
         await blocker.start()
         await holder.execute(f'LOCK TABLE "{schema}".items IN ROW EXCLUSIVE MODE')
