@@ -21,6 +21,16 @@ from pathlib import Path
 from pg_session_router.devcluster import free_port
 
 
+def _hand_over(folder: Path) -> str | None:
+    """As root, give the folder and its files to `postgres` (the poolers refuse to run as
+    root); the user to run as, or None."""
+    if os.geteuid() != 0:
+        return None
+    for path in (folder, *folder.iterdir()):
+        shutil.chown(path, "postgres", "postgres")
+    return "postgres"
+
+
 def debian_binary(name: str, package: str) -> str:
     """The path of `name`, installing Debian's `package` first if it is missing."""
     found = next(filter(None, (shutil.which(c) for c in (name, f"/usr/sbin/{name}"))), None)
@@ -44,7 +54,6 @@ class PgBouncer:
     def __init__(self, server_port: int, *, pool_size: int = 1, users: tuple[str, ...]) -> None:
         self.port = free_port()
         self.folder = Path(tempfile.mkdtemp(prefix="pgbouncer-"))
-        run_as = "postgres" if os.geteuid() == 0 else None
         (self.folder / "users.txt").write_text("".join(f'"{user}" ""\n' for user in users))
         (self.folder / "pgbouncer.ini").write_text(
             "[databases]\n"
@@ -66,10 +75,7 @@ class PgBouncer:
             f"logfile = {self.folder / 'pgbouncer.log'}\n"
             f"pidfile = {self.folder / 'pgbouncer.pid'}\n"
         )
-        if run_as:
-            shutil.chown(self.folder, run_as, run_as)
-            for path in self.folder.iterdir():
-                shutil.chown(path, run_as, run_as)
+        run_as = _hand_over(self.folder)
         binary = debian_binary("pgbouncer", "pgbouncer")
         self._process = subprocess.Popen(
             [binary, str(self.folder / "pgbouncer.ini")],
@@ -94,7 +100,6 @@ class PgpoolII:
     def __init__(self, primary_port: int, replica_ports: list[int], *, children: int = 64) -> None:
         self.port = free_port()
         self.folder = Path(tempfile.mkdtemp(prefix="pgpool-"))
-        run_as = "postgres" if os.geteuid() == 0 else None
         backends = [(primary_port, 0), *((port, 1) for port in replica_ports)]
         lines = [
             "listen_addresses = '127.0.0.1'",
@@ -124,10 +129,7 @@ class PgpoolII:
             ]
         (self.folder / "pgpool.conf").write_text("\n".join(lines) + "\n")
         (self.folder / "pcp.conf").write_text("")
-        if run_as:
-            shutil.chown(self.folder, run_as, run_as)
-            for path in self.folder.iterdir():
-                shutil.chown(path, run_as, run_as)
+        run_as = _hand_over(self.folder)
         binary = debian_binary("pgpool", "pgpool2")
         self._log = open(self.folder / "pgpool.log", "wb")  # noqa: SIM115 - closed in stop()
         self._process = subprocess.Popen(

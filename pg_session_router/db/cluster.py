@@ -58,6 +58,9 @@ ReaderReason = Literal[
 Role = Literal["primary", "replica"]
 
 
+_IDLE_SINCE = "pg_session_router.idle_since"
+
+
 def _note_idle_since(dbapi_connection: Any, record: Any) -> None:
     record.info[_IDLE_SINCE] = time.monotonic()
 
@@ -65,12 +68,14 @@ def _note_idle_since(dbapi_connection: Any, record: Any) -> None:
 def _ping_if_idle(
     idle_after: float, within: float, dbapi_connection: Any, record: Any, proxy: Any
 ) -> None:
-    """Pool checkout hook: a connection idle longer than `idle_after` answers a ping within
-    `within` seconds, or is replaced. A connection cut without a FIN looks alive (no EOF ever
-    comes) and would hang the first statement sent on it until TCP gives up, minutes later;
-    such cuts happen to idle connections (NAT and firewall timeouts), so only those pay the
-    round trip. DisconnectionError makes the pool discard it (terminated, not closed: a close
-    would wait on the dead socket) and hand out another."""
+    """Pool checkout hook, after `_discard_closed_connections`: a connection idle longer
+    than `idle_after` answers a ping within `within` seconds, or is replaced. A connection
+    cut without a FIN looks alive (no EOF ever comes) and would hang the first statement sent
+    on it until TCP gives up, minutes later; such cuts happen to idle connections (NAT and
+    firewall timeouts), so only those pay the round trip. DisconnectionError makes the pool
+    discard it (terminated, not closed: a close would wait on the dead socket) and hand out
+    another."""
+    _discard_closed_connections(dbapi_connection, record, proxy)
     since = record.info.get(_IDLE_SINCE)
     if since is None or time.monotonic() - since < idle_after:
         return
@@ -80,9 +85,6 @@ def _ping_if_idle(
         )
     except Exception as exc:
         raise DisconnectionError(f"a connection idle for {idle_after:g} s did not answer") from exc
-
-
-_IDLE_SINCE = "pg_session_router.idle_since"
 
 
 def _discard_closed_connections(dbapi_connection: Any, record: Any, proxy: Any) -> None:
@@ -201,8 +203,10 @@ class Node:
                 **({"password": password} if password is not None else {}),
             },
         )
-        event.listen(self.engine.sync_engine, "checkout", _discard_closed_connections)
-        if pool.ping_idle_after is not None:
+        # One checkout hook either way: it runs for every session.
+        if pool.ping_idle_after is None:
+            event.listen(self.engine.sync_engine, "checkout", _discard_closed_connections)
+        else:
             event.listen(self.engine.sync_engine, "checkin", _note_idle_since)
             event.listen(
                 self.engine.sync_engine,
