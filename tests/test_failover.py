@@ -395,8 +395,8 @@ async def test_a_server_that_never_answers_cannot_hang_a_request(migrated: DevCl
         started = time.monotonic()
         try:
             with pytest.raises(DatabaseUnavailableError):
-                async with router.session():
-                    pass
+                async with router.session() as session:  # checks out on its first statement
+                    await session.execute(text("SELECT 1"))
         finally:
             await router.dispose()
         elapsed = time.monotonic() - started

@@ -180,6 +180,7 @@ async def test_unavailable_databases_are_503_with_retry_after(migrated: DevClust
 
         @down.post("/write")
         async def write(db: DbSession) -> dict[str, str]:
+            await db.execute(text("INSERT INTO items (name) VALUES ('nowhere')"))
             return {"status": "written"}
 
         no_fallback = app_on(provider_of(no_replica))
@@ -240,8 +241,8 @@ async def test_too_many_connections_is_retried_until_a_slot_frees(migrated: DevC
         await quick.start()  # its probe connection takes the first slot
         hog = await asyncpg.connect(url.replace("+asyncpg", ""))  # and this one the second
         with pytest.raises(DatabaseUnavailableError) as refused:
-            async with quick.session():
-                pass
+            async with quick.session() as session:  # checks out on its first statement
+                await session.execute(text("SELECT 1"))
         assert sqlstate(refused.value.last_error) == "53300"  # type: ignore[arg-type]
         assert quick.status()["nodes"]["main.primary"]["state"] == "up"  # busy is not dead
         await quick.dispose()

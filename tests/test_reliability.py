@@ -87,8 +87,8 @@ async def test_the_retry_deadline_counts_from_the_start_of_the_unit_of_work(
         started = time.monotonic()
         try:
             with pytest.raises(DatabaseUnavailableError):
-                async with router.session():
-                    pass
+                async with router.session() as session:  # checks out on its first statement
+                    await session.execute(text("SELECT 1"))
         finally:
             await router.dispose()
     # One connect timeout fills the whole deadline: no second full round of retries after it.

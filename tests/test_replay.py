@@ -12,6 +12,7 @@ import asyncio
 import uuid
 from typing import Any
 
+import asyncpg
 import httpx
 import pytest
 from sqlalchemy import func, select, text
@@ -21,6 +22,7 @@ from app.models import Item
 from pg_session_router.core.errors import ConnectionLostError
 from pg_session_router.db.router import SessionRouter
 from pg_session_router.devcluster import DevCluster
+from tests.conftest import APP_ROLE, database_settings
 from tests.support.faults import WHO_ANSWERS, eventually
 
 pytestmark = pytest.mark.usefixtures("restore_cluster")
@@ -198,3 +200,51 @@ async def test_objects_a_read_already_returned_stay_usable_after_a_replay(
         await terminate_own_backend(session, pg, "primary")
         assert await session.scalar(text("SELECT 7")) == 7  # replayed
         assert item.name == "survivor"  # still loaded, not expired
+
+
+async def test_a_write_whose_first_contact_is_its_flush_waits_for_a_connection_slot(
+    migrated: DevCluster,
+) -> None:
+    """`add()`, then the COMMIT at the end of the unit of work: the first thing sent is the
+    flush. The server refuses the connection (too many connections, SQLSTATE 53300) when the
+    flush comes: the checkout before the flush is retried until a slot frees, and the row is
+    written once. Without that checkout, the refusal surfaced from the COMMIT as an unknown
+    outcome (503) though nothing had been sent."""
+    pg = migrated
+    role = f"flush_{uuid.uuid4().hex[:6]}"
+    # Two slots: the health monitor's probe connection and one other. A member of the app role,
+    # so it may write the app's tables.
+    pg.sql("primary", f"CREATE ROLE {role} LOGIN CONNECTION LIMIT 2 IN ROLE {APP_ROLE}")
+    url = pg.url(database="app", user=role)
+    settings = database_settings(
+        pg,
+        replicas=False,
+        clusters={"main": {"primary": url}},
+        tenants={},
+        tenancy={"catalog": False},
+        retry={"deadline": 10.0},
+    )
+    router = SessionRouter(settings)
+    hog: asyncpg.Connection | None = None
+    name = f"flush-first-{uuid.uuid4().hex[:8]}"
+    try:
+        await router.start()  # its probe connection takes the first slot
+        hog = await asyncpg.connect(url.replace("+asyncpg", ""))  # and this one the second
+
+        async def free_a_slot_later() -> None:
+            await asyncio.sleep(0.5)
+            assert hog is not None
+            await hog.close()
+
+        freeing = asyncio.create_task(free_a_slot_later())
+        async with router.session() as session:
+            session.add(Item(name=name))
+        await freeing
+        async with router.session() as session:
+            assert await session.scalar(select(func.count()).where(Item.name == name)) == 1
+            await session.execute(text("DELETE FROM items WHERE name = :n"), {"n": name})
+    finally:
+        if hog is not None and not hog.is_closed():
+            await hog.close()
+        await router.dispose()
+        pg.sql("primary", f"DROP ROLE IF EXISTS {role}")

@@ -119,8 +119,8 @@ async def test_unreachable_server_fails_fast_with_database_unavailable(
     started = time.monotonic()
     try:
         with pytest.raises(DatabaseUnavailableError, match=r"main\.primary"):
-            async with router.session():
-                pass
+            async with router.session() as session:  # checks out on its first statement
+                await session.execute(text("SELECT 1"))
     finally:
         await router.dispose()
     assert time.monotonic() - started < settings.connect_timeout + settings.retry.deadline + 1

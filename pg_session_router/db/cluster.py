@@ -101,16 +101,10 @@ def _discard_closed_connections(dbapi_connection: Any, record: Any, proxy: Any) 
         raise InvalidatePoolError("the server closed this pooled connection")
 
 
-#: Execution option that marks the router's own engines over a node's pool.
-ROUTED_OPTION = "pg_session_router_routed"
-
-
 def _clean_for_use_outside_the_router(connection: Any) -> None:
     """`engine_connect` hook: `engine.connect()` outside the router (a host's raw use of the
     seed's `engine`, the catalog, checks, migrations) never gets a connection still set up for
     a tenant, nor what a tenant's session left on it."""
-    if connection.get_execution_options().get(ROUTED_OPTION):
-        return
     try:
         hand_out_raw(connection)
     except Exception as exc:
@@ -183,7 +177,7 @@ class Node:
         self.url = url
         self.health = health
         self.weight = weight
-        self.engine: AsyncEngine = create_async_engine(
+        pool_engine = create_async_engine(
             url,
             pool_size=pool.size,
             max_overflow=pool.max_overflow,
@@ -205,23 +199,33 @@ class Node:
         )
         # One checkout hook either way: it runs for every session.
         if pool.ping_idle_after is None:
-            event.listen(self.engine.sync_engine, "checkout", _discard_closed_connections)
+            event.listen(pool_engine.sync_engine, "checkout", _discard_closed_connections)
         else:
-            event.listen(self.engine.sync_engine, "checkin", _note_idle_since)
+            event.listen(pool_engine.sync_engine, "checkin", _note_idle_since)
             event.listen(
-                self.engine.sync_engine,
+                pool_engine.sync_engine,
                 "checkout",
                 partial(_ping_if_idle, pool.ping_idle_after, connect_timeout),
             )
+        # Three engines over the one pool (option engines share their parent's pool). The
+        # parent itself carries no connection events, on purpose: a connection of an engine
+        # with any engine-level listener dispatches every event of its life (connect, begin,
+        # execute, cursor execute, rollback) through a per-connection joined dispatcher, about
+        # a tenth of a hand-written session's CPU. So the hook that cleans connections for use
+        # outside the router sits on `engine` alone (the raw face), and the routed engines,
+        # which set connections up themselves (`routed_session`), carry none.
+        #: For use outside the router (`engine.connect()`): catalog, checks, migrations, hosts.
+        self.engine: AsyncEngine = pool_engine.execution_options()
         if not behind_pooler:  # behind one, nothing is left on a connection to clean
             event.listen(
                 self.engine.sync_engine, "engine_connect", _clean_for_use_outside_the_router
             )
-        # The same pool, marked as the router's (connections a tenant's session set up are
-        # reset for anyone else); the read-only one turns BEGIN into BEGIN READ ONLY (SQLAlchemy
-        # resets the flag on return).
-        routed_engine = self.engine.execution_options(**{ROUTED_OPTION: True})
-        readonly_engine = routed_engine.execution_options(postgresql_readonly=True)
+        # Routed sessions use the parent itself (an option engine reads its event flag through
+        # a property, six times per session). The read-only one turns BEGIN into BEGIN READ
+        # ONLY (SQLAlchemy resets the flag on return; that characteristic is itself an
+        # engine_connect listener, on that engine alone).
+        routed_engine = pool_engine
+        readonly_engine = pool_engine.execution_options(postgresql_readonly=True)
         self._routed_sync_engine = routed_engine.sync_engine
         self._readonly_sync_engine = readonly_engine.sync_engine
         options: dict[str, Any] = {

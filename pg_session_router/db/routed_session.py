@@ -11,11 +11,12 @@ works on a routed session).
 from __future__ import annotations
 
 import logging
+import time
 from collections.abc import Callable
 from typing import Any, TypeVar
 
-from sqlalchemy import Connection, Result, event
-from sqlalchemy.orm import ORMExecuteState, Session, SessionTransaction
+from sqlalchemy import Connection, event
+from sqlalchemy.orm import Session, SessionTransaction
 from sqlalchemy.orm.attributes import instance_state
 
 from pg_session_router.core.errors import CrossTenantError
@@ -54,14 +55,61 @@ class RoutedSession(Session):
     #: Where the session is bound now (`routing.Route`); a replay may move it.
     route: Any = None
     #: Set by the unit of work: runs a statement again on a fresh connection when its
-    #: connection died (see `unit_of_work.StatementReplay`). None: no replay.
-    replay: Callable[[RoutedSession, ORMExecuteState, Exception, bool], Result[Any]] | None = None
+    #: connection died (see `SessionOpener.replay_statement`). None: no replay.
+    replay: Callable[[RoutedSession, Callable[[], Any], Exception, bool, float], Any] | None = None
+    #: Set by the unit of work for writes: checks out before a write's first flush, where a
+    #: server that cannot be reached is retried (`SessionOpener.check_out_first`).
+    first_checkout: Callable[[RoutedSession], None] | None = None
     #: Statements this session has sent: `execute()` and friends, and flushes (never reset:
     #: a write replays only a statement nothing was sent before).
     statements_run: int = 0
     #: The caller used a connection directly (`session.connection()`), or is inside its own
     #: `session.begin()` block: what was sent is not known, so nothing is replayed.
     opaque: bool = False
+
+    def _execute_internal(self, statement: Any, params: Any = None, **kwargs: Any) -> Any:
+        """Every statement of `execute()`, `scalar()`, `scalars()`, `get()` and lazy loads
+        (not the flush's): a failure is handed to the unit of work's replay, which runs the
+        statement again or raises.
+
+        An override of SQLAlchemy's private entry point rather than a `do_orm_execute`
+        listener: with any such listener, SQLAlchemy builds an `ORMExecuteState` and runs the
+        ORM pre-execution (autoflush, load options) twice for every statement, and re-enters
+        this method through `invoke_statement()`; together a tenth of a hand-written read's
+        CPU. The replay tests fail if a SQLAlchemy release renames it."""
+        replay = self.replay
+        if replay is None or kwargs.get("_parent_execute_state") is not None:
+            # No replay, or a statement re-invoked by a do_orm_execute hook of the host's
+            # inside a statement this method already watches.
+            return super()._execute_internal(statement, params, **kwargs)
+        # Pending ORM changes would be flushed (sent) by this very statement's autoflush, and
+        # lost by a rollback: such a statement is never a write's first. Only a first
+        # statement needs the answer; `_is_clean()` is private, but three truth tests where
+        # the public new/dirty/deleted build sets.
+        clean = self.statements_run == 0 and self._is_clean()
+        started = time.monotonic()  # a replay's deadline counts from the first attempt
+        try:
+            result = super()._execute_internal(statement, params, **kwargs)
+        except Exception as exc:  # connect errors come unwrapped (OSError), the rest DBAPIError
+
+            def again() -> Any:
+                return Session._execute_internal(self, statement, params, **kwargs)
+
+            result = replay(self, again, exc, clean, started)
+        self.statements_run += 1
+        return result
+
+    def flush(self, objects: Any = None) -> None:
+        # A write's first contact with the server may be this flush (add(), then COMMIT):
+        # nothing sent yet, so the checkout is made first, where failing is retried.
+        if (
+            self.first_checkout is not None
+            and self.statements_run == 0
+            and not self.opaque
+            and not self._is_clean()
+        ):
+            self.first_checkout(self)
+        super().flush(objects)
 
     def connection(self, *args: Any, **kwargs: Any) -> Connection:
         self.opaque = True  # the router's own checkout clears it again (unit_of_work)
@@ -88,27 +136,6 @@ def _refuse_foreign(session: RoutedSession, instance: object) -> None:
             f"an object of tenant {owner!r} cannot join a session of "
             f"{session.tenant_id or 'no tenant'!r}: sessions never mix tenants"
         )
-
-
-@event.listens_for(RoutedSession, "do_orm_execute")
-def _replay_after_a_dead_connection(state: ORMExecuteState) -> Result[Any] | None:
-    # Every statement of `session.execute()` and friends (not the flush's): run it here, and
-    # hand a failure to the unit of work's replay, which runs it again or raises.
-    session: RoutedSession = state.session  # type: ignore[assignment]
-    replay = session.replay
-    if replay is None:
-        return None
-    # Pending ORM changes would be flushed (sent) by this very statement's autoflush, and lost
-    # by a rollback: such a statement is never a write's first. Only a first statement needs
-    # the answer; `_is_clean()` is private, but three truth tests where the public
-    # new/dirty/deleted build sets.
-    clean = session.statements_run == 0 and session._is_clean()
-    try:
-        result = state.invoke_statement()
-    except Exception as exc:  # connect errors come unwrapped (OSError), the rest as DBAPIError
-        result = replay(session, state, exc, clean)
-    session.statements_run += 1
-    return result
 
 
 @event.listens_for(RoutedSession, "after_flush")

@@ -2,8 +2,9 @@
 
 One router per event loop holds every engine of an application. `router.session(target)`
 resolves the target to a node (attribute reads, no I/O), opens an `AsyncSession` bound to that
-node for the whole unit of work, checks out a live connection (retrying on the next eligible
-node while that is safe), and on exit commits, or rolls back on error. `router.run(fn, target)`
+node for the whole unit of work (it checks out on its first statement, and a statement whose
+connection is dead or cannot be had is replayed on the next eligible node while that is safe),
+and on exit commits, or rolls back on error. `router.run(fn, target)`
 also replays a unit of work that failed midway, when replaying is safe (read-only work, or a
 write that provably never reached COMMIT).
 

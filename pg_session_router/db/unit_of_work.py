@@ -1,12 +1,14 @@
 """The unit of work: open a session on the routed node (with retry), then COMMIT or end it.
 
-`SessionOpener.open` admits the tenant, routes the target, and checks a live connection out
-before handing the session over, retrying on the next eligible node while that is safe (a
-failure there means nothing ran). `UnitOfWork` is the async context manager around one
-session: on a clean exit a write COMMITs (and, when asked, reads its consistency token), a read
-just ends; on an error the transaction is rolled back and driver errors that mean something
-to the router become its own errors. The session is always closed, also when the task is
-cancelled, so the connection goes back to its pool.
+`SessionOpener.open` admits the tenant and routes the target (retrying while no node is
+eligible), and hands the session over unconnected: like a hand-written session, it checks out on
+its first statement. A statement that finds its connection dead, or no connection to be had, is
+replayed on a fresh one (`replay_statement`) while that cannot lose or repeat anything; a
+write's first flush checks out first (`check_out_first`). `UnitOfWork` is the async context
+manager around one session: on a clean exit a write COMMITs (and, when asked, reads its
+consistency token), a read just ends; on an error the transaction is rolled back and driver
+errors that mean something to the router become its own errors. The session is always closed,
+also when the task is cancelled, so the connection goes back to its pool.
 """
 
 from __future__ import annotations
@@ -15,17 +17,17 @@ import asyncio
 import logging
 import time
 from collections.abc import Callable
-from typing import Any
+from typing import Any, TypeVar
 
-from sqlalchemy import Result
 from sqlalchemy.exc import DBAPIError
 from sqlalchemy.ext.asyncio import AsyncSession
-from sqlalchemy.orm import ORMExecuteState, Session
+from sqlalchemy.orm import Session
 from tenacity import RetryError
 
 from pg_session_router.core.errors import (
     CommitOutcomeUnknownError,
     ConnectionLostError,
+    DatabaseUnavailableError,
     EventLoopMismatchError,
     ReadOnlySessionError,
     TenantMovingError,
@@ -60,6 +62,7 @@ from pg_session_router.db.tenancy import Placement
 logger = logging.getLogger(__name__)
 
 RouteFn = Callable[[Target, Placement | None], Route]
+T = TypeVar("T")
 
 
 class SessionOpener:
@@ -192,56 +195,76 @@ class SessionOpener:
         session.info["route_reason"] = route.reason
         routed.route = route
         routed.replay = self.replay_statement
-        if route.read_only:
-            # A read checks out on its first statement, like a hand-written session: a dead
-            # connection or node found there is handled by replaying that statement (any
-            # statement of a read may be replayed), so the eager checkout's greenlet hop
-            # would buy nothing.
-            return session, route
-        try:
-            # A write checks out before the caller's first statement (the pool discards
-            # connections the server closed; the tenant setup runs), so a dead node shows up
-            # here, where retrying is always safe: a write whose first statement is its flush
-            # at COMMIT could not tell a connection that never was from a COMMIT lost midway.
-            await session.run_sync(_check_out)
-            routed.opaque = False  # that was the router's checkout, not the caller's
-        except BaseException as exc:
-            await _close_quietly(session)
-            if isinstance(exc, Exception) and server_refused(exc):
-                route.node.health.eject(f"connect failed: {describe_error(exc)}")
-            raise
+        # The session checks out on its first statement, like a hand-written one: a dead
+        # connection or node found there is handled by replaying that statement (any statement
+        # of a read; a write's first), and a write whose first contact with the server is a
+        # flush checks out just before it (`check_out_first`), where a node that cannot be
+        # reached is retried in the same way. An eager checkout would cost a greenlet hop.
+        if not route.read_only:
+            routed.first_checkout = self.check_out_first
         return session, route
 
+    def check_out_first(self, session: RoutedSession) -> None:
+        """Before a write's first flush (`add()`, then COMMIT or an explicit flush), when
+        nothing has been sent: check out, so that a server that refuses or cannot be reached
+        is retried (on another writer if the cluster has one) within `retry.deadline`, as a
+        first statement's failure is. A failed connect leaves the transaction without a
+        connection, so it is kept (a rollback would drop the caller's pending objects)."""
+
+        def check_out() -> None:
+            Session.connection(session)  # not session.connection(): that marks it opaque
+
+        started = time.monotonic()
+        try:
+            check_out()
+        except Exception as exc:
+            if not is_connect_refusal(exc):
+                raise
+            self.replay_statement(session, check_out, exc, True, started, connected=False)
+
     def replay_statement(
-        self, session: RoutedSession, state: ORMExecuteState, error: Exception, clean: bool
-    ) -> Result[Any]:
+        self,
+        session: RoutedSession,
+        again: Callable[[], T],
+        error: Exception,
+        clean: bool,
+        started: float,
+        *,
+        connected: bool = True,
+    ) -> T:
         """A statement failed because its connection died. Nothing of the transaction can be
         lost when the unit of work only reads (at READ COMMITTED each statement sees a fresh
         snapshot anyway), or when this was a write's first statement (nothing reached the
         server, or the server rolled it back with the connection): run it again on a fresh
         connection, on the same node if it is up, else on the next eligible one that has
-        replayed at least as far, within `retry.deadline`. Anything else is raised as it was.
-        Runs inside SQLAlchemy's greenlet (`do_orm_execute`)."""
+        replayed at least as far, within `retry.deadline` of the statement's first attempt
+        (`started`: one rule with `open` and `router.run`). Anything else is raised as it was.
+        `connected=False`: no connection was had, so the transaction has none to discard.
+        Runs inside SQLAlchemy's greenlet (`RoutedSession._execute_internal`)."""
         route: Route = session.route
         if not _replayable(session, route, error, clean):
             raise error
+        if server_refused(error):  # not one dead connection: the server failed us
+            route.node.health.eject(f"connect failed: {describe_error(error)}")
         self.monitor.wake()  # the server may be gone: have it probed now
         self.events.retried("replay", error)
         min_lsn = _replay_floor(route) if route.read_only else None
-        retrying = self.retry.retrying_in_greenlet(
-            _connection_trouble, self.retry.deadline_at(), "replay"
-        )
+        deadline_at = started + self.retry.settings.deadline
+        retrying = self.retry.retrying_in_greenlet(_connection_trouble, deadline_at, "replay")
         try:
             for attempt in retrying:
                 with attempt:
-                    result = _run_again(session, state, reroute(route, min_lsn))
+                    result = _run_again(session, again, reroute(route, min_lsn), connected)
                     logger.info("replayed a statement on %s", session.route.node.name)
                     return result
         except RetryError as exc:
             last = exc.last_attempt.exception()
-            raise ConnectionLostError(
-                f"the connection to {route.node.name} died and no node could take the "
-                f"statement within {self.retry.settings.deadline}s: {describe_error(last)}"
+            # Keep the kind when the last attempt knew it (NoNodeAvailableError: none eligible).
+            kind = type(last) if isinstance(last, DatabaseUnavailableError) else ConnectionLostError
+            raise kind(
+                f"{route.node.name} failed a statement ({describe_error(error)}) and no node "
+                f"could take it within {self.retry.settings.deadline}s: {describe_error(last)}",
+                last_error=last,
             ) from last
         raise AssertionError("unreachable: tenacity either returns or raises")
 
@@ -436,12 +459,13 @@ def _connection_trouble(exc: BaseException) -> bool:
     return is_connect_failure(exc) or is_connection_loss(exc)
 
 
-def _run_again(session: RoutedSession, state: ORMExecuteState, route: Route) -> Result[Any]:
+def _run_again(session: RoutedSession, again: Callable[[], T], route: Route, connected: bool) -> T:
     """One replay attempt: the dead transaction ended, the session moved, the statement run."""
-    _discard_transaction(session, read_only=route.read_only)
+    if connected:
+        _discard_transaction(session, read_only=route.read_only)
     _rebind(session, route)
     try:
-        return state.invoke_statement()
+        return again()
     except Exception as exc:
         if server_refused(exc):
             route.node.health.eject(f"connect failed: {describe_error(exc)}")
@@ -486,11 +510,6 @@ def _discard_transaction(session: Session, *, read_only: bool) -> None:
             session.rollback()
     except Exception:
         logger.debug("ending the transaction of a dead connection failed", exc_info=True)
-
-
-def _check_out(session: Session) -> None:
-    # Through run_sync: one greenlet hop, without building an AsyncConnection proxy.
-    session.connection()
 
 
 def _close(session: Session) -> None:
