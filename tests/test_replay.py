@@ -202,8 +202,9 @@ async def test_objects_a_read_already_returned_stay_usable_after_a_replay(
         assert item.name == "survivor"  # still loaded, not expired
 
 
+@pytest.mark.parametrize("consistency_token", [False, True], ids=["plain", "with-token"])
 async def test_a_write_whose_first_contact_is_its_flush_waits_for_a_connection_slot(
-    migrated: DevCluster,
+    migrated: DevCluster, consistency_token: bool
 ) -> None:
     """`add()`, then the COMMIT at the end of the unit of work: the first thing sent is the
     flush. The server refuses the connection (too many connections, SQLSTATE 53300) when the
@@ -237,9 +238,10 @@ async def test_a_write_whose_first_contact_is_its_flush_waits_for_a_connection_s
             await hog.close()
 
         freeing = asyncio.create_task(free_a_slot_later())
-        async with router.session() as session:
+        async with router.session(consistency_token=consistency_token) as session:
             session.add(Item(name=name))
         await freeing
+        assert ("consistency_token" in session.info) is consistency_token
         async with router.session() as session:
             assert await session.scalar(select(func.count()).where(Item.name == name)) == 1
             await session.execute(text("DELETE FROM items WHERE name = :n"), {"n": name})

@@ -13,24 +13,19 @@ picked by the cluster's policy.
 
 from __future__ import annotations
 
-import asyncio
 import logging
-import time
 import uuid
 from collections.abc import Sequence
-from functools import partial
 from typing import Any, Literal
 
 from sqlalchemy import event
 from sqlalchemy.engine import URL
-from sqlalchemy.exc import DisconnectionError, InvalidatePoolError
 from sqlalchemy.ext.asyncio import (
     AsyncEngine,
     AsyncSession,
     async_sessionmaker,
     create_async_engine,
 )
-from sqlalchemy.pool import AsyncAdaptedQueuePool, ConnectionPoolEntry
 
 from pg_session_router.core.settings import (
     ClusterSettings,
@@ -42,6 +37,7 @@ from pg_session_router.db.balancing import POLICIES, ReplicaPolicy
 from pg_session_router.db.credentials import PasswordProvider
 from pg_session_router.db.health import HealthMonitor, ServerHealth
 from pg_session_router.db.keys import ClusterKey
+from pg_session_router.db.pool import RouterPool
 from pg_session_router.db.routed_session import RoutedSession, hand_out_raw
 
 logger = logging.getLogger(__name__)
@@ -56,49 +52,6 @@ ReaderReason = Literal[
 ]
 
 Role = Literal["primary", "replica"]
-
-
-_IDLE_SINCE = "pg_session_router.idle_since"
-
-
-def _note_idle_since(dbapi_connection: Any, record: Any) -> None:
-    record.info[_IDLE_SINCE] = time.monotonic()
-
-
-def _ping_if_idle(
-    idle_after: float, within: float, dbapi_connection: Any, record: Any, proxy: Any
-) -> None:
-    """Pool checkout hook, after `_discard_closed_connections`: a connection idle longer
-    than `idle_after` answers a ping within `within` seconds, or is replaced. A connection
-    cut without a FIN looks alive (no EOF ever comes) and would hang the first statement sent
-    on it until TCP gives up, minutes later; such cuts happen to idle connections (NAT and
-    firewall timeouts), so only those pay the round trip. DisconnectionError makes the pool
-    discard it (terminated, not closed: a close would wait on the dead socket) and hand out
-    another."""
-    _discard_closed_connections(dbapi_connection, record, proxy)
-    since = record.info.get(_IDLE_SINCE)
-    if since is None or time.monotonic() - since < idle_after:
-        return
-    try:
-        dbapi_connection.run_async(
-            lambda driver: asyncio.wait_for(driver.fetchval("SELECT 1"), within)
-        )
-    except Exception as exc:
-        raise DisconnectionError(f"a connection idle for {idle_after:g} s did not answer") from exc
-
-
-def _discard_closed_connections(dbapi_connection: Any, record: Any, proxy: Any) -> None:
-    """Pool checkout hook: a connection the server already closed is never handed out.
-
-    When a server restarts or terminates our backends, it closes the sockets, and asyncpg marks
-    those connections closed as soon as the event loop reads the EOF. Checking that flag costs
-    nothing (no round trip, unlike pre-ping). Raising InvalidatePoolError makes SQLAlchemy
-    discard every connection pooled before now (after a restart they are all dead) and connect
-    afresh, exactly as its own pre-ping does on a failed ping.
-    """
-    driver = dbapi_connection.driver_connection
-    if driver is not None and driver.is_closed():
-        raise InvalidatePoolError("the server closed this pooled connection")
 
 
 def _clean_for_use_outside_the_router(connection: Any) -> None:
@@ -127,23 +80,6 @@ POOLER_CONNECT_ARGS: dict[str, Any] = {
     "prepared_statement_cache_size": 0,
     "prepared_statement_name_func": _unique_statement_name,
 }
-
-
-class MeasuredPool(AsyncAdaptedQueuePool):
-    """SQLAlchemy's asyncio queue pool, counting checkouts and the seconds they waited (for
-    a free connection, or for a new one to connect): two clock reads per checkout. Counts
-    start again when the pool is recreated (`engine.dispose()`)."""
-
-    checkouts = 0
-    checkout_wait = 0.0
-
-    def _do_get(self) -> ConnectionPoolEntry:
-        started = time.perf_counter()
-        try:
-            return super()._do_get()
-        finally:
-            self.checkouts += 1
-            self.checkout_wait += time.perf_counter() - started
 
 
 class Node:
@@ -184,7 +120,9 @@ class Node:
             pool_timeout=pool.timeout,
             pool_recycle=pool.recycle,
             pool_pre_ping=pool.pre_ping,
-            poolclass=MeasuredPool,
+            poolclass=RouterPool.configured(
+                ping_idle_after=pool.ping_idle_after, ping_within=connect_timeout
+            ),
             echo=session.echo,
             # Bound values (tenant data) never appear in error messages or logs.
             hide_parameters=True,
@@ -197,16 +135,6 @@ class Node:
                 **({"password": password} if password is not None else {}),
             },
         )
-        # One checkout hook either way: it runs for every session.
-        if pool.ping_idle_after is None:
-            event.listen(pool_engine.sync_engine, "checkout", _discard_closed_connections)
-        else:
-            event.listen(pool_engine.sync_engine, "checkin", _note_idle_since)
-            event.listen(
-                pool_engine.sync_engine,
-                "checkout",
-                partial(_ping_if_idle, pool.ping_idle_after, connect_timeout),
-            )
         # Three engines over the one pool (option engines share their parent's pool). The
         # parent itself carries no connection events, on purpose: a connection of an engine
         # with any engine-level listener dispatches every event of its life (connect, begin,

@@ -2,8 +2,8 @@
 ejected and re-admitted.
 
 Metrics and tracing (`pg_session_router.observability`) subscribe to a router's `events`;
-the router core imports neither prometheus-client nor OpenTelemetry. With no observer, each
-event costs a loop over an empty list.
+the router core imports neither prometheus-client nor OpenTelemetry. With no observer, the
+per-session events are not sent at all (`Observers.active`, read by the unit of work).
 """
 
 from __future__ import annotations
@@ -59,12 +59,16 @@ class Observers(RouterObserver):
     def __init__(self) -> None:
         self._observers: list[RouterObserver] = []
         self._reported: set[tuple[int, str]] = set()
+        #: Someone listens: the unit of work sends its per-session events only then.
+        self.active = False
 
     def subscribe(self, observer: RouterObserver) -> None:
         self._observers.append(observer)
+        self.active = True
 
     def unsubscribe(self, observer: RouterObserver) -> None:
         self._observers.remove(observer)
+        self.active = bool(self._observers)
 
     def _dispatch(self, event: str, *args: Any) -> None:
         for observer in self._observers:

@@ -3,9 +3,10 @@
 What a session does beyond SQLAlchemy's own: it runs its tenant's setup at the start of every
 transaction (schema and row tenants), marks every object it loads or saves with its tenant and
 refuses objects of another tenant, reads a write's WAL position right after its COMMIT when a
-consistency token is wanted, and lets `session.begin()` take over the transaction the router
-opened when it checked the connection out (so the SQLAlchemy idiom `async with db.begin():`
-works on a routed session).
+consistency token is wanted, hands a statement that finds its connection dead to the unit of
+work's replay, checks a write out before its first flush (where a refusal can be retried), and
+lets `session.begin()` take over the transaction a read began while it waited on a replica
+for its consistency token (so the SQLAlchemy idiom `async with db.begin():` works there too).
 """
 
 from __future__ import annotations
@@ -49,8 +50,8 @@ class RoutedSession(Session):
     #: The WAL position read after the last such COMMIT, or None if it could not be read.
     committed_position: int | None = None
 
-    #: The transaction the router began when it checked the connection out; `begin()` hands
-    #: it over once instead of raising "a transaction is already begun".
+    #: The transaction the router began while a read waited on a replica for its token;
+    #: `begin()` hands it over once instead of raising "a transaction is already begun".
     adoptable_transaction: SessionTransaction | None = None
     #: Where the session is bound now (`routing.Route`); a replay may move it.
     route: Any = None
@@ -102,17 +103,19 @@ class RoutedSession(Session):
     def flush(self, objects: Any = None) -> None:
         # A write's first contact with the server may be this flush (add(), then COMMIT):
         # nothing sent yet, so the checkout is made first, where failing is retried.
-        if (
-            self.first_checkout is not None
-            and self.statements_run == 0
-            and not self.opaque
-            and not self._is_clean()
-        ):
-            self.first_checkout(self)
+        if not self._is_clean():
+            self.check_out_first()
         super().flush(objects)
 
+    def check_out_first(self) -> None:
+        """Before a write sends anything (its first flush, or the router's checkout for a
+        consistency token): check out where a refusal is retried. Nothing when a statement
+        ran already, or the caller holds the connection (`connection()`, `begin()`)."""
+        if self.first_checkout is not None and self.statements_run == 0 and not self.opaque:
+            self.first_checkout(self)
+
     def connection(self, *args: Any, **kwargs: Any) -> Connection:
-        self.opaque = True  # the router's own checkout clears it again (unit_of_work)
+        self.opaque = True  # the caller's own use: what it sends is not known to the router
         return super().connection(*args, **kwargs)
 
     def begin(self, nested: bool = False) -> SessionTransaction:

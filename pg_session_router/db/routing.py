@@ -54,14 +54,15 @@ def route_in_cluster(cluster: Cluster, target: Target, placement: Placement | No
     """The node of `cluster` that serves `target`, or `NoNodeAvailableError` saying why."""
     node: Node | None
     reason: RouteReason
-    floor = min_lsn(cluster, target)
-    if target.read_only and not target.use_primary:
+    floor = None if target.after is None else min_lsn(cluster, target)
+    read_only = target.intent == "read"
+    if read_only and not target.use_primary:
         node, reason = cluster.choose_reader(floor)
     else:
-        node, reason = cluster.writer(), "primary-requested" if target.read_only else "write"
+        node, reason = cluster.writer(), "primary-requested" if read_only else "write"
     if node is None:
         raise NoNodeAvailableError(why_unavailable(cluster, target))
-    return Route(cluster, node, target.read_only, placement, reason, floor)
+    return Route(cluster, node, read_only, placement, reason, floor)
 
 
 def min_lsn(cluster: Cluster, target: Target) -> int | None:

@@ -51,7 +51,7 @@ from pg_session_router.db.driver_errors import (
     server_refused,
     sqlstate,
 )
-from pg_session_router.db.events import RouterObserver
+from pg_session_router.db.events import Observers
 from pg_session_router.db.health import HealthMonitor
 from pg_session_router.db.retry import RetryPolicy
 from pg_session_router.db.routed_session import RoutedSession
@@ -74,7 +74,7 @@ class SessionOpener:
         admission: TenantAdmission,
         monitor: HealthMonitor,
         retry: RetryPolicy,
-        events: RouterObserver,
+        events: Observers,
         *,
         max_wait_for_replica: float = 0.0,
     ) -> None:
@@ -110,13 +110,14 @@ class SessionOpener:
         if not self.monitor.running:
             self.monitor.start_soon()
         # The deadline runs from the start of the unit of work, as in router.run (one rule).
-        deadline_at = deadline_at or self.retry.deadline_at()
+        started = time.monotonic()
         try:  # the common case: first attempt, no retry machinery allocated
             return await self._open_once(target)
         except Exception as exc:
             if not is_connect_failure(exc):
                 raise
             self.events.retried("open", exc)
+        deadline_at = deadline_at or started + self.retry.settings.deadline
         return await self.retry.call(
             lambda: self._open_once(target),
             is_connect_failure,
@@ -144,7 +145,7 @@ class SessionOpener:
                     route.node.in_flight -= 1
                     waited[1].node.in_flight += 1
                     return waited
-            return await self._connect(route)
+            return self._session_for(route), route
         except BaseException:
             self.admission.end_flight(route.cluster)
             route.node.in_flight -= 1
@@ -169,13 +170,15 @@ class SessionOpener:
         session = None
         caught_up = False
         try:
-            session, _ = await self._connect(waiting)
+            session = self._session_for(waiting)
             routed: RoutedSession = session.sync_session  # type: ignore[assignment]
             # While polling, a dead replica must end the wait, not be replayed elsewhere for
             # the whole retry deadline: the primary serves the read instead.
             routed.opaque = True
             caught_up = await _replayed_within(session, target.after.lsn, self.max_wait_for_replica)
             routed.opaque = False
+            # The polls began a transaction: the caller's `session.begin()` takes it over.
+            routed.adoptable_transaction = routed.get_transaction()
         except Exception as exc:  # the replica's trouble is the monitor's; the primary reads
             logger.debug("waiting on %s failed: %s", node.name, describe_error(exc))
         finally:
@@ -183,26 +186,29 @@ class SessionOpener:
                 await _close_quietly(session)
         return (session, waiting) if caught_up and session is not None else None
 
-    async def _connect(self, route: Route) -> tuple[AsyncSession, Route]:
+    def _session_for(self, route: Route) -> AsyncSession:
+        """A session bound to the route's node, not connected yet. It checks out on its first
+        statement, like a hand-written one: a dead connection or node found there is handled
+        by replaying that statement (any statement of a read; a write's first), and a write
+        whose first contact with the server is a flush checks out just before it
+        (`check_out_first`), where a node that cannot be reached is retried in the same way.
+        An eager checkout would cost a greenlet hop per session."""
         session = route.node.factory(route.read_only)()
         routed: RoutedSession = session.sync_session  # type: ignore[assignment]
-        if route.placement is not None:
-            routed.tenant_id = route.placement.tenant_id
-            routed.connection_setup = route.placement.connection_setup
-            routed.transaction_setup = route.placement.transaction_setup
+        placement = route.placement
+        if placement is not None:
+            routed.tenant_id = placement.tenant_id
+            routed.connection_setup = placement.connection_setup
+            routed.transaction_setup = placement.transaction_setup
         routed.per_transaction = route.node.behind_pooler
-        session.info["node"] = route.node.name
-        session.info["route_reason"] = route.reason
+        info = routed.info
+        info["node"] = route.node.name
+        info["route_reason"] = route.reason
         routed.route = route
         routed.replay = self.replay_statement
-        # The session checks out on its first statement, like a hand-written one: a dead
-        # connection or node found there is handled by replaying that statement (any statement
-        # of a read; a write's first), and a write whose first contact with the server is a
-        # flush checks out just before it (`check_out_first`), where a node that cannot be
-        # reached is retried in the same way. An eager checkout would cost a greenlet hop.
         if not route.read_only:
             routed.first_checkout = self.check_out_first
-        return session, route
+        return session
 
     def check_out_first(self, session: RoutedSession) -> None:
         """Before a write's first flush (`add()`, then COMMIT or an explicit flush), when
@@ -218,9 +224,18 @@ class SessionOpener:
         try:
             check_out()
         except Exception as exc:
-            if not is_connect_refusal(exc):
+            if is_connect_refusal(exc):  # no connection was had: retried elsewhere or later
+                self.replay_statement(session, check_out, exc, True, started, connected=False)
+            elif is_connection_loss(exc):
+                # Had, then lost while set up for its tenant: it is the transaction's now, and
+                # ending that transaction here would undo the COMMIT that called us. Nothing of
+                # the write was sent: a 503 that `router.run` may replay.
+                raise ConnectionLostError(
+                    f"lost the connection to {session.route.node.name} before anything was "
+                    "sent; nothing was written"
+                ) from exc
+            else:
                 raise
-            self.replay_statement(session, check_out, exc, True, started, connected=False)
 
     def replay_statement(
         self,
@@ -232,24 +247,29 @@ class SessionOpener:
         *,
         connected: bool = True,
     ) -> T:
-        """A statement failed because its connection died. Nothing of the transaction can be
-        lost when the unit of work only reads (at READ COMMITTED each statement sees a fresh
-        snapshot anyway), or when this was a write's first statement (nothing reached the
-        server, or the server rolled it back with the connection): run it again on a fresh
-        connection, on the same node if it is up, else on the next eligible one that has
-        replayed at least as far, within `retry.deadline` of the statement's first attempt
-        (`started`: one rule with `open` and `router.run`). Anything else is raised as it was.
-        `connected=False`: no connection was had, so the transaction has none to discard.
-        Runs inside SQLAlchemy's greenlet (`RoutedSession._execute_internal`)."""
+        """A statement failed because its connection died or could not be had. Nothing of the
+        transaction can be lost when the unit of work only reads (at READ COMMITTED each
+        statement sees a fresh snapshot anyway), or when this was a write's first statement
+        (nothing reached the server, or the server rolled it back with the connection): run it
+        again on a fresh connection, on the same node if it is up, else on the next eligible one
+        that has replayed at least as far, within `retry.deadline` (see below for when it
+        starts). Anything else is raised as it was. `connected=False`: no connection was had,
+        so the transaction has none to discard. Runs inside SQLAlchemy's greenlet
+        (`RoutedSession._execute_internal`)."""
         route: Route = session.route
         if not _replayable(session, route, error, clean):
             raise error
-        if server_refused(error):  # not one dead connection: the server failed us
+        connect_failed = server_refused(error) and not isinstance(error, DBAPIError)
+        if connect_failed:  # the server refused us (connect errors come unwrapped), not one
             route.node.health.eject(f"connect failed: {describe_error(error)}")
         self.monitor.wake()  # the server may be gone: have it probed now
         self.events.retried("replay", error)
         min_lsn = _replay_floor(route) if route.read_only else None
-        deadline_at = started + self.retry.settings.deadline
+        # One rule with `open` and `router.run`: the deadline counts from the first attempt
+        # to get a connection (a connect timeout fills it); a statement that ran for a while
+        # and lost its connection gets the whole deadline from the loss.
+        since = started if connect_failed else time.monotonic()
+        deadline_at = since + self.retry.settings.deadline
         retrying = self.retry.retrying_in_greenlet(_connection_trouble, deadline_at, "replay")
         try:
             for attempt in retrying:
@@ -277,6 +297,8 @@ class SessionOpener:
             step = _position_close if with_token else _close
         try:
             lsn = await session.run_sync(step)
+        except DatabaseUnavailableError:
+            raise  # before anything was sent (a first checkout that found no node): not unknown
         except Exception as exc:
             if not is_connection_loss(exc):
                 translated = self.translate(exc, route)
@@ -308,6 +330,10 @@ class SessionOpener:
         if is_connection_loss(exc):
             return ConnectionLostError(
                 f"lost the connection to {route.node.name} mid-transaction; nothing was committed"
+            )
+        if is_connect_refusal(exc):  # inside the caller's begin() block: not replayed
+            return ConnectionLostError(
+                f"could not connect to {route.node.name} ({describe_error(exc)}); nothing was sent"
             )
         if sqlstate(exc) == TENANT_MOVED_SQLSTATE:
             # A process that had not yet heard of a move wrote to the old storage: fenced.
@@ -359,33 +385,43 @@ class UnitOfWork:
     async def __aenter__(self) -> AsyncSession:
         # in_flight is counted from here (when the route is chosen) to the end of __aexit__.
         try:
-            self._session, self._route = await self._opener.open(self._target, self._deadline_at)
+            session, self._route = await self._opener.open(self._target, self._deadline_at)
         except Exception as exc:
             self._opener.events.open_failed(self._target, exc)
             raise
-        routed: RoutedSession = self._session.sync_session  # type: ignore[assignment]
-        routed.adoptable_transaction = routed.get_transaction()
-        self._opener.events.session_opened(self._session.info, self._route, self._target)
-        return self._session
+        self._session = session
+        events = self._opener.events
+        if events.active:
+            events.session_opened(session.sync_session.info, self._route, self._target)
+        return session
 
     async def __aexit__(
         self, exc_type: type[BaseException] | None, exc: BaseException | None, tb: Any
     ) -> None:
         # A replayed statement may have moved the session (same cluster, another node).
-        self._route = self._session.sync_session.route  # type: ignore[attr-defined]
+        route = self._route = self._session.sync_session.route  # type: ignore[attr-defined]
         error = exc
         try:
-            if exc is None and not self._route.read_only and self._wants_commit():
+            if exc is not None:
+                await self._end(exc)
+            elif route.read_only:  # the common read, kept to one frame: nothing to commit
+                try:
+                    _check_nothing_pending(self._session, route)
+                finally:
+                    await _close_ending(self._session, route)
+            elif self._wants_commit():
                 await self._commit()
             else:
-                await self._end(exc)
+                await self._end(None)
         except BaseException as failure:
             error = failure
             raise
         finally:
-            self._opener.admission.end_flight(self._route.cluster)
+            opener = self._opener
+            opener.admission.end_flight(self._route.cluster)
             self._route.node.in_flight -= 1
-            self._opener.events.session_ended(self._session.info, self._route, error)
+            if opener.events.active:
+                opener.events.session_ended(self._session.sync_session.info, self._route, error)
 
     def _wants_commit(self) -> bool:
         # Without commit_on_exit, only a caller's own COMMIT counts (its token is still read).
@@ -402,16 +438,12 @@ class UnitOfWork:
             raise
 
     async def _end(self, exc: BaseException | None) -> None:
-        """A read that succeeded, a write the caller left uncommitted, or any unit of work that
-        failed: no COMMIT."""
+        """A write the caller left uncommitted, or any unit of work that failed: no COMMIT."""
         session, route = self._session, self._route
         try:
-            if exc is None:
-                if route.read_only:
-                    _check_nothing_pending(session, route)  # then close() rolls back
-            else:
+            if exc is not None:
                 await _rollback_quietly(session)
-                if isinstance(exc, DBAPIError):
+                if isinstance(exc, DBAPIError | OSError):  # connect errors come unwrapped
                     translated = self._opener.translate(exc, route)
                     if translated is not exc:
                         raise translated from exc
@@ -525,7 +557,9 @@ def _commit_position_close(session: Session) -> int | None:
     # The position is read on the transaction's own connection between the COMMIT and its
     # return to the pool (see RoutedSession.position_connection): one round trip, no checkout.
     routed: RoutedSession = session  # type: ignore[assignment]
-    routed.position_connection = session.connection()
+    routed.check_out_first()  # a write's first contact may be this checkout: retried there
+    # Not session.connection(): that marks the session as used directly (no replay).
+    routed.position_connection = Session.connection(session)
     try:
         session.commit()
     finally:
@@ -584,7 +618,7 @@ async def _close_ending(session: AsyncSession, route: Route) -> None:
     rows already, so the dead connection is discarded (SQLAlchemy invalidates it) and the unit
     of work ends as it would have (a read that succeeded stays a success)."""
     try:
-        await _close_shielded(session)
+        await asyncio.shield(session.close())  # see _close_shielded
     except Exception as exc:
         if not is_connection_loss(exc):
             raise
