@@ -17,6 +17,7 @@ from bench import (
     consistency,
     failover,
     http,
+    instructions,
     migrations,
     move,
     overhead,
@@ -28,6 +29,7 @@ from bench.common import machine
 
 BENCHMARKS = {
     "overhead": overhead.main,
+    "instructions": instructions.main,
     "http": http.main,
     "proxy": proxy.main,
     "failover": failover.main,

@@ -41,6 +41,7 @@ def test_quick_benchmark_run_writes_every_section_without_errors(tmp_path: Path)
     report = output.read_text()
     for section in (
         "## Session overhead",
+        "## Client instructions per unit of work",
         "## Failover",
         "| raw asyncpg pool |",
         "failed reads",

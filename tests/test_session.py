@@ -3,7 +3,9 @@
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import os
+import random
 import subprocess
 import sys
 import time
@@ -19,8 +21,9 @@ from app.models import Item
 from pg_session_router.core.errors import DatabaseUnavailableError
 from pg_session_router.db.router import SessionRouter
 from pg_session_router.devcluster import DevCluster, free_port
+from tests.support.faults import eventually
 
-from .conftest import database_settings
+from .conftest import APP_ROLE, database_settings
 
 ROOT = Path(__file__).resolve().parent.parent
 
@@ -143,3 +146,68 @@ def test_import_opens_no_connection_and_reads_no_config(tmp_path: Path) -> None:
     )
     assert result.returncode == 0, result.stderr
     assert result.stdout.strip() == "imported"
+
+
+async def test_reads_cancelled_at_any_moment_leave_no_connection_behind(
+    router: SessionRouter, pg: DevCluster
+) -> None:
+    """Reads cancelled at every moment of their life (routing, statement, the closing
+    ROLLBACK) leave no connection checked out and no server backend beyond the pools, and the
+    pool serves on."""
+
+    async def read() -> None:
+        async with router.session("replica") as session:
+            await session.execute(text("SELECT 1"))
+
+    spread = random.Random(20261129)
+    for _ in range(300):
+        task = asyncio.create_task(read())
+        await asyncio.sleep(spread.uniform(0, 0.003))  # about one read's length
+        task.cancel()
+        with contextlib.suppress(asyncio.CancelledError):
+            await task
+    assert checked_out(router) == 0
+    pool = router.settings.clusters["main"].pool
+    most = pool.size + pool.max_overflow + 1  # the pool's connections and the health probe's
+    backends = (
+        "SELECT count(*) FROM pg_stat_activity WHERE application_name LIKE 'session-router:%'"
+    )
+    for node in pg.replicas:
+
+        async def nothing_left_over(name: str = node.name) -> bool:
+            # A terminated backend leaves pg_stat_activity a moment after its socket closes.
+            return int(await asyncio.to_thread(pg.sql, name, backends)) <= most
+
+        await eventually(nothing_left_over, within=5, what=f"no backend left over on {node.name}")
+    for _ in range(20):  # and it serves on
+        await read()
+    assert checked_out(router) == 0
+
+
+async def test_an_exhausted_pool_is_a_503_not_a_500(migrated: DevCluster) -> None:
+    """Sessions check out on their first statement, so a pool with no free connection
+    within `pool.timeout` shows there: a DatabaseUnavailableError (503 with Retry-After), not
+    SQLAlchemy's TimeoutError (a 500), for reads and writes alike."""
+    settings = database_settings(
+        migrated,
+        replicas=False,
+        clusters={
+            "main": {
+                "primary": migrated.url(database="app", user=APP_ROLE),
+                "pool": {"size": 1, "max_overflow": 0, "timeout": 0.2},
+            }
+        },
+        tenants={},
+    )
+    router = SessionRouter(settings)
+    try:
+        async with router.session() as holder:
+            await holder.execute(text("SELECT 1"))  # the pool's one connection, held
+            for target in ("primary", "replica"):
+                with pytest.raises(DatabaseUnavailableError, match="pool"):
+                    async with router.session(target) as session:
+                        await session.execute(text("SELECT 1"))
+        async with router.session() as session:  # and the pool serves on
+            assert await session.scalar(text("SELECT 1")) == 1
+    finally:
+        await router.dispose()
