@@ -8,6 +8,7 @@ afterwards, so no pool or state leaks from one test into the next.
 
 from __future__ import annotations
 
+import uuid
 from collections.abc import AsyncIterator, Iterator
 from typing import Any
 
@@ -60,6 +61,27 @@ def database_settings(
     }
     config.update(overrides)
     return DatabaseSettings.model_validate(config)
+
+
+def two_slot_role(pg: DevCluster, prefix: str) -> tuple[str, str]:
+    """A login role (a member of the app role) that the server lets hold two connections: the
+    health monitor's probe and one other. Returns (role, URL on the app database)."""
+    role = f"{prefix}_{uuid.uuid4().hex[:6]}"
+    pg.sql("primary", f"CREATE ROLE {role} LOGIN CONNECTION LIMIT 2 IN ROLE {APP_ROLE}")
+    return role, pg.url(database="app", user=role)
+
+
+def primary_only_settings(pg: DevCluster, url: str, **overrides: Any) -> DatabaseSettings:
+    """One primary at `url`, no replicas, no tenants, no catalog (so no catalog listener
+    holding a connection of its own)."""
+    return database_settings(
+        pg,
+        replicas=False,
+        clusters={"main": {"primary": url}},
+        tenants={},
+        tenancy={"catalog": False},
+        **overrides,
+    )
 
 
 @pytest.fixture(scope="session")

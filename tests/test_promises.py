@@ -31,7 +31,7 @@ from pg_session_router.devcluster import DevCluster, free_port
 from pg_session_router.web import DbSession, ReadSession, WriteSession, install_router
 from tests.support.faults import eventually
 
-from .conftest import APP_ROLE, database_settings
+from .conftest import APP_ROLE, database_settings, primary_only_settings, two_slot_role
 
 WHERE = text(
     "SELECT pg_is_in_recovery() AS replica, current_setting('transaction_read_only') AS ro, "
@@ -216,24 +216,12 @@ async def test_too_many_connections_is_retried_until_a_slot_frees(migrated: DevC
     """SQLSTATE 53300: the server is alive but full. Opening a session retries (without ejecting
     the server) and succeeds once a connection slot frees up."""
     pg = migrated
-    role = f"limited_{uuid.uuid4().hex[:6]}"
-    # Two slots: the health monitor's probe connection and one other.
-    pg.sql("primary", f"CREATE ROLE {role} LOGIN CONNECTION LIMIT 2")
-    url = pg.url(database="app", user=role)
+    role, url = two_slot_role(pg, "limited")
     routers: list[SessionRouter] = []
     hog: asyncpg.Connection | None = None
 
     def limited_router(deadline: float) -> SessionRouter:
-        # No catalog (so no catalog listener): the two slots are the probe's and a session's.
-        settings = database_settings(
-            pg,
-            replicas=False,
-            clusters={"main": {"primary": url}},
-            tenants={},
-            tenancy={"catalog": False},
-        )
-        retry = settings.retry.model_copy(update={"deadline": deadline})
-        routers.append(SessionRouter(settings.model_copy(update={"retry": retry})))
+        routers.append(SessionRouter(primary_only_settings(pg, url, retry={"deadline": deadline})))
         return routers[-1]
 
     try:

@@ -22,7 +22,7 @@ from app.models import Item
 from pg_session_router.core.errors import ConnectionLostError
 from pg_session_router.db.router import SessionRouter
 from pg_session_router.devcluster import DevCluster
-from tests.conftest import APP_ROLE, database_settings
+from tests.conftest import primary_only_settings, two_slot_role
 from tests.support.faults import WHO_ANSWERS, eventually
 
 pytestmark = pytest.mark.usefixtures("restore_cluster")
@@ -212,20 +212,8 @@ async def test_a_write_whose_first_contact_is_its_flush_waits_for_a_connection_s
     written once. Without that checkout, the refusal surfaced from the COMMIT as an unknown
     outcome (503) though nothing had been sent."""
     pg = migrated
-    role = f"flush_{uuid.uuid4().hex[:6]}"
-    # Two slots: the health monitor's probe connection and one other. A member of the app role,
-    # so it may write the app's tables.
-    pg.sql("primary", f"CREATE ROLE {role} LOGIN CONNECTION LIMIT 2 IN ROLE {APP_ROLE}")
-    url = pg.url(database="app", user=role)
-    settings = database_settings(
-        pg,
-        replicas=False,
-        clusters={"main": {"primary": url}},
-        tenants={},
-        tenancy={"catalog": False},
-        retry={"deadline": 10.0},
-    )
-    router = SessionRouter(settings)
+    role, url = two_slot_role(pg, "flush")
+    router = SessionRouter(primary_only_settings(pg, url, retry={"deadline": 10.0}))
     hog: asyncpg.Connection | None = None
     name = f"flush-first-{uuid.uuid4().hex[:8]}"
     try:

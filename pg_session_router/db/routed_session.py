@@ -76,8 +76,8 @@ class RoutedSession(Session):
         An override of SQLAlchemy's private entry point rather than a `do_orm_execute`
         listener: with any such listener, SQLAlchemy builds an `ORMExecuteState` and runs the
         ORM pre-execution (autoflush, load options) twice for every statement, and re-enters
-        this method through `invoke_statement()`; together a tenth of a hand-written read's
-        CPU. The replay tests fail if a SQLAlchemy release renames it."""
+        this method through `invoke_statement()`, for every statement. The replay tests fail
+        if a SQLAlchemy release renames it."""
         replay = self.replay
         if replay is None or kwargs.get("_parent_execute_state") is not None:
             # No replay, or a statement re-invoked by a do_orm_execute hook of the host's
