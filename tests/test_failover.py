@@ -131,6 +131,39 @@ async def test_a_replica_dying_under_load_fails_no_reads(migrated: DevCluster) -
         await router.dispose()
 
 
+async def test_a_read_queued_for_a_dying_replicas_pool_is_served_elsewhere_at_once(
+    pg: DevCluster,
+) -> None:
+    """A read waits for a slot in a replica's full pool when the replica crashes. The wait ends
+    when the server is ejected, and the read is replayed on the primary: it does not wait out
+    `pool.timeout` for a connection that would only fail (the held one never comes back)."""
+    settings = database_settings(pg)
+    main = settings.clusters["main"]
+    pool = main.pool.model_copy(update={"size": 1, "max_overflow": 0, "timeout": 30.0})
+    one_replica = main.model_copy(update={"pool": pool, "replicas": main.replicas[:1]})
+    router = SessionRouter(settings.model_copy(update={"clusters": {"main": one_replica}}))
+    await router.start()
+    replica1 = router.node("main.replica1")
+    try:
+        async with router.session("replica") as holder:  # holds the pool's one connection
+            assert await holder.scalar(WHO_ANSWERS) == pg.nodes["replica1"].port
+
+            async def queued_read() -> int:
+                async with router.session("replica") as session:
+                    return int(await session.scalar(WHO_ANSWERS))
+
+            waiter = asyncio.create_task(queued_read())
+            # Counted in flight when routed; its first statement then waits in the pool
+            # without yielding to this task before it does.
+            await eventually(lambda: replica1.in_flight == 2, within=5, what="a queued read")
+            await stop(pg, "replica1")
+            port = await asyncio.wait_for(waiter, timeout=10)  # pool.timeout is 30 s
+        assert port == pg.nodes["primary"].port
+        assert state_of(router, "main.replica1")["state"] == "ejected"
+    finally:
+        await router.dispose()
+
+
 def readers_app() -> FastAPI:
     """A route as users write it: plain `Depends(get_db)`, one session, no replay."""
     checks = FastAPI()

@@ -16,6 +16,9 @@ from pg_session_router.core.settings import RetrySettings
 from pg_session_router.db.driver_errors import is_connect_failure
 from pg_session_router.db.retry import RetryPolicy
 
+#: How late a loaded 2-core machine's event loop may wake a sleeper (not a retry's slack).
+TIMER_LATENESS = 0.05
+
 
 async def test_retries_until_the_deadline_then_carries_the_last_error() -> None:
     policy = RetryPolicy(RetrySettings(deadline=0.4, initial_backoff=0.02, max_backoff=0.1))
@@ -28,8 +31,9 @@ async def test_retries_until_the_deadline_then_carries_the_last_error() -> None:
     started = time.monotonic()
     with pytest.raises(DatabaseUnavailableError, match="could not connect") as raised:
         await policy.call(refused, is_connect_failure, policy.deadline_at(), "connect")
-    # Never sleeps past the deadline: the last attempt starts before it.
-    assert attempts[-1] - started < 0.4
+    # Never sleeps past the deadline: the last attempt is due before it (it starts when the
+    # event loop wakes the sleeper, up to a few ms late on a loaded machine: 0.401 s was seen).
+    assert attempts[-1] - started < 0.4 + TIMER_LATENESS
     assert len(attempts) >= 3
     assert isinstance(raised.value.last_error, ConnectionRefusedError)
     assert str(raised.value.last_error) == f"attempt {len(attempts)}"

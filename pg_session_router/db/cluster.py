@@ -121,7 +121,10 @@ class Node:
             pool_recycle=pool.recycle,
             pool_pre_ping=pool.pre_ping,
             poolclass=RouterPool.configured(
-                ping_idle_after=pool.ping_idle_after, ping_within=connect_timeout
+                ping_idle_after=pool.ping_idle_after,
+                ping_within=connect_timeout,
+                checkout_timeout=pool.timeout,
+                health=health,
             ),
             echo=session.echo,
             # Bound values (tenant data) never appear in error messages or logs.

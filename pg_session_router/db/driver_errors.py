@@ -56,6 +56,14 @@ _LOSS_TYPES: tuple[type[BaseException], ...] = (
 )
 
 
+class EjectedWhileWaitingError(ConnectionRefusedError):
+    """Raised by a node's pool (never to callers, who see it translated like any refused
+    connect): a checkout waiting for a free connection gave up because the node's server was
+    ejected meanwhile. Nothing was sent, so the statement is replayed elsewhere. An
+    `OSError`, so that every predicate here treats it as the refused connect it stands for;
+    it does not eject the server again (which would push its re-admission trial out)."""
+
+
 def error_chain(exc: BaseException) -> Iterator[BaseException]:
     seen: set[int] = set()
     current: BaseException | None = exc
@@ -144,4 +152,6 @@ def is_connect_refusal(exc: BaseException) -> bool:
 def server_refused(exc: BaseException) -> bool:
     """The server (not one stale connection) failed us: unreachable, timed out, or refusing;
     not merely busy (too many connections), which is retried elsewhere without ejecting it."""
+    if isinstance(exc, EjectedWhileWaitingError):
+        return False
     return is_connect_refusal(exc) and sqlstate(exc) not in NO_EJECT_SQLSTATES

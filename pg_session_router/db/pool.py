@@ -12,6 +12,11 @@ checkout-retry loop, a cost paid by every session.
   soon as the event loop reads the EOF: checking that flag costs no round trip (unlike
   pre-ping). Every connection pooled before it is recycled too (after a restart they are all
   dead), as SQLAlchemy's own pre-ping does on a failed ping.
+- A checkout waits for a free connection in slices of `WAIT_SLICE` seconds, up to the
+  pool's timeout in all, instead of in one wait: between slices it notices what no queue
+  waiter hears about. Its server was ejected (a waiter in a dead server's pool would otherwise
+  wait out `pool.timeout`, then fail, where giving up now lets the statement be replayed on a
+  node that is up); and a slot freed by a connect that failed (which wakes no waiter).
 - A connection idle longer than `ping_idle_after` answers a ping within `ping_within`
   seconds, or is replaced. A connection cut without a FIN looks alive (no EOF ever comes) and
   would hang the first statement sent on it until TCP gives up, minutes later; such cuts happen
@@ -26,10 +31,17 @@ import time
 from typing import Any
 
 from sqlalchemy.exc import DisconnectionError
+from sqlalchemy.exc import TimeoutError as PoolTimeoutError
 from sqlalchemy.pool import AsyncAdaptedQueuePool, ConnectionPoolEntry
+
+from pg_session_router.db.driver_errors import EjectedWhileWaitingError
+from pg_session_router.db.health import ServerHealth
 
 #: In a pooled connection's record: when it was last returned to the pool (monotonic).
 _IDLE_SINCE = "pg_session_router.idle_since"
+#: Seconds between two looks at the server's health while a checkout waits for a connection.
+#: A wait shorter than this costs what SQLAlchemy's single wait costs.
+WAIT_SLICE = 0.1
 
 
 class RouterPool(AsyncAdaptedQueuePool):
@@ -38,18 +50,40 @@ class RouterPool(AsyncAdaptedQueuePool):
 
     ping_idle_after: float | None = None
     ping_within: float = 5.0
+    #: `pool.timeout`: the longest a checkout waits for a free connection, all slices together.
+    checkout_timeout: float = 30.0
+    #: The health of the node's server (None: a pool outside a router, never given up on).
+    health: ServerHealth | None = None
     checkouts = 0
     checkout_wait = 0.0
 
     @classmethod
-    def configured(cls, *, ping_idle_after: float | None, ping_within: float) -> type[RouterPool]:
-        settings = {"ping_idle_after": ping_idle_after, "ping_within": ping_within}
+    def configured(
+        cls,
+        *,
+        ping_idle_after: float | None,
+        ping_within: float,
+        checkout_timeout: float,
+        health: ServerHealth | None,
+    ) -> type[RouterPool]:
+        settings = {
+            "ping_idle_after": ping_idle_after,
+            "ping_within": ping_within,
+            "checkout_timeout": checkout_timeout,
+            "health": health,
+        }
         return type(cls.__name__, (cls,), settings)
+
+    def __init__(self, *args: Any, **kwargs: Any) -> None:
+        super().__init__(*args, **kwargs)
+        # SQLAlchemy's queue wait, one slice of the whole (`_next_record`); the whole is on the
+        # class, since a recreated pool gets this slice as its timeout.
+        self._timeout = min(self.checkout_timeout, WAIT_SLICE)
 
     def _do_get(self) -> ConnectionPoolEntry:
         started = time.perf_counter()
         try:
-            record = super()._do_get()
+            record = self._next_record(started)
         finally:
             self.checkouts += 1
             self.checkout_wait += time.perf_counter() - started
@@ -64,6 +98,25 @@ class RouterPool(AsyncAdaptedQueuePool):
                 record._checkin_failed(exc, _fairy_was_created=False)  # type: ignore[attr-defined]
                 raise
         return record
+
+    def _next_record(self, started: float) -> ConnectionPoolEntry:
+        # A free connection, a new one, or a wait of one slice (SQLAlchemy's own checkout,
+        # whose timeout is the slice): after each slice, give up if the server was ejected or
+        # the whole timeout is spent, else look again (a slot may have freed without a wake).
+        while True:
+            try:
+                return super()._do_get()
+            except PoolTimeoutError:
+                health = self.health
+                if health is not None and not health.up:
+                    raise EjectedWhileWaitingError(
+                        "the server was ejected while waiting for a pooled connection"
+                    ) from None
+                if time.perf_counter() - started >= self.checkout_timeout:
+                    raise PoolTimeoutError(
+                        f"no pooled connection came free within {self.checkout_timeout:g} s "
+                        f"(pool size {self.size()}, overflow {self._max_overflow})"
+                    ) from None
 
     def _do_return_conn(self, record: ConnectionPoolEntry) -> None:
         record.info[_IDLE_SINCE] = time.monotonic()

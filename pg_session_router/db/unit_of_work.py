@@ -630,9 +630,11 @@ async def _close_ending(session: AsyncSession, route: Route) -> None:
     of work ends as it would have (a read that succeeded stays a success).
 
     Shielded (see `_close_shielded`), though `asyncio.shield()`'s task costs about a tenth of a
-    read's CPU: closing without it, finishing under a shield only when cancelled, was tried in
-    session 20 and made the HTTP replica-kill test answer 503s in 3 of the 4 runs that
-    followed other failover tests (never with the shield); why is not found yet."""
+    read's CPU. Closing in the request's own task (finishing under a shield only when
+    cancelled) was tried in sessions 20 and 21: the HTTP replica-kill test then answered 503s
+    in most full-suite runs (5 of 6 in session 21), never with the shield. Session 21 found
+    part of the cause (a replay waiting in a dying server's full pool, now `RouterPool`'s
+    sliced wait) but not all of it: replays still ran out of `retry.deadline`."""
     try:
         await _close_shielded(session)
     except Exception as exc:
