@@ -12,11 +12,12 @@ checkout-retry loop, a cost paid by every session.
   soon as the event loop reads the EOF: checking that flag costs no round trip (unlike
   pre-ping). Every connection pooled before it is recycled too (after a restart they are all
   dead), as SQLAlchemy's own pre-ping does on a failed ping.
-- A checkout waits for a free connection in slices of `WAIT_SLICE` seconds, up to the
-  pool's timeout in all, instead of in one wait: between slices it notices what no queue
-  waiter hears about. Its server was ejected (a waiter in a dead server's pool would otherwise
-  wait out `pool.timeout`, then fail, where giving up now lets the statement be replayed on a
-  node that is up); and a slot freed by a connect that failed (which wakes no waiter).
+- A checkout waits for a free connection in slices of `WAIT_SLICE` seconds, up to
+  `pool.timeout` in all, instead of in one wait: between slices it notices what no queue
+  waiter hears about. Its server was ejected: a waiter in a dead server's pool would otherwise
+  wait out `pool.timeout`, or connect anew to the dying server (whose dropped SYNs cost
+  seconds), where giving up lets the statement be replayed on a node that is up. And a slot
+  freed by a connect that failed, which wakes no waiter.
 - A connection idle longer than `ping_idle_after` answers a ping within `ping_within`
   seconds, or is replaced. A connection cut without a FIN looks alive (no EOF ever comes) and
   would hang the first statement sent on it until TCP gives up, minutes later; such cuts happen
@@ -33,6 +34,7 @@ from typing import Any
 from sqlalchemy.exc import DisconnectionError
 from sqlalchemy.exc import TimeoutError as PoolTimeoutError
 from sqlalchemy.pool import AsyncAdaptedQueuePool, ConnectionPoolEntry
+from sqlalchemy.util import queue as sqla_queue
 
 from pg_session_router.db.driver_errors import EjectedWhileWaitingError
 from pg_session_router.db.health import ServerHealth
@@ -74,12 +76,6 @@ class RouterPool(AsyncAdaptedQueuePool):
         }
         return type(cls.__name__, (cls,), settings)
 
-    def __init__(self, *args: Any, **kwargs: Any) -> None:
-        super().__init__(*args, **kwargs)
-        # SQLAlchemy's queue wait, one slice of the whole (`_next_record`); the whole is on the
-        # class, since a recreated pool gets this slice as its timeout.
-        self._timeout = min(self.checkout_timeout, WAIT_SLICE)
-
     def _do_get(self) -> ConnectionPoolEntry:
         started = time.perf_counter()
         try:
@@ -100,23 +96,34 @@ class RouterPool(AsyncAdaptedQueuePool):
         return record
 
     def _next_record(self, started: float) -> ConnectionPoolEntry:
-        # A free connection, a new one, or a wait of one slice (SQLAlchemy's own checkout,
-        # whose timeout is the slice): after each slice, give up if the server was ejected or
-        # the whole timeout is spent, else look again (a slot may have freed without a wake).
+        # SQLAlchemy's checkout, minus its wait: an idle connection, or a new one while the
+        # pool has room. Only a full pool waits, here, one slice at a time; after each slice,
+        # give up if the server was ejected (before connecting anew: a dying server may drop
+        # the SYN, and the kernel tries again only a second later) or the timeout is spent.
         while True:
+            if not self._pool.empty() or not self._full():
+                return super()._do_get()  # no wait inside: idle, or room for a new one
             try:
-                return super()._do_get()
-            except PoolTimeoutError:
-                health = self.health
-                if health is not None and not health.up:
-                    raise EjectedWhileWaitingError(
-                        "the server was ejected while waiting for a pooled connection"
-                    ) from None
-                if time.perf_counter() - started >= self.checkout_timeout:
-                    raise PoolTimeoutError(
-                        f"no pooled connection came free within {self.checkout_timeout:g} s "
-                        f"(pool size {self.size()}, overflow {self._max_overflow})"
-                    ) from None
+                record: ConnectionPoolEntry | None = self._pool.get(True, WAIT_SLICE)
+            except sqla_queue.Empty:
+                record = None
+            health = self.health
+            if health is not None and not health.up:
+                if record is not None:
+                    self._do_return_conn(record)
+                raise EjectedWhileWaitingError(
+                    "the server was ejected while waiting for a pooled connection"
+                )
+            if record is not None:
+                return record
+            if time.perf_counter() - started >= self.checkout_timeout:
+                raise PoolTimeoutError(
+                    f"no pooled connection came free within {self.checkout_timeout:g} s "
+                    f"(pool size {self.size()}, overflow {self._max_overflow})"
+                )
+
+    def _full(self) -> bool:
+        return -1 < self._max_overflow <= self._overflow
 
     def _do_return_conn(self, record: ConnectionPoolEntry) -> None:
         record.info[_IDLE_SINCE] = time.monotonic()

@@ -632,9 +632,11 @@ async def _close_ending(session: AsyncSession, route: Route) -> None:
     Shielded (see `_close_shielded`), though `asyncio.shield()`'s task costs about a tenth of a
     read's CPU. Closing in the request's own task (finishing under a shield only when
     cancelled) was tried in sessions 20 and 21: the HTTP replica-kill test then answered 503s
-    in most full-suite runs (5 of 6 in session 21), never with the shield. Session 21 found
-    part of the cause (a replay waiting in a dying server's full pool, now `RouterPool`'s
-    sliced wait) but not all of it: replays still ran out of `retry.deadline`."""
+    in most full-suite runs (7 of 9 in session 21), never with the shield. Session 21 found
+    part of the cause (replays waiting in a dying server's full pool, or connecting anew to
+    it; now `RouterPool`'s sliced wait), not all: replays still ran out of `retry.deadline`,
+    waiting up to 2.3 s for a slot on a healthy replica whose pool had 9 of 10 connections
+    checked out, by holders not identified."""
     try:
         await _close_shielded(session)
     except Exception as exc:
