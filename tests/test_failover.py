@@ -156,9 +156,11 @@ async def test_a_read_queued_for_a_dying_replicas_pool_is_served_elsewhere_at_on
             # Counted in flight when routed; its first statement then waits in the pool
             # without yielding to this task before it does.
             await eventually(lambda: replica1.in_flight == 2, within=5, what="a queued read")
-            await stop(pg, "replica1")
+            stopped = await stop(pg, "replica1")
             port = await asyncio.wait_for(waiter, timeout=10)  # pool.timeout is 30 s
+            served_after = time.monotonic() - stopped
         assert port == pg.nodes["primary"].port
+        assert served_after < 2 * SLACK  # pg_ctl's stop, the ejection, one slice, the replay
         assert state_of(router, "main.replica1")["state"] == "ejected"
     finally:
         await router.dispose()

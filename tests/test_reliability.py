@@ -20,9 +20,10 @@ from sqlalchemy.engine import make_url
 from pg_session_router.core.errors import DatabaseUnavailableError
 from pg_session_router.core.settings import HealthSettings
 from pg_session_router.db.health import ServerHealth
+from pg_session_router.db.pool import WAIT_SLICE
 from pg_session_router.db.router import SessionRouter
 from pg_session_router.devcluster import DevCluster
-from tests.support.faults import BlackholeServer, SilentCut
+from tests.support.faults import BlackholeServer, SilentCut, eventually
 
 from .conftest import APP_ROLE, database_settings
 
@@ -139,3 +140,31 @@ async def test_connections_cut_without_a_fin_cost_no_request(migrated: DevCluste
             assert written == 20
         finally:
             await router.dispose()
+
+
+async def test_sessions_waiting_for_a_full_pool_are_served_first_come_first_served(
+    one_connection: SessionRouter,
+) -> None:
+    """Five reads queue for a one-connection pool, each waiting longer than the pool's health
+    look (`WAIT_SLICE`): the connection goes to them in the order they came, never to a
+    later one first (a waiter that rejoined the queue at each look would lose its place)."""
+    served: list[int] = []
+    primary = one_connection.node("main.primary")
+
+    async def read(i: int) -> None:
+        async with one_connection.session("replica") as session:
+            await session.execute(text("SELECT 1"))
+            served.append(i)
+
+    async with one_connection.session("replica") as holder:
+        await holder.execute(text("SELECT 1"))  # holds the pool's one connection
+        waiters = []
+        for i in range(5):
+            waiters.append(asyncio.create_task(read(i)))
+            # Counted in flight when routed; its first statement then waits in the pool
+            # without yielding to this task before it does.
+            await eventually(lambda n=i + 2: primary.in_flight == n, within=5, what="queued")
+            await asyncio.sleep(WAIT_SLICE / 3)  # arrivals spread over the health looks
+        await asyncio.sleep(2 * WAIT_SLICE)  # every waiter has waited past a look
+    await asyncio.gather(*waiters)
+    assert served == [0, 1, 2, 3, 4]

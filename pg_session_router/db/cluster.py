@@ -123,7 +123,6 @@ class Node:
             poolclass=RouterPool.configured(
                 ping_idle_after=pool.ping_idle_after,
                 ping_within=connect_timeout,
-                checkout_timeout=pool.timeout,
                 health=health,
             ),
             echo=session.echo,

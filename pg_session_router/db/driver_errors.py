@@ -56,12 +56,14 @@ _LOSS_TYPES: tuple[type[BaseException], ...] = (
 )
 
 
-class EjectedWhileWaitingError(ConnectionRefusedError):
-    """Raised by a node's pool (never to callers, who see it translated like any refused
-    connect): a checkout waiting for a free connection gave up because the node's server was
-    ejected meanwhile. Nothing was sent, so the statement is replayed elsewhere. An
-    `OSError`, so that every predicate here treats it as the refused connect it stands for;
-    it does not eject the server again (which would push its re-admission trial out)."""
+class EjectedWhileWaitingError(OSError):
+    """Raised by a node's pool: a checkout waiting for a free connection gave up because the
+    node's server was ejected meanwhile. Nothing was sent: like a refused connect, the router
+    replays the statement elsewhere or answers 503 (`translate`); a host's raw
+    `engine.connect()` gets it as it would get a refused connect. A plain `OSError`, not a
+    `ConnectionError`: no connection was lost. It does not eject the server again (which
+    would push its re-admission trial out), and a replay's deadline counts from it, not from
+    the statement's start (the wait in the pool was not an attempt)."""
 
 
 def error_chain(exc: BaseException) -> Iterator[BaseException]:
@@ -152,6 +154,6 @@ def is_connect_refusal(exc: BaseException) -> bool:
 def server_refused(exc: BaseException) -> bool:
     """The server (not one stale connection) failed us: unreachable, timed out, or refusing;
     not merely busy (too many connections), which is retried elsewhere without ejecting it."""
-    if isinstance(exc, EjectedWhileWaitingError):
+    if any(isinstance(error, EjectedWhileWaitingError) for error in error_chain(exc)):
         return False
     return is_connect_refusal(exc) and sqlstate(exc) not in NO_EJECT_SQLSTATES

@@ -12,12 +12,13 @@ checkout-retry loop, a cost paid by every session.
   soon as the event loop reads the EOF: checking that flag costs no round trip (unlike
   pre-ping). Every connection pooled before it is recycled too (after a restart they are all
   dead), as SQLAlchemy's own pre-ping does on a failed ping.
-- A checkout waits for a free connection in slices of `WAIT_SLICE` seconds, up to
-  `pool.timeout` in all, instead of in one wait: between slices it notices what no queue
-  waiter hears about. Its server was ejected: a waiter in a dead server's pool would otherwise
-  wait out `pool.timeout`, or connect anew to the dying server (whose dropped SYNs cost
-  seconds), where giving up lets the statement be replayed on a node that is up. And a slot
-  freed by a connect that failed, which wakes no waiter.
+- A checkout of a full pool waits in line for a connection to come back (first come, first
+  served, as in SQLAlchemy's own wait) up to `pool.timeout`, and every `WAIT_SLICE` seconds
+  looks at what no queue waiter hears about. Its server was ejected: a waiter in a dead
+  server's pool would otherwise wait out `pool.timeout`, or connect anew to the dying server
+  (whose dropped SYNs cost seconds), where giving up lets the statement be replayed on a node
+  that is up (a live connection returned meanwhile is still used). And a slot freed by a
+  connect that failed, which wakes no waiter.
 - A connection idle longer than `ping_idle_after` answers a ping within `ping_within`
   seconds, or is replaced. A connection cut without a FIN looks alive (no EOF ever comes) and
   would hang the first statement sent on it until TCP gives up, minutes later; such cuts happen
@@ -34,13 +35,32 @@ from typing import Any
 from sqlalchemy.exc import DisconnectionError
 from sqlalchemy.exc import TimeoutError as PoolTimeoutError
 from sqlalchemy.pool import AsyncAdaptedQueuePool, ConnectionPoolEntry
-from sqlalchemy.util import queue as sqla_queue
+from sqlalchemy.util import await_only
 
 from pg_session_router.db.driver_errors import EjectedWhileWaitingError
 from pg_session_router.db.health import ServerHealth
 
 #: In a pooled connection's record: when it was last returned to the pool (monotonic).
 _IDLE_SINCE = "pg_session_router.idle_since"
+
+
+def _settle(getter: asyncio.Future[ConnectionPoolEntry]) -> ConnectionPoolEntry | None:
+    """The record a queue getter took, or None once it is cancelled. A getter cancelled after
+    it was woken leaves the record in the queue for the next waiter (asyncio.Queue's own
+    rule), so no record is lost either way."""
+    if not getter.done():
+        getter.cancel()
+        await_only(asyncio.wait((getter,)))
+    if getter.cancelled() or getter.exception() is not None:
+        return None
+    return getter.result()
+
+
+def _needs_connect(record: ConnectionPoolEntry) -> bool:
+    connection = record.dbapi_connection
+    return connection is None or bool(connection.driver_connection.is_closed())
+
+
 #: Seconds between two looks at the server's health while a checkout waits for a connection.
 #: A wait shorter than this costs what SQLAlchemy's single wait costs.
 WAIT_SLICE = 0.1
@@ -52,8 +72,6 @@ class RouterPool(AsyncAdaptedQueuePool):
 
     ping_idle_after: float | None = None
     ping_within: float = 5.0
-    #: `pool.timeout`: the longest a checkout waits for a free connection, all slices together.
-    checkout_timeout: float = 30.0
     #: The health of the node's server (None: a pool outside a router, never given up on).
     health: ServerHealth | None = None
     checkouts = 0
@@ -65,13 +83,11 @@ class RouterPool(AsyncAdaptedQueuePool):
         *,
         ping_idle_after: float | None,
         ping_within: float,
-        checkout_timeout: float,
         health: ServerHealth | None,
     ) -> type[RouterPool]:
         settings = {
             "ping_idle_after": ping_idle_after,
             "ping_within": ping_within,
-            "checkout_timeout": checkout_timeout,
             "health": health,
         }
         return type(cls.__name__, (cls,), settings)
@@ -97,30 +113,52 @@ class RouterPool(AsyncAdaptedQueuePool):
 
     def _next_record(self, started: float) -> ConnectionPoolEntry:
         # SQLAlchemy's checkout, minus its wait: an idle connection, or a new one while the
-        # pool has room. Only a full pool waits, here, one slice at a time; after each slice,
-        # give up if the server was ejected (before connecting anew: a dying server may drop
-        # the SYN, and the kernel tries again only a second later) or the timeout is spent.
+        # pool has room. Only a full pool waits, here.
         while True:
             if not self._pool.empty() or not self._full():
                 return super()._do_get()  # no wait inside: idle, or room for a new one
-            try:
-                record: ConnectionPoolEntry | None = self._pool.get(True, WAIT_SLICE)
-            except sqla_queue.Empty:
-                record = None
-            health = self.health
-            if health is not None and not health.up:
-                if record is not None:
-                    self._do_return_conn(record)
-                raise EjectedWhileWaitingError(
-                    "the server was ejected while waiting for a pooled connection"
-                )
+            record = self._wait_for_return(started)
             if record is not None:
                 return record
-            if time.perf_counter() - started >= self.checkout_timeout:
-                raise PoolTimeoutError(
-                    f"no pooled connection came free within {self.checkout_timeout:g} s "
-                    f"(pool size {self.size()}, overflow {self._max_overflow})"
-                )
+            # None: room for a new connection opened meanwhile (a connect failed).
+
+    def _wait_for_return(self, started: float) -> ConnectionPoolEntry | None:
+        """Wait for a connection to come back to the full pool, in line (one queue getter for
+        the whole wait, as SQLAlchemy's own, so waiters are served first come, first served),
+        looking every `WAIT_SLICE` seconds at what no queue waiter hears about: the server
+        was ejected, or a failed connect made room (None). Within `pool.timeout` in all."""
+        queue: asyncio.Queue[ConnectionPoolEntry] = self._pool._queue  # type: ignore[attr-defined]
+        getter = asyncio.ensure_future(queue.get())
+        health = self.health
+        try:
+            while not getter.done():
+                remaining = self._timeout - (time.perf_counter() - started)
+                if remaining <= 0:
+                    break
+                await_only(asyncio.wait((getter,), timeout=min(WAIT_SLICE, remaining)))
+                if (health is not None and not health.up) or not self._full():
+                    break
+        except BaseException:  # cancelled: a record the getter took goes back to the pool
+            taken = _settle(getter)
+            if taken is not None:
+                self._do_return_conn(taken)
+            raise
+        record = _settle(getter)
+        if health is not None and not health.up and (record is None or _needs_connect(record)):
+            # Continuing would connect anew to a server that failed (a dying one may drop the
+            # SYN, which the kernel sends again only a second later): the statement is replayed
+            # on a node that is up instead. A live connection returned meanwhile is used.
+            if record is not None:
+                self._do_return_conn(record)
+            raise EjectedWhileWaitingError(
+                "the server was ejected while waiting for a pooled connection"
+            )
+        if record is not None or not self._full():
+            return record
+        raise PoolTimeoutError(
+            f"no pooled connection came free within {self._timeout:g} s "
+            f"(pool size {self.size()}, overflow {self._max_overflow})"
+        )
 
     def _full(self) -> bool:
         return -1 < self._max_overflow <= self._overflow

@@ -45,6 +45,7 @@ from pg_session_router.db.driver_errors import (
     READ_ONLY_SQLSTATE,
     TENANT_MOVED_SQLSTATE,
     UNDEFINED_TABLE_SQLSTATE,
+    EjectedWhileWaitingError,
     describe_error,
     is_connect_failure,
     is_connect_refusal,
@@ -274,7 +275,9 @@ class SessionOpener:
         # One rule with `open` and `router.run`: the deadline counts from the first attempt
         # to get a connection (a connect timeout fills it; connect errors come unwrapped); a
         # statement that ran and lost its connection gets the whole deadline from the loss.
-        never_connected = is_connect_refusal(error) and not isinstance(error, DBAPIError)
+        never_connected = is_connect_refusal(error) and not isinstance(
+            error, DBAPIError | EjectedWhileWaitingError
+        )
         since = started if never_connected else time.monotonic()
         deadline_at = since + self.retry.settings.deadline
         retrying = self.retry.retrying_in_greenlet(_connection_trouble, deadline_at, "replay")
