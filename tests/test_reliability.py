@@ -168,3 +168,31 @@ async def test_sessions_waiting_for_a_full_pool_are_served_first_come_first_serv
         await asyncio.sleep(2 * WAIT_SLICE)  # every waiter has waited past a look
     await asyncio.gather(*waiters)
     assert served == [0, 1, 2, 3, 4]
+
+
+async def test_a_session_back_to_back_cannot_take_its_connection_back_from_a_waiter(
+    one_connection: SessionRouter,
+) -> None:
+    """A loop of reads on a one-connection pool returns the connection and checks out again
+    without yielding in between; a read that arrives meanwhile is served next, not after the
+    loop (SQLAlchemy's queue lets the loop take the connection back before the woken waiter
+    runs: the waiter starves until the loop ends, or its pool.timeout)."""
+    served: list[str] = []
+
+    async def read(who: str) -> None:
+        async with one_connection.session("replica") as session:
+            await session.execute(text("SELECT 1"))
+        served.append(who)
+
+    async def loop_of_reads() -> None:
+        for _ in range(30):
+            await read("loop")
+
+    looping = asyncio.create_task(loop_of_reads())
+    await eventually(lambda: len(served) >= 3, within=5, what="the loop reading")
+    arrived_after = len(served)
+    waiter = asyncio.create_task(read("waiter"))
+    await asyncio.gather(looping, waiter)
+    # Served right after the unit of work that held the connection when it came (or the one
+    # after: the waiter's task starts at the loop's next turn).
+    assert served.index("waiter") <= arrived_after + 2, served

@@ -12,8 +12,10 @@ checkout-retry loop, a cost paid by every session.
   soon as the event loop reads the EOF: checking that flag costs no round trip (unlike
   pre-ping). Every connection pooled before it is recycled too (after a restart they are all
   dead), as SQLAlchemy's own pre-ping does on a failed ping.
-- A checkout of a full pool waits in line for a connection to come back (first come, first
-  served, as in SQLAlchemy's own wait) up to `pool.timeout`, and every `WAIT_SLICE` seconds
+- A checkout of a full pool waits in line up to `pool.timeout`: a connection that comes back
+  is handed to the session that has waited longest, never taken by one that came later (with
+  SQLAlchemy's queue, a task that returns its connection and checks out again without
+  yielding takes it back before the woken waiter runs). Every `WAIT_SLICE` seconds the waiter
   looks at what no queue waiter hears about. Its server was ejected: a waiter in a dead
   server's pool would otherwise wait out `pool.timeout`, or connect anew to the dying server
   (whose dropped SYNs cost seconds), where giving up lets the statement be replayed on a node
@@ -30,6 +32,7 @@ from __future__ import annotations
 
 import asyncio
 import time
+from collections import deque
 from typing import Any
 
 from sqlalchemy.exc import DisconnectionError
@@ -42,18 +45,6 @@ from pg_session_router.db.health import ServerHealth
 
 #: In a pooled connection's record: when it was last returned to the pool (monotonic).
 _IDLE_SINCE = "pg_session_router.idle_since"
-
-
-def _settle(getter: asyncio.Future[ConnectionPoolEntry]) -> ConnectionPoolEntry | None:
-    """The record a queue getter took, or None once it is cancelled. A getter cancelled after
-    it was woken leaves the record in the queue for the next waiter (asyncio.Queue's own
-    rule), so no record is lost either way."""
-    if not getter.done():
-        getter.cancel()
-        await_only(asyncio.wait((getter,)))
-    if getter.cancelled() or getter.exception() is not None:
-        return None
-    return getter.result()
 
 
 def _needs_connect(record: ConnectionPoolEntry) -> bool:
@@ -76,6 +67,8 @@ class RouterPool(AsyncAdaptedQueuePool):
     health: ServerHealth | None = None
     checkouts = 0
     checkout_wait = 0.0
+    #: Sessions waiting for a connection to come back, first come first; each is handed one.
+    _waiters: deque[asyncio.Future[ConnectionPoolEntry]]
 
     @classmethod
     def configured(
@@ -91,6 +84,10 @@ class RouterPool(AsyncAdaptedQueuePool):
             "health": health,
         }
         return type(cls.__name__, (cls,), settings)
+
+    def __init__(self, *args: Any, **kwargs: Any) -> None:
+        super().__init__(*args, **kwargs)
+        self._waiters = deque()
 
     def _do_get(self) -> ConnectionPoolEntry:
         started = time.perf_counter()
@@ -112,10 +109,10 @@ class RouterPool(AsyncAdaptedQueuePool):
         return record
 
     def _next_record(self, started: float) -> ConnectionPoolEntry:
-        # SQLAlchemy's checkout, minus its wait: an idle connection, or a new one while the
-        # pool has room. Only a full pool waits, here.
+        # SQLAlchemy's checkout, minus its wait: an idle connection (unless sessions are
+        # waiting: it is theirs), or a new one while the pool has room. Else wait, in line.
         while True:
-            if not self._pool.empty() or not self._full():
+            if (not self._pool.empty() and not self._waiters) or not self._full():
                 return super()._do_get()  # no wait inside: idle, or room for a new one
             record = self._wait_for_return(started)
             if record is not None:
@@ -123,27 +120,30 @@ class RouterPool(AsyncAdaptedQueuePool):
             # None: room for a new connection opened meanwhile (a connect failed).
 
     def _wait_for_return(self, started: float) -> ConnectionPoolEntry | None:
-        """Wait for a connection to come back to the full pool, in line (one queue getter for
-        the whole wait, as SQLAlchemy's own, so waiters are served first come, first served),
-        looking every `WAIT_SLICE` seconds at what no queue waiter hears about: the server
-        was ejected, or a failed connect made room (None). Within `pool.timeout` in all."""
-        queue: asyncio.Queue[ConnectionPoolEntry] = self._pool._queue  # type: ignore[attr-defined]
-        getter = asyncio.ensure_future(queue.get())
+        """Wait for a connection to come back to the full pool: it is handed to the waiter
+        that came first (`_do_return_conn`), never taken by a session that came later. (With
+        SQLAlchemy's queue, a task that returns its connection and checks out again without
+        yielding, a read loop closing in its own task, takes it back before the woken waiter
+        runs: waiters starved for seconds.) Every `WAIT_SLICE` seconds, a look at what no
+        waiter is told: the server was ejected, or a failed connect made room (None).
+        Within `pool.timeout` in all."""
+        waiter: asyncio.Future[ConnectionPoolEntry] = asyncio.get_running_loop().create_future()
+        self._waiters.append(waiter)
         health = self.health
         try:
-            while not getter.done():
+            while not waiter.done():
                 remaining = self._timeout - (time.perf_counter() - started)
                 if remaining <= 0:
                     break
-                await_only(asyncio.wait((getter,), timeout=min(WAIT_SLICE, remaining)))
+                await_only(asyncio.wait((waiter,), timeout=min(WAIT_SLICE, remaining)))
                 if (health is not None and not health.up) or not self._full():
                     break
-        except BaseException:  # cancelled: a record the getter took goes back to the pool
-            taken = _settle(getter)
+        except BaseException:  # cancelled: a record handed over goes on to the next waiter
+            taken = self._withdraw(waiter)
             if taken is not None:
                 self._do_return_conn(taken)
             raise
-        record = _settle(getter)
+        record = self._withdraw(waiter)
         if health is not None and not health.up and (record is None or _needs_connect(record)):
             # Continuing would connect anew to a server that failed (a dying one may drop the
             # SYN, which the kernel sends again only a second later): the statement is replayed
@@ -160,11 +160,23 @@ class RouterPool(AsyncAdaptedQueuePool):
             f"(pool size {self.size()}, overflow {self._max_overflow})"
         )
 
+    def _withdraw(self, waiter: asyncio.Future[ConnectionPoolEntry]) -> ConnectionPoolEntry | None:
+        """The record handed to `waiter`, or None, after which it is out of the line."""
+        if waiter.done():
+            return waiter.result()
+        self._waiters.remove(waiter)
+        waiter.cancel()
+        return None
+
     def _full(self) -> bool:
         return -1 < self._max_overflow <= self._overflow
 
     def _do_return_conn(self, record: ConnectionPoolEntry) -> None:
         record.info[_IDLE_SINCE] = time.monotonic()
+        waiters = self._waiters
+        if waiters:  # straight to the session that has waited longest: it stays checked out
+            waiters.popleft().set_result(record)
+            return
         super()._do_return_conn(record)
 
     def _check_before_use(self, record: ConnectionPoolEntry, connection: Any) -> None:

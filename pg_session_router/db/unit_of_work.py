@@ -630,22 +630,30 @@ async def _close_ending(session: AsyncSession, route: Route) -> None:
     """Close after work that ends without COMMIT. If the connection died after the last
     statement, the ROLLBACK that close() sends fails: nothing was written, and a read has its
     rows already, so the dead connection is discarded (SQLAlchemy invalidates it) and the unit
-    of work ends as it would have (a read that succeeded stays a success).
-
-    Shielded (see `_close_shielded`), though `asyncio.shield()`'s task costs about a tenth of a
-    read's CPU. Closing in the request's own task (finishing under a shield only when
-    cancelled) was tried in sessions 20 and 21: the HTTP replica-kill test then answered 503s
-    in most full-suite runs (7 of 9 in session 21), never with the shield. Session 21 found
-    part of the cause (replays waiting in a dying server's full pool, or connecting anew to
-    it; now `RouterPool`'s sliced wait), not all: replays still ran out of `retry.deadline`,
-    waiting up to 2.3 s for a slot on a healthy replica whose pool had 9 of 10 connections
-    checked out, by holders not identified."""
+    of work ends as it would have (a read that succeeded stays a success)."""
     try:
-        await _close_shielded(session)
+        await _close_even_if_cancelled(session)
     except Exception as exc:
         if not is_connection_loss(exc):
             raise
         logger.info("connection to %s lost while ending a unit of work", route.node.name)
+
+
+async def _close_even_if_cancelled(session: AsyncSession) -> None:
+    # Not `_close_shielded`: `asyncio.shield()` runs the close in a task of its own, about a
+    # tenth of a read's CPU, on every read. Closed in this task instead, a cancellation that
+    # lands mid-ROLLBACK is thrown into SQLAlchemy's reset, which invalidates the connection
+    # and returns its slot to the pool (SQLAlchemy 2.0.56 and 2.1.6 on, sqlalchemy#13699: the
+    # versions pyproject allows). What the interrupted close did not get to (the session's
+    # own state) is finished under a shield before the cancellation goes on.
+    try:
+        await session.close()
+    except asyncio.CancelledError:
+        try:
+            await asyncio.shield(session.close())
+        except Exception:
+            logger.debug("finishing a close interrupted by cancellation failed", exc_info=True)
+        raise
 
 
 async def _close_quietly(session: AsyncSession) -> None:
