@@ -47,9 +47,15 @@ from pg_session_router.db.health import ServerHealth
 _IDLE_SINCE = "pg_session_router.idle_since"
 
 
+def _closed_by_server(connection: Any) -> bool:
+    """asyncpg read the EOF: known without a round trip."""
+    driver = connection.driver_connection
+    return driver is not None and bool(driver.is_closed())
+
+
 def _needs_connect(record: ConnectionPoolEntry) -> bool:
     connection = record.dbapi_connection
-    return connection is None or bool(connection.driver_connection.is_closed())
+    return connection is None or _closed_by_server(connection)
 
 
 #: Seconds between two looks at the server's health while a checkout waits for a connection.
@@ -120,23 +126,17 @@ class RouterPool(AsyncAdaptedQueuePool):
             # None: room for a new connection opened meanwhile (a connect failed).
 
     def _wait_for_return(self, started: float) -> ConnectionPoolEntry | None:
-        """Wait for a connection to come back to the full pool: it is handed to the waiter
-        that came first (`_do_return_conn`), never taken by a session that came later. (With
-        SQLAlchemy's queue, a task that returns its connection and checks out again without
-        yielding, a read loop closing in its own task, takes it back before the woken waiter
-        runs: waiters starved for seconds.) Every `WAIT_SLICE` seconds, a look at what no
-        waiter is told: the server was ejected, or a failed connect made room (None).
-        Within `pool.timeout` in all."""
+        """Wait in line (see the module) for the connection `_do_return_conn` hands over,
+        within `pool.timeout`; None when a failed connect made room meanwhile."""
         waiter: asyncio.Future[ConnectionPoolEntry] = asyncio.get_running_loop().create_future()
         self._waiters.append(waiter)
-        health = self.health
         try:
             while not waiter.done():
                 remaining = self._timeout - (time.perf_counter() - started)
                 if remaining <= 0:
                     break
                 await_only(asyncio.wait((waiter,), timeout=min(WAIT_SLICE, remaining)))
-                if (health is not None and not health.up) or not self._full():
+                if self._ejected() or not self._full():
                     break
         except BaseException:  # cancelled: a record handed over goes on to the next waiter
             taken = self._withdraw(waiter)
@@ -144,7 +144,7 @@ class RouterPool(AsyncAdaptedQueuePool):
                 self._do_return_conn(taken)
             raise
         record = self._withdraw(waiter)
-        if health is not None and not health.up and (record is None or _needs_connect(record)):
+        if self._ejected() and (record is None or _needs_connect(record)):
             # Continuing would connect anew to a server that failed (a dying one may drop the
             # SYN, which the kernel sends again only a second later): the statement is replayed
             # on a node that is up instead. A live connection returned meanwhile is used.
@@ -168,6 +168,9 @@ class RouterPool(AsyncAdaptedQueuePool):
         waiter.cancel()
         return None
 
+    def _ejected(self) -> bool:
+        return self.health is not None and not self.health.up
+
     def _full(self) -> bool:
         return -1 < self._max_overflow <= self._overflow
 
@@ -183,8 +186,7 @@ class RouterPool(AsyncAdaptedQueuePool):
         """Runs in the checkout's greenlet. An invalidated record is connected anew by
         SQLAlchemy before it is handed out (within the checkout, so a failure to connect
         reaches the caller's first statement, which the router may replay)."""
-        driver = connection.driver_connection
-        if driver is not None and driver.is_closed():
+        if _closed_by_server(connection):
             # Every connection pooled before now is recycled at its next checkout: what
             # SQLAlchemy's own pre-ping does after a failed ping (`Pool._invalidate`), with its
             # guard: only a connection newer than the last such mark moves it (after a restart,

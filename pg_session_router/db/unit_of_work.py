@@ -650,7 +650,7 @@ async def _close_even_if_cancelled(session: AsyncSession) -> None:
         await session.close()
     except asyncio.CancelledError:
         try:
-            await asyncio.shield(session.close())
+            await _close_shielded(session)
         except Exception:
             logger.debug("finishing a close interrupted by cancellation failed", exc_info=True)
         raise
@@ -658,6 +658,6 @@ async def _close_even_if_cancelled(session: AsyncSession) -> None:
 
 async def _close_quietly(session: AsyncSession) -> None:
     try:
-        await asyncio.shield(session.close())
+        await _close_shielded(session)
     except (DBAPIError, OSError):
         logger.debug("close failed after a connect error", exc_info=True)
