@@ -15,7 +15,8 @@ from __future__ import annotations
 
 import logging
 import uuid
-from collections.abc import Sequence
+from collections.abc import Callable, Sequence
+from functools import partial
 from typing import Any, Literal
 
 from sqlalchemy import event
@@ -165,6 +166,10 @@ class Node:
         }
         self.session_factory = async_sessionmaker(routed_engine, **options)
         self.readonly_session_factory = async_sessionmaker(readonly_engine, **options)
+        # What `factory()` hands the router: the same sessions, built without the
+        # sessionmaker's per-call merge of its options (a Python loop; partial's is in C).
+        self._new_session = partial(AsyncSession, routed_engine, **options)
+        self._new_readonly_session = partial(AsyncSession, readonly_engine, **options)
 
     @property
     def role(self) -> Role | None:
@@ -184,13 +189,13 @@ class Node:
         health = self.health
         return health.up and health.fresh and not health.drained and self.role == "replica"
 
-    def factory(self, read_only: bool) -> async_sessionmaker[AsyncSession]:
+    def factory(self, read_only: bool) -> Callable[[], AsyncSession]:
         """Writes: read-write. Reads on a replica: plain too, since a hot standby refuses
         writes by itself (and BEGIN READ ONLY would cost a little on every read). Reads on a
         primary: READ ONLY transactions."""
         if read_only and self.role != "replica":
-            return self.readonly_session_factory
-        return self.session_factory
+            return self._new_readonly_session
+        return self._new_session
 
     def sync_engine(self, read_only: bool) -> Any:
         """The sync engine `factory(read_only)` binds its sessions to (to rebind one)."""
@@ -236,6 +241,12 @@ class Cluster:
         self.nodes = tuple(nodes)
         self.policy = policy
         self.fallback_to_primary = fallback_to_primary
+        # The readable replicas as of `_readers_at` of the servers' shared epoch (see
+        # `readable_replicas`); None: the nodes' servers do not share one, never cached.
+        epochs = {id(node.health.epoch): node.health.epoch for node in self.nodes}
+        self._epoch = next(iter(epochs.values())) if len(epochs) == 1 else None
+        self._readers: tuple[Node, ...] = ()
+        self._readers_at = -1
         #: Sessions open on this cluster's nodes (an idle tenant cluster may be evicted).
         self.in_flight = 0
         #: Set when this tenant cluster is about to be evicted: new sessions wait for a new one.
@@ -309,7 +320,7 @@ class Cluster:
         With `min_lsn` (read-your-writes), only replicas known to have replayed that far; the
         primary always has, so it serves the read when none has (whatever the fallback rule).
         """
-        candidates = [node for node in self.nodes if node.readable_replica]
+        candidates: Sequence[Node] = self.readable_replicas()
         if min_lsn is not None:
             candidates = [
                 n for n in candidates if n.health.lsn is not None and n.health.lsn >= min_lsn
@@ -319,6 +330,15 @@ class Cluster:
         if candidates:
             return self.policy.choose(candidates), "replica"
         return (self.writer() if self.fallback_to_primary else None), self._why_no_replica()
+
+    def readable_replicas(self) -> tuple[Node, ...]:
+        """Replicas a read may go to now: up, fresh, not drained. Asked on every read, and
+        answered from the last look until a server's health changes (`RoutingEpoch`)."""
+        epoch = self._epoch
+        if epoch is None or epoch.value != self._readers_at:
+            self._readers = tuple(node for node in self.nodes if node.readable_replica)
+            self._readers_at = -1 if epoch is None else epoch.value
+        return self._readers
 
     def _why_no_replica(self) -> ReaderReason:
         replicas = [node for node in self.nodes if node.role == "replica"]

@@ -54,6 +54,24 @@ SELECT pg_is_in_recovery() AS in_recovery,
 """
 
 
+class RoutingEpoch:
+    """Moves whenever a server's health changes in a way routing reads (`ROUTING_FIELDS`).
+
+    Every read routes by the replicas that are up, fresh, not drained and in recovery; a
+    cluster keeps that list until the epoch of its servers moves, instead of asking each
+    node again on every read. One per monitor: all servers of a router share it."""
+
+    __slots__ = ("value",)
+
+    def __init__(self) -> None:
+        self.value = 0
+
+
+#: What a routing decision reads from `ServerHealth` (a node's role comes from `in_recovery`).
+ROUTING_FIELDS = frozenset({"up", "fresh", "drained", "in_recovery"})
+_UNSET = object()
+
+
 class ServerHealth:
     """What this process knows about one server, shared by every node on it."""
 
@@ -63,7 +81,10 @@ class ServerHealth:
         url: URL,
         settings: HealthSettings,
         events: RouterObserver | None = None,
+        epoch: RoutingEpoch | None = None,
     ) -> None:
+        # First: setting any of ROUTING_FIELDS moves it.
+        self.epoch = epoch if epoch is not None else RoutingEpoch()
         self.endpoint = endpoint
         self.events = events if events is not None else RouterObserver()
         self.url = url  # credentials for the probe connection; never logged
@@ -93,6 +114,15 @@ class ServerHealth:
         self.nodes = 0
         #: Taken out of rotation by an operator (`router.drain`): no new session here.
         self.drained = False
+
+    def __setattr__(self, name: str, value: Any) -> None:
+        # Every write goes through here (the monitor's, an ejection in real traffic, a drain,
+        # a test's): no way to change what routing reads without moving the epoch.
+        if name in ROUTING_FIELDS and getattr(self, name, _UNSET) != value:
+            object.__setattr__(self, name, value)
+            self.epoch.value += 1
+        else:
+            object.__setattr__(self, name, value)
 
     def eject(self, reason: str) -> None:
         """Open the circuit now. Safe to call again while open (pushes the trial out)."""
@@ -200,6 +230,8 @@ class HealthMonitor:
         # cluster's current writer.
         self._replica_groups = replica_groups
         self.servers: dict[str, ServerHealth] = {}
+        #: Shared by every server here: clusters re-read their readable replicas when it moves.
+        self.epoch = RoutingEpoch()
         self._connections: dict[str, asyncpg.Connection] = {}
         self._task: asyncio.Task[None] | None = None
         self._wake = asyncio.Event()
@@ -210,7 +242,7 @@ class HealthMonitor:
         server = self.servers.get(endpoint)
         if server is None:
             server = self.servers[endpoint] = ServerHealth(
-                endpoint, url, self.settings, self.events
+                endpoint, url, self.settings, self.events, self.epoch
             )
             server.password = password
         server.nodes += 1

@@ -4,17 +4,20 @@ Three kinds: a configured cluster (`main`), a tenant's database on a configured 
 servers (`main@acme`: same servers, same replicas, same WAL), and a tenant's server of its own
 (`@umbrella`, from the tenant's `url`). `name` is the string form used in node names, logs and
 `router.cluster("...")`; `parse` reads it back, the one place that does.
+
+A named tuple rather than a frozen dataclass: keys are hashed and compared on every tenant
+unit of work (dictionary lookups of the topology and the engine cache), and a tuple does both
+in C, where a dataclass runs a Python `__hash__` and `__eq__` each time.
 """
 
 from __future__ import annotations
 
-from dataclasses import dataclass
+from typing import NamedTuple
 
 from pg_session_router.core.errors import TargetError
 
 
-@dataclass(frozen=True, slots=True)
-class ClusterKey:
+class ClusterKey(NamedTuple):
     #: The configured cluster whose servers hold the data (None: the tenant's own server).
     cluster: str | None
     #: A database other than the cluster's own (a `database` tenant on shared servers).

@@ -5,8 +5,8 @@ listeners: a checkout listener sends every checkout through the event dispatch a
 checkout-retry loop, a cost paid by every session.
 
 - Checkouts and the seconds they waited (for a free connection, or for a new one to connect)
-  are counted: two clock reads per checkout. Counts start again when the pool is recreated
-  (`engine.dispose()`).
+  are counted: two clock reads per checkout that found no idle connection. Counts start
+  again when the pool is recreated (`engine.dispose()`).
 - A connection the server already closed is never handed out. When a server restarts or
   terminates our backends it closes the sockets, and asyncpg marks those connections closed as
   soon as the event loop reads the EOF: checking that flag costs no round trip (unlike
@@ -96,12 +96,15 @@ class RouterPool(AsyncAdaptedQueuePool):
         self._waiters = deque()
 
     def _do_get(self) -> ConnectionPoolEntry:
-        started = time.perf_counter()
-        try:
-            record = self._next_record(started)
-        finally:
-            self.checkouts += 1
-            self.checkout_wait += time.perf_counter() - started
+        self.checkouts += 1
+        if not self._waiters and not self._pool.empty():
+            record = super()._do_get()  # the common case: an idle connection, no wait
+        else:
+            started = time.perf_counter()
+            try:
+                record = self._connect_or_wait(started)
+            finally:
+                self.checkout_wait += time.perf_counter() - started
         connection = record.dbapi_connection
         if connection is not None:  # None: SQLAlchemy connects it anew before handing it out
             try:
@@ -114,9 +117,9 @@ class RouterPool(AsyncAdaptedQueuePool):
                 raise
         return record
 
-    def _next_record(self, started: float) -> ConnectionPoolEntry:
-        # SQLAlchemy's checkout, minus its wait: an idle connection (unless sessions are
-        # waiting: it is theirs), or a new one while the pool has room. Else wait, in line.
+    def _connect_or_wait(self, started: float) -> ConnectionPoolEntry:
+        # SQLAlchemy's checkout, minus its wait: a new connection while the pool has room
+        # (an idle one if it has one and nobody waits: it is theirs). Else wait, in line.
         while True:
             if (not self._pool.empty() and not self._waiters) or not self._full():
                 return super()._do_get()  # no wait inside: idle, or room for a new one
@@ -186,7 +189,8 @@ class RouterPool(AsyncAdaptedQueuePool):
         """Runs in the checkout's greenlet. An invalidated record is connected anew by
         SQLAlchemy before it is handed out (within the checkout, so a failure to connect
         reaches the caller's first statement, which the router may replay)."""
-        if _closed_by_server(connection):
+        driver = connection.driver_connection
+        if driver is not None and driver.is_closed():  # `_closed_by_server`, one frame less
             # Every connection pooled before now is recycled at its next checkout: what
             # SQLAlchemy's own pre-ping does after a failed ping (`Pool._invalidate`), with its
             # guard: only a connection newer than the last such mark moves it (after a restart,

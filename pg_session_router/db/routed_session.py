@@ -19,6 +19,7 @@ from typing import Any, TypeVar
 from sqlalchemy import Connection, event
 from sqlalchemy.orm import Session, SessionTransaction
 from sqlalchemy.orm.attributes import instance_state
+from sqlalchemy.util import memoized_property
 
 from pg_session_router.core.errors import CrossTenantError
 from pg_session_router.db.consistency import read_wal_position
@@ -68,6 +69,15 @@ class RoutedSession(Session):
     #: `session.begin()` block: what was sent is not known, so nothing is replayed.
     opaque: bool = False
 
+    @memoized_property
+    def info(self) -> dict[Any, Any]:
+        """SQLAlchemy's `Session.info`, with the node the session went to and why
+        (`"node"`, `"route_reason"`): built on first use, since most sessions never read it."""
+        route = self.route
+        if route is None:
+            return {}
+        return {"node": route.node.name, "route_reason": route.reason}
+
     def _execute_internal(self, statement: Any, params: Any = None, **kwargs: Any) -> Any:
         """Every statement of `execute()`, `scalar()`, `scalars()`, `get()` and lazy loads
         (not the flush's): a failure is handed to the unit of work's replay, which runs the
@@ -82,15 +92,15 @@ class RoutedSession(Session):
         if replay is None or kwargs.get("_parent_execute_state") is not None:
             # No replay, or a statement re-invoked by a do_orm_execute hook of the host's
             # inside a statement this method already watches.
-            return super()._execute_internal(statement, params, **kwargs)
+            return Session._execute_internal(self, statement, params, **kwargs)
         # Pending ORM changes would be flushed (sent) by this very statement's autoflush, and
-        # lost by a rollback: such a statement is never a write's first. Only a first
-        # statement needs the answer; `_is_clean()` is private, but three truth tests where
-        # the public new/dirty/deleted build sets.
-        clean = self.statements_run == 0 and self._is_clean()
+        # lost by a rollback: such a statement is never a write's first. Only a write's first
+        # statement needs the answer (a read replays whatever it sent); `_is_clean()` is
+        # private, but three truth tests where the public new/dirty/deleted build sets.
+        clean = self.first_checkout is not None and self.statements_run == 0 and self._is_clean()
         started = time.monotonic()  # a replay's deadline counts from the first attempt
-        try:
-            result = super()._execute_internal(statement, params, **kwargs)
+        try:  # Session's, not super()'s: a super object per statement is measurable here
+            result = Session._execute_internal(self, statement, params, **kwargs)
         except Exception as exc:  # connect errors come unwrapped (OSError), the rest DBAPIError
 
             def again() -> Any:
@@ -100,12 +110,13 @@ class RoutedSession(Session):
         self.statements_run += 1
         return result
 
-    def flush(self, objects: Any = None) -> None:
+    def _flush(self, objects: Any = None) -> None:
         # A write's first contact with the server may be this flush (add(), then COMMIT):
-        # nothing sent yet, so the checkout is made first, where failing is retried.
-        if not self._is_clean():
-            self.check_out_first()
-        super().flush(objects)
+        # nothing sent yet, so the checkout is made first, where failing is retried. The
+        # private `_flush` rather than `flush()`: SQLAlchemy calls it only when there is
+        # something to flush, where `flush()` runs before every statement (autoflush).
+        self.check_out_first()
+        super()._flush(objects)
 
     def check_out_first(self) -> None:
         """Before a write sends anything (its first flush, or the router's checkout for a

@@ -9,8 +9,7 @@ consistency token goes only where that WAL position has been replayed, else to t
 
 from __future__ import annotations
 
-from dataclasses import dataclass
-from typing import Literal
+from typing import Literal, NamedTuple
 
 from pg_session_router.core.errors import NoNodeAvailableError
 from pg_session_router.db.cluster import Cluster, Node
@@ -37,9 +36,11 @@ RouteReason = Literal[
 ]
 
 
-@dataclass(frozen=True, slots=True)
-class Route:
-    """The outcome of routing one target: which node, in which mode, for which tenant, why."""
+class Route(NamedTuple):
+    """The outcome of routing one target: which node, in which mode, for which tenant, why.
+
+    A named tuple: one is built for every unit of work, and a frozen dataclass's `__init__`
+    pays an `object.__setattr__` call per field."""
 
     cluster: Cluster
     node: Node

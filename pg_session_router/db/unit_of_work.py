@@ -109,11 +109,17 @@ class SessionOpener:
     async def open(self, target: Target, deadline_at: float | None) -> tuple[AsyncSession, Route]:
         if self.loop is not asyncio.get_running_loop():
             self.check_loop()
-        if not self.monitor.running:
-            self.monitor.start_soon()
+            # First use on this loop (a script that never called start(), or a router used
+            # again after dispose()): the monitor runs from now until dispose() stops it.
+            if not self.monitor.running:
+                self.monitor.start_soon()
         # The deadline runs from the start of the unit of work, as in router.run (one rule).
         started = time.monotonic()
         try:  # the common case: first attempt, no retry machinery allocated
+            if target.tenant is None and target.after is None:
+                # Nothing to await (no tenant to admit, no replica to wait on): routed here,
+                # without the frame of a coroutine.
+                return self._open_on(self._route(target, None))
             return await self._open_once(target)
         except Exception as exc:
             if not is_connect_failure(exc):
@@ -135,23 +141,41 @@ class SessionOpener:
             if placement.writes_paused and not target.read_only:
                 placement = await self.admission.writable_placement(target.tenant)
         route = self._route(target, placement)
+        if route.reason != "consistency-token" or self.max_wait_for_replica <= 0:
+            return self._open_on(route)
         # Counted before the first await: an idle tenant cluster may be evicted (its engines
         # disposed) by another task, and this session is about to check out a connection.
-        route.cluster.in_flight += 1
-        route.node.in_flight += 1  # what a drain of its server waits for
+        self._count_in(route)
         try:
-            if route.reason == "consistency-token" and self.max_wait_for_replica > 0:
-                waited = await self._wait_on_replica(route, target)
-                if waited is not None:
-                    # The session is on the replica it waited on: counted there from now on.
-                    route.node.in_flight -= 1
-                    waited[1].node.in_flight += 1
-                    return waited
+            waited = await self._wait_on_replica(route, target)
+            if waited is None:
+                return self._session_for(route), route
+            # The session is on the replica it waited on: counted there from now on.
+            route.node.in_flight -= 1
+            waited[1].node.in_flight += 1
+            return waited
+        except BaseException:
+            self._count_out(route)
+            raise
+
+    def _open_on(self, route: Route) -> tuple[AsyncSession, Route]:
+        self._count_in(route)
+        try:
             return self._session_for(route), route
         except BaseException:
-            self.admission.end_flight(route.cluster)
-            route.node.in_flight -= 1
+            self._count_out(route)
             raise
+
+    def _count_in(self, route: Route) -> None:
+        # Counted from before the session checks out until the unit of work ends: an idle
+        # tenant cluster is never evicted under a session, nor a drained server's pools
+        # closed (a drain waits for its nodes' in_flight).
+        route.cluster.in_flight += 1
+        route.node.in_flight += 1
+
+    def _count_out(self, route: Route) -> None:
+        self.admission.end_flight(route.cluster)
+        route.node.in_flight -= 1
 
     async def _wait_on_replica(
         self, route: Route, target: Target
@@ -162,7 +186,7 @@ class SessionOpener:
         takes a fresh snapshot). None: it did not catch up in time, or the replica failed;
         the primary serves the read. The caller counts the session in flight either way."""
         assert target.after is not None
-        replicas = [node for node in route.cluster.nodes if node.readable_replica]
+        replicas = route.cluster.readable_replicas()
         if not replicas:
             return None
         node = route.cluster.policy.choose(replicas)
@@ -202,11 +226,9 @@ class SessionOpener:
             routed.tenant_id = placement.tenant_id
             routed.connection_setup = placement.connection_setup
             routed.transaction_setup = placement.transaction_setup
-        routed.per_transaction = route.node.behind_pooler
-        info = routed.info
-        info["node"] = route.node.name
-        info["route_reason"] = route.reason
-        routed.route = route
+        if route.node.behind_pooler:
+            routed.per_transaction = True
+        routed.route = route  # session.info's "node" and "route_reason" come from it
         routed.replay = self.replay_statement
         if not route.read_only:
             routed.first_checkout = self.check_out_first
@@ -419,10 +441,15 @@ class UnitOfWork:
             if exc is not None:
                 await self._end(exc)
             elif route.read_only:  # the common read, kept to one frame: nothing to commit
+                session = self._session
                 try:
-                    _check_nothing_pending(self._session, route)
+                    # `_is_clean()` is private, but it is the check `Session.flush()` starts
+                    # with: three truth tests, where the public new/dirty/deleted build sets
+                    # (`dirty` scans the identity map) on every read.
+                    if not session.sync_session._is_clean():
+                        _refuse_unsaved_changes(session, route)
                 finally:
-                    await _close_ending(self._session, route)
+                    await _close_ending(session, route)
             elif self._wants_commit():
                 await self._commit()
             else:
@@ -431,9 +458,12 @@ class UnitOfWork:
             error = failure
             raise
         finally:
+            # Where the session ended: a write's first checkout at COMMIT may have moved it
+            # to another writer (`_rebind` moved its count there).
+            route = self._route = self._session.sync_session.route  # type: ignore[attr-defined]
             opener = self._opener
-            opener.admission.end_flight(self._route.cluster)
-            self._route.node.in_flight -= 1
+            opener.admission.end_flight(route.cluster)
+            route.node.in_flight -= 1
             if opener.events.active:
                 opener.events.session_ended(self._session.sync_session.info, self._route, error)
 
@@ -595,14 +625,10 @@ def _position_close(session: Session) -> int | None:
     return position
 
 
-def _check_nothing_pending(session: AsyncSession, route: Route) -> None:
-    """A read session ends without COMMIT; refuse to drop ORM changes silently."""
-    # `Session._is_clean()` is private, but it is the check Session.flush() itself starts with:
-    # three truth tests, where the public `new`/`dirty`/`deleted` build sets (`dirty` scans the
-    # identity map) on every read. Only a session that may have changes pays for those; a
-    # test pins the behaviour (`test_session.py`, unsaved changes in a read session).
-    if session.sync_session._is_clean():
-        return
+def _refuse_unsaved_changes(session: AsyncSession, route: Route) -> None:
+    """A read session ends without COMMIT; refuse to drop ORM changes silently. Called when
+    `_is_clean()` says it may have some (a test pins the behaviour: `test_session.py`,
+    unsaved changes in a read session)."""
     if session.new or session.dirty or session.deleted:
         raise ReadOnlySessionError(
             f"a read-only session on {route.node.name} has unsaved changes; "
@@ -631,15 +657,6 @@ async def _close_ending(session: AsyncSession, route: Route) -> None:
     statement, the ROLLBACK that close() sends fails: nothing was written, and a read has its
     rows already, so the dead connection is discarded (SQLAlchemy invalidates it) and the unit
     of work ends as it would have (a read that succeeded stays a success)."""
-    try:
-        await _close_even_if_cancelled(session)
-    except Exception as exc:
-        if not is_connection_loss(exc):
-            raise
-        logger.info("connection to %s lost while ending a unit of work", route.node.name)
-
-
-async def _close_even_if_cancelled(session: AsyncSession) -> None:
     # Not `_close_shielded`: `asyncio.shield()` runs the close in a task of its own, about a
     # tenth of a read's CPU, on every read. Closed in this task instead, a cancellation that
     # lands mid-ROLLBACK is thrown into SQLAlchemy's reset, which invalidates the connection
@@ -654,6 +671,10 @@ async def _close_even_if_cancelled(session: AsyncSession) -> None:
         except Exception:
             logger.debug("finishing a close interrupted by cancellation failed", exc_info=True)
         raise
+    except Exception as exc:
+        if not is_connection_loss(exc):
+            raise
+        logger.info("connection to %s lost while ending a unit of work", route.node.name)
 
 
 async def _close_quietly(session: AsyncSession) -> None:
