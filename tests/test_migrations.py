@@ -33,14 +33,14 @@ from tests.conftest import APP_ROLE
 from tests.support.cli import run_app
 
 ROOT = Path(__file__).resolve().parent.parent
-HEAD = "0001_initial"
+HEAD = "0002_row_policy"
 
 SECOND_REVISION = '''"""Adds items.note (a test revision)."""
 import sqlalchemy as sa
 from alembic import op
 
-revision = "0002_note"
-down_revision = "0001_initial"
+revision = "0003_note"
+down_revision = "0002_row_policy"
 branch_labels = None
 depends_on = None
 
@@ -121,7 +121,7 @@ def make_world(
 def second_revision(tmp_path: Path) -> Path:
     versions = tmp_path / "versions"
     versions.mkdir()
-    (versions / "0002_note.py").write_text(SECOND_REVISION)
+    (versions / "0003_note.py").write_text(SECOND_REVISION)
     return versions
 
 
@@ -178,7 +178,7 @@ def test_a_second_revision_reaches_only_the_tenant_asked_for_and_goes_back(
 
     upgraded = world.run("migrate", "--versions", versions, "--tenant", first)
     assert upgraded.returncode == 0, upgraded.stderr
-    assert world.version(schema=first) == "0002_note" and world.column_exists(first, "note")
+    assert world.version(schema=first) == "0003_note" and world.column_exists(first, "note")
     for schema in others:
         assert world.version(schema=schema) == HEAD and not world.column_exists(schema, "note")
     current = world.run("migrate", "current", "--versions", versions)
@@ -262,7 +262,7 @@ async def test_a_deployment_made_by_create_all_is_stamped_then_upgraded(
 
     versions = str(second_revision(tmp_path))
     upgraded = world.run("migrate", "--versions", versions)
-    assert upgraded.returncode == 0 and world.version(schema=schema) == "0002_note"
+    assert upgraded.returncode == 0 and world.version(schema=schema) == "0003_note"
 
 
 async def test_the_first_revision_makes_exactly_the_models_tables(
@@ -412,6 +412,6 @@ async def test_a_migration_stuck_behind_a_long_transaction_gives_up_and_resumes_
         await engine.dispose()
     assert stuck.returncode == 1 and busy in stuck.stderr and free not in stuck.stderr
     assert "lock timeout" in stuck.stdout
-    assert world.version(schema=busy) == HEAD and world.version(schema=free) == "0002_note"
+    assert world.version(schema=busy) == HEAD and world.version(schema=free) == "0003_note"
     resumed = world.run("migrate", "--versions", versions)
-    assert resumed.returncode == 0 and world.version(schema=busy) == "0002_note"
+    assert resumed.returncode == 0 and world.version(schema=busy) == "0003_note"

@@ -13,6 +13,7 @@ import pytest
 from sqlalchemy import text
 
 from pg_session_router.core.errors import ConfigError
+from pg_session_router.db.migrate import ROW_TENANT_CONDITION, row_security_statements
 from pg_session_router.db.router import SessionRouter
 from pg_session_router.devcluster import DevCluster
 
@@ -104,3 +105,36 @@ async def test_a_materialized_view_of_tenant_rows_is_refused(
         await fresh.dispose()
         async with router.session() as session:
             await session.execute(text("DROP MATERIALIZED VIEW every_item"))
+
+
+@pytest.mark.parametrize("tenant", [None, "t3"])
+def test_the_row_policy_leaves_an_ordered_read_to_the_indexes(
+    pg: DevCluster, tenant: str | None
+) -> None:
+    """`ORDER BY id LIMIT 10` on a confined table walks an index, for a row tenant and for a
+    transaction without one (a database or schema tenant's own table: all rows NULL). With
+    the policy's first form, `tenant_id IS NOT DISTINCT FROM <tenant>`, the planner estimated
+    one matching row for any table and scanned and sorted all of them: a GET of 10 items took
+    4 ms at 30,000 rows, and longer as the table grew."""
+    schema = "policy_plan"
+    setup = [
+        f"DROP SCHEMA IF EXISTS {schema} CASCADE",
+        f"CREATE SCHEMA {schema} AUTHORIZATION {APP_ROLE}",
+        f"CREATE TABLE {schema}.items (id bigint PRIMARY KEY, tenant_id text)",
+        f"CREATE INDEX ON {schema}.items (tenant_id)",
+        f"ALTER TABLE {schema}.items OWNER TO {APP_ROLE}",
+        # Half without a tenant, half spread over ten (written as the superuser: unconfined).
+        f"INSERT INTO {schema}.items SELECT g, CASE WHEN g % 2 = 0 THEN 't' || (g % 10) END "
+        "FROM generate_series(1, 40000) g",
+        f"ANALYZE {schema}.items",
+        *row_security_statements("items", schema, ROW_TENANT_CONDITION),
+    ]
+    pg.sql("primary", "; ".join(setup), database="app")
+    as_tenant = f"SET app.tenant_id = '{tenant}'; " if tenant else ""
+    plan = pg.sql(
+        "primary",
+        f"SET ROLE {APP_ROLE}; {as_tenant}"
+        f"EXPLAIN SELECT id FROM {schema}.items ORDER BY id LIMIT 10",
+        database="app",
+    )
+    assert "Index" in plan and "Seq Scan" not in plan, plan

@@ -44,8 +44,26 @@ class TenantAdmission:
             on_evict=topology.forget,
         )
 
+    def ready(self, tenant_id: str) -> Placement | None:
+        """The tenant's placement when nothing is left to do before routing to it: known,
+        its cluster admitted (not draining, not replaced), row security verified. The hot
+        path of a tenant's unit of work, without an await; None: `placement()` has work."""
+        placement = self.registry.cached(tenant_id)
+        if placement is None:
+            return None
+        key = placement.cluster_key
+        cluster = self._topology.get(key)
+        if cluster is None or cluster.draining or _moved(cluster, placement):
+            return None
+        if placement.strategy == "row" and not self.row_security.verified(key):
+            return None
+        return placement
+
     async def placement(self, tenant_id: str) -> Placement:
-        """The hot path is `cached` (a dictionary read); a miss may read the catalog."""
+        """`ready`, else what it lacks: a catalog read, the cluster's admission, row security."""
+        ready = self.ready(tenant_id)
+        if ready is not None:
+            return ready
         placement = self.registry.cached(tenant_id)
         if placement is None:
             placement = await self.registry.resolve(tenant_id)

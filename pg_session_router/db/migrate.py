@@ -219,8 +219,16 @@ def _create_all(conn: Connection, metadata: MetaData, target: MigrationTarget) -
             enable_row_security(conn, table.name, target.schema, ROW_TENANT_CONDITION)
 
 
-#: A transaction without a tenant sees only rows without one: nothing leaks either way.
-ROW_TENANT_CONDITION = f"tenant_id IS NOT DISTINCT FROM {CURRENT_ROW_TENANT_SQL}"
+#: A transaction without a tenant sees only rows without one: nothing leaks either way. The
+#: rows of `tenant_id IS NOT DISTINCT FROM <tenant>`, written as an equality or both NULL:
+#: that form the planner estimates (from the column's statistics) and an index on
+#: `tenant_id` serves. The other estimated one row for any table, so `ORDER BY id LIMIT 10`
+#: became a full scan and sort, which grew with the table: 4.2 ms at 30,000 rows, where the
+#: primary key's index answers in 0.05 ms (a tenant database's table, all rows NULL).
+ROW_TENANT_CONDITION = (
+    f"(tenant_id = {CURRENT_ROW_TENANT_SQL}"
+    f" OR (tenant_id IS NULL AND {CURRENT_ROW_TENANT_SQL} IS NULL))"
+)
 
 
 def row_security_statements(table: str, schema: str | None, condition: str) -> list[str]:

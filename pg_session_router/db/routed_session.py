@@ -17,7 +17,7 @@ from collections.abc import Callable
 from typing import Any, TypeVar
 
 from sqlalchemy import Connection, event
-from sqlalchemy.orm import Session, SessionTransaction
+from sqlalchemy.orm import InstanceState, Session, SessionTransaction
 from sqlalchemy.orm.attributes import instance_state
 from sqlalchemy.util import memoized_property
 
@@ -162,14 +162,15 @@ def _check_attach(session: RoutedSession, instance: object) -> None:
     _refuse_foreign(session, instance)
 
 
-@event.listens_for(RoutedSession, "loaded_as_persistent")
-@event.listens_for(RoutedSession, "pending_to_persistent")
-def _mark_tenant(session: RoutedSession, instance: object) -> None:
-    # Runs for every loaded object of every session: the cheapest possible (no `inspect()`,
-    # which goes through the inspection registry).
+@event.listens_for(RoutedSession, "loaded_as_persistent", raw=True)
+@event.listens_for(RoutedSession, "pending_to_persistent", raw=True)
+def _mark_tenant(session: RoutedSession, state: InstanceState[Any]) -> None:
+    # Runs for every loaded object of every session: the cheapest possible. `raw=True` hands
+    # over the object's state, where the mark lives: without it SQLAlchemy wraps the listener
+    # to turn the state into the object (a third of a row's load cost, 10 rows: ~550 opcodes).
     tenant = session.tenant_id
     if tenant is not None:
-        instance_state(instance).info["tenant"] = tenant
+        state.info["tenant"] = tenant
 
 
 @event.listens_for(RoutedSession, "after_begin")

@@ -124,7 +124,7 @@ class SessionRouter:
             if target.node is not None or target.cluster is not None:
                 raise TargetError("a tenant target picks its own cluster; do not name one")
             placement = placement or self.tenants.placement(target.tenant)
-            cluster = self.cluster(placement.cluster_key)
+            cluster = self._admission.cluster(placement.cluster_key)
         elif target.node is not None:
             node = self._topology.node(target.node)
             if node.health.drained:  # an operator's decision: not retried until the deadline

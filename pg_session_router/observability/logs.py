@@ -13,8 +13,8 @@ from __future__ import annotations
 
 import json
 import logging
+import os
 import re
-import uuid
 from collections.abc import Iterator
 from contextlib import contextmanager
 from contextvars import ContextVar
@@ -35,7 +35,8 @@ def request_id_from(presented: str | None) -> str:
     new one."""
     if presented is not None and _PLAIN_ID.fullmatch(presented):
         return presented
-    return uuid.uuid4().hex
+    # 128 random bits in hex, like uuid4().hex without building a UUID on every request.
+    return os.urandom(16).hex()
 
 
 @contextmanager

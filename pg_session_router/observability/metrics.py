@@ -99,6 +99,9 @@ class RouterMetrics(RouterObserver):
         self.sessions = self._counter(
             "sessions", "Units of work by cluster, intent, chosen role and reason", session_labels
         )
+        # The counter of each label set seen (None in the tenant slot without `tenant_label`):
+        # as many as prometheus-client keeps itself.
+        self._sessions_by_labels: dict[tuple[str | None, ...], Any] = {}
         self.session_errors = self._counter(
             "session_errors", "Units of work that failed, by error class", ["cluster", "error"]
         )
@@ -172,15 +175,18 @@ class RouterMetrics(RouterObserver):
     # -- events ----------------------------------------------------------------------------
 
     def session_opened(self, info: dict[str, Any], route: Route, target: Target) -> None:
-        labels = [
+        labels = (
             cluster_label(route),
             "read" if route.read_only else "write",
             route.node.role or "unknown",
             route.reason,
-        ]
-        if self.tenant_label:
-            labels.append(route.placement.tenant_id if route.placement else "")
-        self.sessions.labels(*labels).inc()
+            (route.placement.tenant_id if route.placement else "") if self.tenant_label else None,
+        )
+        counter = self._sessions_by_labels.get(labels)
+        if counter is None:  # prometheus-client's labels() costs a lock and a tuple per call
+            counter = self.sessions.labels(*(label for label in labels if label is not None))
+            self._sessions_by_labels[labels] = counter
+        counter.inc()
         if target.after is not None and route.read_only:
             served = "primary" if route.node.role != "replica" else "replica"
             if route.reason == "consistency-token-waited":
