@@ -44,10 +44,11 @@ class TenantAdmission:
             on_evict=topology.forget,
         )
 
-    def ready(self, tenant_id: str) -> Placement | None:
-        """The tenant's placement when nothing is left to do before routing to it: known,
-        its cluster admitted (not draining, not replaced), row security verified. The hot
-        path of a tenant's unit of work, without an await; None: `placement()` has work."""
+    def ready(self, tenant_id: str) -> tuple[Placement, Cluster] | None:
+        """The tenant's placement and cluster when nothing is left to do before routing to
+        it: known, its cluster admitted (not draining, not replaced), row security verified.
+        The hot path of a tenant's unit of work, without an await; None: `placement()` has
+        work to do."""
         placement = self.registry.cached(tenant_id)
         if placement is None:
             return None
@@ -57,13 +58,14 @@ class TenantAdmission:
             return None
         if placement.strategy == "row" and not self.row_security.verified(key):
             return None
-        return placement
+        self.engines.touch(key)  # a tenant database's cluster: in use, last to be evicted
+        return placement, cluster
 
     async def placement(self, tenant_id: str) -> Placement:
         """`ready`, else what it lacks: a catalog read, the cluster's admission, row security."""
         ready = self.ready(tenant_id)
         if ready is not None:
-            return ready
+            return ready[0]
         placement = self.registry.cached(tenant_id)
         if placement is None:
             placement = await self.registry.resolve(tenant_id)
@@ -116,7 +118,7 @@ class TenantAdmission:
             if key.is_configured:
                 return self._topology.configured(key.name)
             cluster = self._topology.add(self.engines.build_now(key))
-        elif key in self.engines:
+        else:
             self.engines.touch(key)
         return cluster
 

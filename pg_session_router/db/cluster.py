@@ -328,7 +328,9 @@ class Cluster:
             if not candidates:
                 return self.writer(), "consistency-token"
         if candidates:
-            return self.policy.choose(candidates), "replica"
+            # One replica is the common case: every policy would choose it.
+            node = candidates[0] if len(candidates) == 1 else self.policy.choose(candidates)
+            return node, "replica"
         return (self.writer() if self.fallback_to_primary else None), self._why_no_replica()
 
     def readable_replicas(self) -> tuple[Node, ...]:

@@ -118,13 +118,17 @@ class SessionRouter:
 
     # -- routing ---------------------------------------------------------------------------
 
-    def route(self, target: Target, placement: Placement | None = None) -> Route:
-        """Target -> node. `placement`: the tenant's, when the caller has resolved it already."""
+    def route(
+        self, target: Target, placement: Placement | None = None, cluster: Cluster | None = None
+    ) -> Route:
+        """Target -> node. `placement` and `cluster`: the tenant's, when the caller has
+        resolved them already."""
         if target.tenant is not None:
             if target.node is not None or target.cluster is not None:
                 raise TargetError("a tenant target picks its own cluster; do not name one")
             placement = placement or self.tenants.placement(target.tenant)
-            cluster = self._admission.cluster(placement.cluster_key)
+            if cluster is None:
+                cluster = self._admission.cluster(placement.cluster_key)
         elif target.node is not None:
             node = self._topology.node(target.node)
             if node.health.drained:  # an operator's decision: not retried until the deadline
@@ -173,12 +177,10 @@ class SessionRouter:
         a read sees at least what that token's write committed (a background job handed the
         token of the request that enqueued it).
         """
-        resolved = Target.coerce(target, tenant=tenant, read_only=read_only, after=after)
+        if type(target) is not Target or tenant is not None or read_only or after is not None:
+            target = Target.coerce(target, tenant=tenant, read_only=read_only, after=after)
         return UnitOfWork(
-            self._opener,
-            resolved,
-            with_token=consistency_token,
-            commit_on_exit=commit_on_exit,
+            self._opener, target, with_token=consistency_token, commit_on_exit=commit_on_exit
         )
 
     async def run(

@@ -55,7 +55,7 @@ def route_in_cluster(cluster: Cluster, target: Target, placement: Placement | No
     """The node of `cluster` that serves `target`, or `NoNodeAvailableError` saying why."""
     node: Node | None
     reason: RouteReason
-    floor = min_lsn(cluster, target)
+    floor = None if target.after is None else min_lsn(cluster, target)
     read_only = target.read_only
     if read_only and not target.use_primary:
         node, reason = cluster.choose_reader(floor)

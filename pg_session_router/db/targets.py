@@ -66,8 +66,6 @@ class Target:
         """Merge the `get_db_context` arguments into one Target. `after`: a consistency
         token (or its text) the read must see, e.g. one a job was handed by the request
         that enqueued it."""
-        if tenant is None and not read_only and after is None and isinstance(target, Target):
-            return target  # what every request's session brings: nothing to merge
         if target is None:
             result = cls()
         elif isinstance(target, Target):

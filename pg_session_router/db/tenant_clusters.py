@@ -59,7 +59,10 @@ class TenantClusterCache:
         return len(self._lru)
 
     def touch(self, key: ClusterKey) -> None:
-        self._lru.move_to_end(key)
+        """A cluster was just used: the last to be evicted (nothing for a configured one)."""
+        lru = self._lru
+        if key in lru:
+            lru.move_to_end(key)
 
     def build_now(self, key: ClusterKey) -> Cluster:
         """Build without waiting for room (migrations, introspection); may exceed the LRU bound

@@ -36,6 +36,7 @@ from pg_session_router.core.errors import (
     TopologyChangedError,
 )
 from pg_session_router.db.admission import TenantAdmission
+from pg_session_router.db.cluster import Cluster
 from pg_session_router.db.consistency import (
     REPLAYED_POSITION,
     ConsistencyToken,
@@ -63,7 +64,8 @@ from pg_session_router.db.tenancy import Placement
 
 logger = logging.getLogger(__name__)
 
-RouteFn = Callable[[Target, Placement | None], Route]
+#: `SessionRouter.route`: the target, and the tenant's placement and cluster when known.
+RouteFn = Callable[[Target, Placement | None, Cluster | None], Route]
 T = TypeVar("T")
 
 
@@ -119,11 +121,11 @@ class SessionOpener:
             if target.after is None:
                 # Nothing to await (no replica to wait on, no tenant or one ready to route
                 # to): routed here, without the frames of two coroutines.
-                placement = None if target.tenant is None else self.admission.ready(target.tenant)
-                if target.tenant is None or (
-                    placement is not None and (target.read_only or not placement.writes_paused)
-                ):
-                    return self._open_on(self._route(target, placement))
+                if target.tenant is None:
+                    return self._open_on(self._route(target, None, None))
+                ready = self.admission.ready(target.tenant)
+                if ready is not None and (target.read_only or not ready[0].writes_paused):
+                    return self._open_on(self._route(target, *ready))
             return await self._open_once(target)
         except Exception as exc:
             if not is_connect_failure(exc):
@@ -144,7 +146,7 @@ class SessionOpener:
             placement = await self.admission.placement(target.tenant)
             if placement.writes_paused and not target.read_only:
                 placement = await self.admission.writable_placement(target.tenant)
-        route = self._route(target, placement)
+        route = self._route(target, placement, None)
         if route.reason != "consistency-token" or self.max_wait_for_replica <= 0:
             return self._open_on(route)
         # Counted before the first await: an idle tenant cluster may be evicted (its engines
