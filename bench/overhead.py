@@ -129,15 +129,24 @@ async def build_variants(
 
 async def measure(op: Op, *, ops: int, concurrency: int) -> float:
     """Units of work per second, `ops` in total spread over `concurrency` tasks."""
+    return (await measure_with_cpu(op, ops=ops, concurrency=concurrency))[0]
+
+
+async def measure_with_cpu(op: Op, *, ops: int, concurrency: int) -> tuple[float, float]:
+    """Units of work per second, and this process's CPU time (user + system) per unit in µs:
+    the client's cost, steadier on a shared VM than the rate (the server's work, on the same
+    two cores, is not in it)."""
     per_task = max(1, ops // concurrency)
 
     async def worker() -> None:
         for _ in range(per_task):
             await op()
 
-    started = time.perf_counter()
+    started, cpu_started = time.perf_counter(), time.process_time()
     await asyncio.gather(*(worker() for _ in range(concurrency)))
-    return per_task * concurrency / (time.perf_counter() - started)
+    units = per_task * concurrency
+    cpu = (time.process_time() - cpu_started) / units * 1e6
+    return units / (time.perf_counter() - started), cpu
 
 
 async def run(cluster: DevCluster, *, rounds: int, ops: int) -> str:
@@ -149,24 +158,30 @@ async def run(cluster: DevCluster, *, rounds: int, ops: int) -> str:
         shuffler = random.Random(20261127)  # the same orders in every run
         for concurrency in (1, 16):
             series = {name: Series(name) for name in variants}
+            cpu = {name: Series(name) for name in variants}
             for _ in range(rounds):
                 # A fresh order each round, so no variant always follows the same other one.
                 order = list(variants.items())
                 shuffler.shuffle(order)
                 for name, op in order:
                     gc.collect()  # no variant pays for garbage that another one left
-                    series[name].values.append(await measure(op, ops=ops, concurrency=concurrency))
-            rows = [
-                (
-                    name,
-                    f"{s.median:,.0f}",
-                    f"±{s.spread:.1%}",
-                    COMPARED_WITH.get(name, BASELINE),
-                    f"{paired_ratio(s, series[COMPARED_WITH.get(name, BASELINE)]):.3f}",
-                    f"{1e6 / s.median:,.0f}",
+                    rate, cpu_us = await measure_with_cpu(op, ops=ops, concurrency=concurrency)
+                    series[name].values.append(rate)
+                    cpu[name].values.append(cpu_us)
+            rows = []
+            for name, s in series.items():
+                base = COMPARED_WITH.get(name, BASELINE)
+                rows.append(
+                    (
+                        name,
+                        f"{s.median:,.0f}",
+                        f"±{s.spread:.1%}",
+                        base,
+                        f"{paired_ratio(s, series[base]):.3f}",
+                        f"{cpu[name].median:,.0f}",
+                        f"{paired_ratio(cpu[name], cpu[base]):.3f}",
+                    )
                 )
-                for name, s in series.items()
-            ]
             sections.append(
                 f"Concurrency {concurrency} ({rounds} rounds x {ops} units of work):\n\n"
                 + table(
@@ -176,7 +191,8 @@ async def run(cluster: DevCluster, *, rounds: int, ops: int) -> str:
                         "spread",
                         "compared with",
                         "ratio (median of per-round ratios)",
-                        "µs per unit",
+                        "client CPU µs per unit",
+                        "CPU ratio",
                     ),
                     rows,
                 )
