@@ -182,6 +182,8 @@ async def test_session_options_come_from_the_settings(migrated: DevCluster) -> N
     try:
         factory = router.default_cluster.primary.session_factory
         assert factory.kw["expire_on_commit"] is True
+        async with router.session() as session:  # what the router's own sessions get
+            assert session.sync_session.expire_on_commit is True
     finally:
         await router.dispose()
 

@@ -415,3 +415,25 @@ async def test_a_migration_stuck_behind_a_long_transaction_gives_up_and_resumes_
     assert world.version(schema=busy) == HEAD and world.version(schema=free) == "0003_note"
     resumed = world.run("migrate", "--versions", versions)
     assert resumed.returncode == 0 and world.version(schema=busy) == "0003_note"
+
+
+def test_revision_0002_replaces_the_row_policy_and_its_downgrade_brings_0001s_back(
+    migrated: DevCluster, tmp_path: Path
+) -> None:
+    """0002 rewrites 0001's policy in the form the planner estimates (the same rows); both
+    directions write out their policy, so they do the same whatever the library's is."""
+    world = make_world(migrated, tmp_path, schemas=1)
+    (schema,) = world.schemas
+    assert world.run("migrate").returncode == 0
+
+    def policy() -> str:
+        return world.sql(
+            f"SELECT qual FROM pg_policies WHERE schemaname = '{schema}' AND tablename = 'items'"
+        )
+
+    assert "IS NULL" in policy() and "DISTINCT" not in policy()
+    down = world.run("migrate", "downgrade", "--tenant", schema, "--to", "0001_initial")
+    assert down.returncode == 0, down.stdout + down.stderr
+    assert "DISTINCT" in policy() and world.version(schema=schema) == "0001_initial"
+    assert world.run("migrate", "--tenant", schema).returncode == 0
+    assert "IS NULL" in policy() and world.version(schema=schema) == HEAD

@@ -240,3 +240,23 @@ def test_cluster_keys_round_trip() -> None:
     assert ClusterKey.own_server("umbrella").stream == "@umbrella"
     with pytest.raises(TargetError):
         ClusterKey.parse("main@")
+
+
+async def test_a_health_change_after_reads_were_routed_takes_effect_on_the_next_read(
+    router: SessionRouter,
+) -> None:
+    """Clusters keep their readable replicas between reads; every change to what routing
+    reads from a server's health (up, fresh, drained, its role) is seen by the next read."""
+    replica1 = router.node("main.replica1").health
+    changes = [
+        lambda: replica1.eject("connect failed"),
+        lambda: setattr(replica1, "fresh", False),
+        lambda: setattr(replica1, "drained", True),
+        lambda: setattr(replica1, "in_recovery", False),  # promoted: a writer now
+    ]
+    for change in changes:
+        assert set(reads(router, 4)) == {"main.replica1", "main.replica2"}  # cached now
+        change()
+        assert reads(router, 4) == {"main.replica2": 4}
+        replica1.admit()
+        replica1.fresh, replica1.drained, replica1.in_recovery = True, False, True

@@ -116,8 +116,9 @@ class ServerHealth:
         self.drained = False
 
     def __setattr__(self, name: str, value: Any) -> None:
-        # Every write goes through here (the monitor's, an ejection in real traffic, a drain,
-        # a test's): no way to change what routing reads without moving the epoch.
+        # Every write of these fields goes through here (the monitor's, an ejection in real
+        # traffic, a drain, a test's). What else routing reads (a node's configured role, its
+        # health object, a cluster's nodes) is fixed when the cluster is built.
         if name in ROUTING_FIELDS and getattr(self, name, _UNSET) != value:
             object.__setattr__(self, name, value)
             self.epoch.value += 1
@@ -267,8 +268,12 @@ class HealthMonitor:
         """Probe everything once (so roles and lag are known), then keep probing."""
         if self.running:
             return
-        await self.probe_round()
-        self.start_soon()
+        try:
+            await self.probe_round()
+        finally:
+            # Also when the first round failed or was cancelled: sessions start the monitor
+            # only when they bind a loop, which start() has done already.
+            self.start_soon()
 
     def start_soon(self) -> None:
         """Start without waiting for a first round (first use by a script); needs a loop."""

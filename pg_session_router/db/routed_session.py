@@ -14,12 +14,12 @@ from __future__ import annotations
 import logging
 import time
 from collections.abc import Callable
+from functools import cached_property
 from typing import Any, TypeVar
 
 from sqlalchemy import Connection, event
 from sqlalchemy.orm import InstanceState, Session, SessionTransaction
 from sqlalchemy.orm.attributes import instance_state
-from sqlalchemy.util import memoized_property
 
 from pg_session_router.core.errors import CrossTenantError
 from pg_session_router.db.consistency import read_wal_position
@@ -69,7 +69,7 @@ class RoutedSession(Session):
     #: `session.begin()` block: what was sent is not known, so nothing is replayed.
     opaque: bool = False
 
-    @memoized_property
+    @cached_property
     def info(self) -> dict[Any, Any]:
         """SQLAlchemy's `Session.info`, with the node the session went to and why
         (`"node"`, `"route_reason"`): built on first use, since most sessions never read it."""

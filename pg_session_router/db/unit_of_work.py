@@ -326,7 +326,7 @@ class SessionOpener:
             ) from last
         raise AssertionError("unreachable: tenacity either returns or raises")
 
-    async def commit(self, session: AsyncSession, route: Route, *, with_token: bool) -> None:
+    async def commit(self, session: AsyncSession, *, with_token: bool) -> None:
         """COMMIT (with `with_token`, then read the WAL position) and close, in one greenlet
         hop. Closing after a COMMIT does no I/O (the pool has nothing to roll back), so it
         needs no protection from cancellation and can share the hop."""
@@ -338,6 +338,9 @@ class SessionOpener:
         except DatabaseUnavailableError:
             raise  # before anything was sent (a first checkout that found no node): not unknown
         except Exception as exc:
+            # Where the COMMIT went: a write's first checkout, made in this hop, may have moved
+            # the session to another writer (`replay_statement`).
+            route: Route = session.sync_session.route  # type: ignore[attr-defined]
             if not is_connection_loss(exc):
                 translated = self.translate(exc, route)
                 if translated is exc:
@@ -348,7 +351,8 @@ class SessionOpener:
                 "may or may not have been applied, and is not retried automatically"
             ) from exc
         if lsn is not None:
-            session.info["consistency_token"] = ConsistencyToken(route.cluster.key.stream, lsn)
+            stream = session.sync_session.route.cluster.key.stream  # type: ignore[attr-defined]
+            session.info["consistency_token"] = ConsistencyToken(stream, lsn)
 
     def translate(self, exc: Exception, route: Route) -> Exception:
         """Turn driver errors that mean something to the router into its own errors."""
@@ -482,7 +486,7 @@ class UnitOfWork:
         # session is closed like after any other error.
         session = self._session
         try:
-            await self._opener.commit(session, self._route, with_token=self._with_token)
+            await self._opener.commit(session, with_token=self._with_token)
         except BaseException:
             await _close_shielded(session)
             raise
@@ -676,8 +680,11 @@ async def _close_ending(session: AsyncSession, route: Route) -> None:
         # (loopback, a pooler beside the app) the send then spins in the kernel until that
         # backend is switched out, to wake it at once. At concurrency 16 that was a read's
         # whole remaining cost against the hand-written session: +11 us of system CPU per
-        # read (user CPU at parity); with the turn, none (README, "Benchmarks").
-        await asyncio.sleep(0)
+        # read (user CPU at parity); with the turn, none (README, "Benchmarks"). Not when a
+        # cancellation is pending: it would land on this turn, before the close began.
+        task = asyncio.current_task()
+        if task is None or not task.cancelling():
+            await asyncio.sleep(0)
         await session.close()
     except asyncio.CancelledError:
         try:

@@ -17,10 +17,14 @@ from pg_session_router.db.migrate import (
 )
 
 
-def enable_tenant_row_security(table: str) -> None:
+def enable_tenant_row_security(table: str, condition: str = ROW_TENANT_CONDITION) -> None:
     """Rows of `row` tenants visible only to their tenant's transactions (FORCE: to the
-    table's owner too). The table needs a `tenant_id` column."""
-    for statement in row_security_statements(table, None, ROW_TENANT_CONDITION):
+    table's owner too). The table needs a `tenant_id` column. Replaces the table's policy.
+
+    `condition`: the library's current one by default. A revision that must do the same thing
+    whenever it runs, whatever the library's version, passes its own text (the example app's
+    revisions do)."""
+    for statement in row_security_statements(table, None, condition):
         op.execute(statement)
 
 

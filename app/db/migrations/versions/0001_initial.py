@@ -19,6 +19,12 @@ from pg_session_router.migrations.ops import (
     enable_tenant_row_security,
 )
 
+#: The row policy as this revision made it (0002 replaces it): written out, so that this
+#: revision does the same whatever the library's current policy is.
+ROW_POLICY_0001 = (
+    "tenant_id IS NOT DISTINCT FROM NULLIF(current_setting('app.tenant_id', true), '')"
+)
+
 revision: str = "0001_initial"
 down_revision: str | None = None
 branch_labels: str | Sequence[str] | None = None
@@ -33,7 +39,7 @@ def upgrade() -> None:
         sa.Column("tenant_id", sa.Text(), server_default=sa.text(CURRENT_ROW_TENANT_SQL)),
     )
     op.create_index("ix_items_tenant_id", "items", ["tenant_id"])
-    enable_tenant_row_security("items")
+    enable_tenant_row_security("items", ROW_POLICY_0001)
 
 
 def downgrade() -> None:
