@@ -1,8 +1,9 @@
 """The unit of work: open a session on the routed node (with retry), then COMMIT or end it.
 
-`SessionOpener.open` admits the tenant and routes the target (retrying while no node is
-eligible), and hands the session over unconnected: like a hand-written session, it checks out on
-its first statement. A statement that finds its connection dead, or no connection to be had, is
+`SessionOpener.open_at_once` routes the common target without an await; `SessionOpener.open`
+admits the tenant and routes the target (retrying while no node is eligible). Either hands
+the session over unconnected: like a hand-written session, it checks out on its first
+statement. A statement that finds its connection dead, or no connection to be had, is
 replayed on a fresh one (`replay_statement`) while that cannot lose or repeat anything; a
 write's first flush checks out first (`check_out_first`). `UnitOfWork` is the async context
 manager around one session: on a clean exit a write COMMITs (and, when asked, reads its
@@ -108,6 +109,24 @@ class SessionOpener:
             )
         self.loop = loop
 
+    def open_at_once(self, target: Target) -> tuple[AsyncSession, Route] | None:
+        """The common open, without an await: no replica to wait on, no tenant or one ready
+        to route to, on the loop already bound. A unit of work then opens without a single
+        coroutine. None: `open()` does it (first use on a loop, a tenant to admit, a token to
+        wait for, or no node eligible now, which `open()` retries)."""
+        if target.after is not None or self.loop is not asyncio.get_running_loop():
+            return None
+        try:
+            if target.tenant is None:
+                return self._open_on(self._route(target, None, None))
+            ready = self.admission.ready(target.tenant)
+            if ready is not None and (target.read_only or not ready[0].writes_paused):
+                return self._open_on(self._route(target, *ready))
+        except Exception as exc:
+            if not is_connect_failure(exc):
+                raise
+        return None
+
     async def open(self, target: Target, deadline_at: float | None) -> tuple[AsyncSession, Route]:
         if self.loop is not asyncio.get_running_loop():
             self.check_loop()
@@ -117,15 +136,7 @@ class SessionOpener:
                 self.monitor.start_soon()
         # The deadline runs from the start of the unit of work, as in router.run (one rule).
         started = time.monotonic()
-        try:  # the common case: first attempt, no retry machinery allocated
-            if target.after is None:
-                # Nothing to await (no replica to wait on, no tenant or one ready to route
-                # to): routed here, without the frames of two coroutines.
-                if target.tenant is None:
-                    return self._open_on(self._route(target, None, None))
-                ready = self.admission.ready(target.tenant)
-                if ready is not None and (target.read_only or not ready[0].writes_paused):
-                    return self._open_on(self._route(target, *ready))
+        try:  # the first attempt: no retry machinery allocated
             return await self._open_once(target)
         except Exception as exc:
             if not is_connect_failure(exc):
@@ -430,11 +441,15 @@ class UnitOfWork:
 
     async def __aenter__(self) -> AsyncSession:
         # in_flight is counted from here (when the route is chosen) to the end of __aexit__.
+        opener = self._opener
         try:
-            session, self._route = await self._opener.open(self._target, self._deadline_at)
+            opened = opener.open_at_once(self._target)
+            if opened is None:
+                opened = await opener.open(self._target, self._deadline_at)
         except Exception as exc:
-            self._opener.events.open_failed(self._target, exc)
+            opener.events.open_failed(self._target, exc)
             raise
+        session, self._route = opened
         self._session = session
         events = self._opener.events
         if events.active:
