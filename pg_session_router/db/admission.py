@@ -62,10 +62,8 @@ class TenantAdmission:
         return placement, cluster
 
     async def placement(self, tenant_id: str) -> Placement:
-        """`ready`, else what it lacks: a catalog read, the cluster's admission, row security."""
-        ready = self.ready(tenant_id)
-        if ready is not None:
-            return ready[0]
+        """The placement, after whatever `ready` found missing: a catalog read, the cluster's
+        admission (again, if it was replaced), row security."""
         placement = self.registry.cached(tenant_id)
         if placement is None:
             placement = await self.registry.resolve(tenant_id)

@@ -243,8 +243,8 @@ class Cluster:
         self.fallback_to_primary = fallback_to_primary
         # The readable replicas as of `_readers_at` of the servers' shared epoch (see
         # `readable_replicas`); None: the nodes' servers do not share one, never cached.
-        epochs = {id(node.health.epoch): node.health.epoch for node in self.nodes}
-        self._epoch = next(iter(epochs.values())) if len(epochs) == 1 else None
+        epochs = {node.health.epoch for node in self.nodes}  # by identity
+        self._epoch = epochs.pop() if len(epochs) == 1 else None
         self._readers: tuple[Node, ...] = ()
         self._readers_at = -1
         #: Sessions open on this cluster's nodes (an idle tenant cluster may be evicted).

@@ -485,12 +485,12 @@ class UnitOfWork:
         finally:
             # Where the session ended: a write's first checkout at COMMIT may have moved it
             # to another writer (`_rebind` moved its count there).
-            route = self._route = self._session.sync_session.route  # type: ignore[attr-defined]
+            route = self._session.sync_session.route  # type: ignore[attr-defined]
             opener = self._opener
             opener.admission.end_flight(route.cluster)
             route.node.in_flight -= 1
             if opener.events.active:
-                opener.events.session_ended(self._session.sync_session.info, self._route, error)
+                opener.events.session_ended(self._session.sync_session.info, route, error)
 
     def _wants_commit(self) -> bool:
         # Without commit_on_exit, only a caller's own COMMIT counts (its token is still read).
