@@ -8,6 +8,8 @@ afterwards, so no pool or state leaks from one test into the next.
 
 from __future__ import annotations
 
+import asyncio
+import sys
 import uuid
 from collections.abc import AsyncIterator, Iterator
 from typing import Any
@@ -82,6 +84,35 @@ def primary_only_settings(pg: DevCluster, url: str, **overrides: Any) -> Databas
         tenancy={"catalog": False},
         **overrides,
     )
+
+
+#: An async test still running after this many seconds is stuck (the slowest take about 30 s):
+#: every task's stack is printed and the test's own task is cancelled, so that a hang fails
+#: with the line it waited on instead of holding CI until its time limit.
+STUCK_AFTER = 240.0
+
+
+@pytest.fixture(autouse=True)
+async def _stuck_test_watchdog(request: pytest.FixtureRequest) -> AsyncIterator[None]:
+    code = getattr(request.function, "__code__", None)
+    if code is None or not code.co_flags & 0x80:  # CO_COROUTINE: sync tests never run the loop
+        yield
+        return
+    handle = asyncio.get_running_loop().call_later(
+        STUCK_AFTER, _report_stuck, request.node.nodeid, code
+    )
+    try:
+        yield
+    finally:
+        handle.cancel()
+
+
+def _report_stuck(nodeid: str, code: Any) -> None:
+    print(f"\n{nodeid} is still running after {STUCK_AFTER:g} s; its tasks:", file=sys.stderr)
+    for task in asyncio.all_tasks():
+        task.print_stack(file=sys.stderr)
+        if getattr(task.get_coro(), "cr_code", None) is code:  # pytest-asyncio runs it as is
+            task.cancel(f"stuck for {STUCK_AFTER:g} s")
 
 
 @pytest.fixture(scope="session")

@@ -19,7 +19,7 @@ from pg_session_router.db.migrate import migrate
 from pg_session_router.db.router import SessionRouter
 from pg_session_router.devcluster import DevCluster
 from tests.conftest import APP_ROLE, HEALTH_INTERVAL, database_settings
-from tests.support.faults import eventually
+from tests.support.faults import Partition, SilentCut, eventually
 from tests.support.routers import listening_router
 
 #: Only a push can explain a change seen within this test: the TTL and miss-reloads are off.
@@ -89,6 +89,33 @@ async def test_a_change_made_while_disconnected_is_seen_after_the_reconnect(
         )
     finally:
         await provisioning.remove_tenant(router, tenant, drop=True, metadata=Base.metadata)
+
+
+async def test_a_listener_cut_off_without_a_fin_notices_and_subscribes_again(
+    migrated: DevCluster,
+) -> None:
+    """The listener's connection sits idle waiting for notifications; cut off silently (no FIN,
+    nothing acknowledged), it would stay "subscribed" to nothing for ever. The kernel drops it
+    after `dead_connection_timeout`, and the listener subscribes again once the network is back."""
+    async with SilentCut(migrated.primary.port) as relay:  # a plain relay: never cut()
+        url = f"postgresql+asyncpg://{APP_ROLE}@127.0.0.1:{relay.port}/app"
+        settings = database_settings(
+            migrated,
+            replicas=False,
+            clusters={"main": {"primary": url}},
+            tenancy=NO_POLLING,
+            dead_connection_timeout=2.0,
+        )
+        with Partition(relay.port) as partition:
+            async with listening_router(settings) as router:
+                listener = router.catalog_listener
+                assert listener is not None
+                partition.cut()
+                await eventually(
+                    lambda: not listener.listening.is_set(), within=2.0 + 2.0, what="the drop"
+                )
+                partition.heal()
+                await eventually(listener.listening.is_set, within=10, what="re-subscribed")
 
 
 @pytest.fixture(scope="module")

@@ -11,19 +11,20 @@ from __future__ import annotations
 
 import asyncio
 import time
+from collections.abc import AsyncIterator
 from typing import Any
 
 import pytest
 from sqlalchemy import text
 from sqlalchemy.engine import make_url
 
-from pg_session_router.core.errors import DatabaseUnavailableError
+from pg_session_router.core.errors import ConnectionLostError, DatabaseUnavailableError
 from pg_session_router.core.settings import HealthSettings
 from pg_session_router.db.health import ServerHealth
 from pg_session_router.db.pool import WAIT_SLICE
 from pg_session_router.db.router import SessionRouter
 from pg_session_router.devcluster import DevCluster
-from tests.support.faults import BlackholeServer, SilentCut, eventually
+from tests.support.faults import BlackholeServer, Partition, SilentCut, eventually
 
 from .conftest import APP_ROLE, database_settings
 
@@ -140,6 +141,99 @@ async def test_connections_cut_without_a_fin_cost_no_request(migrated: DevCluste
             assert written == 20
         finally:
             await router.dispose()
+
+
+#: The cut in the partition tests comes this long into a statement the server is running.
+SLOW_STATEMENT = text("SELECT pg_sleep(1), inet_server_port()")
+DEAD_AFTER = 2.0
+
+
+@pytest.fixture
+async def partitioned_replica(
+    migrated: DevCluster,
+) -> AsyncIterator[tuple[SessionRouter, Partition]]:
+    """A router whose only replica is reached through a relay that a firewall can cut off."""
+    async with SilentCut(migrated.replicas[0].port) as relay:  # a plain relay: never cut()
+        url = f"postgresql+asyncpg://{APP_ROLE}@127.0.0.1:{relay.port}/app"
+        main = {"primary": migrated.url(database="app", user=APP_ROLE), "replicas": [url]}
+        settings = database_settings(
+            migrated, clusters={"main": main}, dead_connection_timeout=DEAD_AFTER
+        )
+        router = SessionRouter(settings)
+        try:
+            with Partition(relay.port) as partition:
+                await router.start()
+                yield router, partition
+        finally:
+            await router.dispose()
+
+
+async def cut_while_running(pg: DevCluster, partition: Partition, node: str) -> None:
+    """Cut once the statement is running on the server: it was sent and acknowledged."""
+
+    def running() -> bool:
+        active = pg.sql(
+            "replica1" if node.endswith("replica1") else "primary",
+            "SELECT count(*) FROM pg_stat_activity WHERE query LIKE 'SELECT pg_sleep%' "
+            f"AND application_name = 'session-router:{node}'",
+        )
+        return active.strip() not in ("", "0")
+
+    await eventually(lambda: asyncio.to_thread(running), within=5, what="the statement to run")
+    partition.cut()
+
+
+async def test_a_read_cut_off_mid_statement_is_replayed_not_left_hanging(
+    migrated: DevCluster, partitioned_replica: tuple[SessionRouter, Partition]
+) -> None:
+    """The replica's network goes away while it runs a read (no FIN, nothing acknowledged):
+    with the OS defaults the read would wait for ever. The kernel drops the connection after
+    `dead_connection_timeout`, and the read is replayed on the primary."""
+    router, partition = partitioned_replica
+    async with router.session(read_only=True) as session:
+        assert session.info["node"] == "main.replica1"
+        statement = asyncio.create_task(session.execute(SLOW_STATEMENT))
+        await cut_while_running(migrated, partition, "main.replica1")
+        cut_at = time.monotonic()
+        result = await asyncio.wait_for(statement, timeout=DEAD_AFTER + 10)
+        assert result.one()[1] == migrated.primary.port
+    # Dropped within the timeout (plus a probe interval and the replay's 1 s statement).
+    assert time.monotonic() - cut_at < DEAD_AFTER + 1 + 1 + 1.5
+
+
+async def test_a_write_cut_off_mid_transaction_fails_fast_and_writes_nothing(
+    migrated: DevCluster, router: SessionRouter
+) -> None:
+    """A write whose second statement is cut off cannot be replayed (its first was sent):
+    a 503-class `ConnectionLostError` after the timeout, not a hang, and nothing committed."""
+    primary_relay = SilentCut(migrated.primary.port)
+    async with primary_relay:
+        url = f"postgresql+asyncpg://{APP_ROLE}@127.0.0.1:{primary_relay.port}/app"
+        settings = database_settings(
+            migrated,
+            replicas=False,
+            clusters={"main": {"primary": url}},
+            dead_connection_timeout=DEAD_AFTER,
+        )
+        writer = SessionRouter(settings)
+        tag = f"cut-write-{time.monotonic_ns()}"
+        try:
+            with Partition(primary_relay.port) as partition:
+                with pytest.raises(ConnectionLostError):
+                    async with writer.session() as session:
+                        await session.execute(
+                            text("INSERT INTO items (name) VALUES (:n)"), {"n": tag}
+                        )
+                        statement = asyncio.create_task(session.execute(SLOW_STATEMENT))
+                        await cut_while_running(migrated, partition, "main.primary")
+                        cut_at = time.monotonic()
+                        await asyncio.wait_for(statement, timeout=DEAD_AFTER + 10)
+                assert time.monotonic() - cut_at < DEAD_AFTER + 1.5
+        finally:
+            await writer.dispose()
+    async with router.session() as check:
+        found = await check.scalar(text("SELECT count(*) FROM items WHERE name = :n"), {"n": tag})
+    assert found == 0
 
 
 async def test_sessions_waiting_for_a_full_pool_are_served_first_come_first_served(

@@ -352,6 +352,12 @@ class DatabaseSettings(_Section):
     tenants: dict[TenantId, TenantSettings] = Field(default_factory=dict)
     #: Seconds to establish one connection (TCP + startup), so a silent server cannot hang us.
     connect_timeout: PositiveFloat = 2.0
+    #: Seconds a server may leave a pooled connection unanswered (no TCP acknowledgement, no
+    #: answer to keepalive probes) before the kernel drops it: a statement on a connection cut
+    #: without a FIN fails (and is replayed where that is safe) instead of hanging. A slow
+    #: query is not cut: a live server's kernel answers while its backend works. None: the
+    #: operating system's defaults (minutes to hours). See `db/sockets.py`.
+    dead_connection_timeout: PositiveFloat | None = 10.0
     health: HealthSettings = HealthSettings()
     routing: RoutingSettings = RoutingSettings()
     retry: RetrySettings = RetrySettings()

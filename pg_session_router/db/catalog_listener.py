@@ -44,10 +44,13 @@ class CatalogListener:
         registry: TenantRegistry,
         writer: Callable[[], Node | None],
         connect_timeout: float,
+        dead_after: float | None = None,
     ) -> None:
         self._registry = registry
         self._writer = writer
         self._connect_timeout = connect_timeout
+        #: An idle LISTEN connection cut without a FIN would miss every notification unnoticed.
+        self._dead_after = dead_after
         self._task: asyncio.Task[None] | None = None
         #: Set while subscribed (tests and status wait on it).
         self.listening = asyncio.Event()
@@ -94,6 +97,7 @@ class CatalogListener:
             connect_timeout=self._connect_timeout,
             application_name=APPLICATION_NAME,
             password=writer.password,
+            dead_after=self._dead_after,
         )
         lost = asyncio.Event()
         connection.add_termination_listener(lambda _: lost.set())

@@ -40,6 +40,7 @@ from pg_session_router.db.health import HealthMonitor, ServerHealth
 from pg_session_router.db.keys import ClusterKey
 from pg_session_router.db.pool import RouterPool
 from pg_session_router.db.routed_session import RoutedSession, hand_out_raw
+from pg_session_router.db.sockets import dead_peer_detection
 
 logger = logging.getLogger(__name__)
 
@@ -96,6 +97,7 @@ class Node:
         health: ServerHealth,
         connect_timeout: float,
         session: SessionSettings,
+        dead_connection_timeout: float | None = None,
         weight: int = 1,
         behind_pooler: bool = False,
         direct_url: URL | None = None,
@@ -138,6 +140,13 @@ class Node:
                 **({"password": password} if password is not None else {}),
             },
         )
+        if dead_connection_timeout is not None:
+            # A pool listener, not an engine one (see below): it runs once per new connection.
+            event.listen(
+                pool_engine.sync_engine.pool,
+                "connect",
+                dead_peer_detection(dead_connection_timeout),
+            )
         # Three engines over the one pool (option engines share their parent's pool). The
         # parent itself carries no connection events, on purpose: a connection of an engine
         # with any engine-level listener dispatches every event of its life (connect, begin,
@@ -277,6 +286,7 @@ class Cluster:
                 health=monitor.server(probe, password),  # the server itself, not a pooler
                 connect_timeout=database.connect_timeout,
                 session=database.session,
+                dead_connection_timeout=database.dead_connection_timeout,
                 weight=weight,
                 behind_pooler=settings.pooler != "none",
                 direct_url=probe,

@@ -70,7 +70,12 @@ class SessionRouter:
         self._topology = Topology(settings, self.monitor, self.tenants.settings_of)
         #: Catalog changes pushed by other processes (LISTEN/NOTIFY), from `start()` on.
         self.catalog_listener = (
-            CatalogListener(self.tenants, self._catalog_writer, settings.connect_timeout)
+            CatalogListener(
+                self.tenants,
+                self._catalog_writer,
+                settings.connect_timeout,
+                settings.dead_connection_timeout,
+            )
             if settings.tenancy.catalog
             else None
         )

@@ -13,6 +13,8 @@ from typing import Any
 import asyncpg
 from sqlalchemy.engine import URL
 
+from pg_session_router.db.sockets import set_tcp_options, tcp_options
+
 
 def start_background(work: Coroutine[Any, Any, None], name: str) -> asyncio.Task[None]:
     """A fresh context: a task started from a request must not carry that request's log
@@ -33,11 +35,13 @@ async def connect_direct(
     connect_timeout: float,
     application_name: str,
     password: Callable[[], Awaitable[str]] | None = None,
+    dead_after: float | None = None,
 ) -> Any:
     """An asyncpg connection of the router's own to `url`'s server (credentials from the URL,
     or from `password`, a provider; never logged), named so that operators and tests can tell
-    it from pooled ones."""
-    return await asyncpg.connect(
+    it from pooled ones. `dead_after`: dropped by the kernel once its server has been silent
+    that long (`sockets.tcp_options`)."""
+    connection = await asyncpg.connect(
         host=url.host,
         port=url.port,
         user=url.username,
@@ -46,3 +50,6 @@ async def connect_direct(
         timeout=connect_timeout,
         server_settings={"application_name": application_name},
     )
+    if dead_after is not None:
+        set_tcp_options(connection, tcp_options(dead_after))
+    return connection

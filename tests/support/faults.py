@@ -6,6 +6,9 @@ Used by the failover tests and by `bench/failover.py`; nothing here mocks the da
   half-open firewall): connecting must time out, not hang.
 - `CommitCutter`: a TCP proxy in front of a real server that, once armed, forwards the client's
   COMMIT and then cuts the connection before the answer comes back: the outcome is unknown.
+- `Partition`: loopback packets to and from one port dropped by the kernel's firewall
+  (iptables): a real cut without a FIN, where nothing is acknowledged any more (behind
+  `SilentCut` the relay's kernel still acknowledges what it swallows).
 - `ReadLoad`: N tasks reading until stopped (through `router.run`, or with `replay=False`
   through plain `router.session` units of work, as `get_db` reads), counting failures and
   which server answered each read.
@@ -14,6 +17,8 @@ Used by the failover tests and by `bench/failover.py`; nothing here mocks the da
 from __future__ import annotations
 
 import asyncio
+import shutil
+import subprocess
 import time
 from collections import Counter, deque
 from collections.abc import Awaitable, Callable
@@ -164,6 +169,39 @@ class SilentCut:
         ):
             self._tasks.add(task)
             task.add_done_callback(self._tasks.discard)
+
+
+class Partition:
+    """Drops every loopback packet to or from `port` once `cut()` (iptables, as root): the
+    peers stop hearing each other, and nobody closes anything. `heal()` (also on exit) lifts
+    it. Used with a relay in front of a real server, so that only the test's own connections
+    are cut off."""
+
+    def __init__(self, port: int) -> None:
+        if shutil.which("iptables") is None:
+            raise RuntimeError("the partition tests need iptables (the README's test command)")
+        self._rules = [
+            ["INPUT", "-p", "tcp", direction, str(port), "-j", "DROP"]
+            for direction in ("--dport", "--sport")
+        ]
+        self.cut_off = False
+
+    def cut(self) -> None:
+        for rule in self._rules:
+            subprocess.run(["iptables", "-I", *rule], check=True)
+        self.cut_off = True
+
+    def heal(self) -> None:
+        if self.cut_off:
+            for rule in self._rules:
+                subprocess.run(["iptables", "-D", *rule], check=True)
+            self.cut_off = False
+
+    def __enter__(self) -> Partition:
+        return self
+
+    def __exit__(self, *exc_info: object) -> None:
+        self.heal()
 
 
 WHO_ANSWERS = text("SELECT inet_server_port()")
