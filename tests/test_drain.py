@@ -111,6 +111,42 @@ async def test_a_drained_replica_costs_no_read_and_ends_with_its_pool_closed(
     assert traffic.errors == []
 
 
+async def test_a_drain_that_gives_up_leaves_no_connection_to_the_drained_server(
+    migrated: DevCluster,
+) -> None:
+    """The drain stops waiting while one session holds the replica's only pooled connection
+    and another waits in line for it. The one in line is served by another node, not by a new
+    connection to the drained server; the held connection closes when its session ends. (A
+    pool SQLAlchemy has disposed keeps both open until the garbage collector finds them.)"""
+    main = {
+        "primary": migrated.url(database="app", user=APP_ROLE),
+        "replicas": [migrated.url("replica1", database="app", user=APP_ROLE)],
+        "pool": {"size": 1, "max_overflow": 0, "timeout": 10},
+    }
+    router = SessionRouter(database_settings(migrated, clusters={"main": main}))
+    await router.start()
+    who = text("SELECT inet_server_port()")
+
+    async def in_line() -> int:
+        async with router.session(read_only=True) as waiting:
+            return int(await waiting.scalar(who))
+
+    try:
+        async with router.session(read_only=True) as holding:
+            assert await holding.scalar(who) == migrated.nodes["replica1"].port
+            waiter = asyncio.create_task(in_line())
+            pool: Any = router.node("main.replica1").engine.pool
+            await eventually(lambda: len(pool._waiters) == 1, within=5, what="one in line")
+            report = await router.drain("main.replica1", within=0.2)
+            assert report.sessions_left == 2
+            assert await asyncio.wait_for(waiter, timeout=5) == migrated.primary.port
+        await eventually(
+            lambda: router_connections(migrated, "replica1") == 0, within=5, what="none left"
+        )
+    finally:
+        await router.dispose()
+
+
 @pytest.fixture(scope="module")
 def switchable() -> Iterator[DevCluster]:
     with DevCluster(replicas=2) as cluster:

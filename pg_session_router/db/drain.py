@@ -50,7 +50,8 @@ async def drain(topology: Topology, name: str, *, within: float) -> DrainReport:
         await asyncio.sleep(_POLL)
     left = sum(n.in_flight for n in nodes)
     for drained in nodes:
-        # Idle connections close now; one still checked out closes when its session ends.
+        # Idle connections close now; one still checked out closes when its session ends, and
+        # a session waiting for one goes elsewhere (`RouterPool.retired`).
         await drained.dispose()
     names = sorted(n.name for n in nodes)
     return DrainReport(os.getpid(), name, names, left, time.monotonic() - started)

@@ -66,6 +66,12 @@ class EjectedWhileWaitingError(OSError):
     the statement's start (the wait in the pool was not an attempt)."""
 
 
+class PoolRetiredError(EjectedWhileWaitingError):
+    """Raised by a node's pool that was disposed while a checkout waited in its line (see
+    `pool.RouterPool`): nothing was sent; handled as `EjectedWhileWaitingError` is (the
+    statement is replayed on a fresh checkout, the server is not ejected)."""
+
+
 def error_chain(exc: BaseException) -> Iterator[BaseException]:
     seen: set[int] = set()
     current: BaseException | None = exc

@@ -21,6 +21,13 @@ checkout-retry loop, a cost paid by every session.
   (whose dropped SYNs cost seconds), where giving up lets the statement be replayed on a node
   that is up (a live connection returned meanwhile is still used). And a slot freed by a
   connect that failed, which wakes no waiter.
+- A disposed pool (`engine.dispose()`: a drain, a tenant cluster evicted, the router disposed)
+  is retired: the engine has a new one, yet sessions that checked out before still return
+  their connections to this one, and sessions waiting in its line would connect anew in it.
+  SQLAlchemy's queue pool keeps such connections open until the garbage collector finds the
+  pool. A retired pool closes each connection as it comes back, and its waiters give up
+  (`PoolRetiredError`): the statement is replayed on a fresh checkout, never connected to a
+  drained server.
 - A connection idle longer than `ping_idle_after` answers a ping within `ping_within`
   seconds, or is replaced. A connection cut without a FIN looks alive (no EOF ever comes) and
   would hang the first statement sent on it until TCP gives up, minutes later; such cuts happen
@@ -40,7 +47,7 @@ from sqlalchemy.exc import TimeoutError as PoolTimeoutError
 from sqlalchemy.pool import AsyncAdaptedQueuePool, ConnectionPoolEntry
 from sqlalchemy.util import await_only
 
-from pg_session_router.db.driver_errors import EjectedWhileWaitingError
+from pg_session_router.db.driver_errors import EjectedWhileWaitingError, PoolRetiredError
 from pg_session_router.db.health import ServerHealth
 
 #: In a pooled connection's record: when it was last returned to the pool (monotonic).
@@ -73,6 +80,8 @@ class RouterPool(AsyncAdaptedQueuePool):
     health: ServerHealth | None = None
     checkouts = 0
     checkout_wait = 0.0
+    #: Set by `dispose()`: the engine has a new pool, and nothing is pooled or connected here.
+    retired = False
     #: Sessions waiting for a connection to come back, first come first; each is handed one.
     _waiters: deque[asyncio.Future[ConnectionPoolEntry]]
 
@@ -121,6 +130,10 @@ class RouterPool(AsyncAdaptedQueuePool):
         # SQLAlchemy's checkout, minus its wait: a new connection while the pool has room
         # (an idle one if it has one and nobody waits: it is theirs). Else wait, in line.
         while True:
+            if self.retired:
+                # Disposed while this session waited: its engine has a new pool, and a new
+                # connection made here would be nobody's to close.
+                raise PoolRetiredError("the pool was closed while waiting for a connection")
             if (not self._pool.empty() and not self._waiters) or not self._full():
                 return super()._do_get()  # no wait inside: idle, or room for a new one
             record = self._wait_for_return(started)
@@ -139,7 +152,7 @@ class RouterPool(AsyncAdaptedQueuePool):
                 if remaining <= 0:
                     break
                 await_only(asyncio.wait((waiter,), timeout=min(WAIT_SLICE, remaining)))
-                if self._ejected() or not self._full():
+                if self._ejected() or not self._full() or self.retired:
                     break
         except BaseException:  # cancelled: a record handed over goes on to the next waiter
             taken = self._withdraw(waiter)
@@ -177,7 +190,14 @@ class RouterPool(AsyncAdaptedQueuePool):
     def _full(self) -> bool:
         return -1 < self._max_overflow <= self._overflow
 
+    def dispose(self) -> None:
+        self.retired = True
+        super().dispose()
+
     def _do_return_conn(self, record: ConnectionPoolEntry) -> None:
+        if self.retired:  # checked out before the dispose: closed now, not kept idle here
+            record.close()
+            return
         record.info[_IDLE_SINCE] = time.monotonic()
         waiters = self._waiters
         if waiters:  # straight to the session that has waited longest: it stays checked out
