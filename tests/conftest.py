@@ -9,6 +9,7 @@ afterwards, so no pool or state leaks from one test into the next.
 from __future__ import annotations
 
 import asyncio
+import inspect
 import sys
 import uuid
 from collections.abc import AsyncIterator, Iterator
@@ -87,17 +88,18 @@ def primary_only_settings(pg: DevCluster, url: str, **overrides: Any) -> Databas
 
 
 #: An async test still running after this many seconds is stuck (the slowest take about 30 s):
-#: every task's stack is printed and the test's own task is cancelled, so that a hang fails
-#: with the line it waited on instead of holding CI until its time limit.
+#: every task's stack is printed and the test's own task is cancelled, so that a hang in a
+#: test's body fails with the line it waited on instead of holding CI until its time limit.
+#: (A hang in a fixture's setup is not cancelled; `faulthandler_timeout` prints its stacks.)
 STUCK_AFTER = 240.0
 
 
 @pytest.fixture(autouse=True)
 async def _stuck_test_watchdog(request: pytest.FixtureRequest) -> AsyncIterator[None]:
-    code = getattr(request.function, "__code__", None)
-    if code is None or not code.co_flags & 0x80:  # CO_COROUTINE: sync tests never run the loop
+    if not inspect.iscoroutinefunction(request.function):  # sync tests never run the loop
         yield
         return
+    code = request.function.__code__
     handle = asyncio.get_running_loop().call_later(
         STUCK_AFTER, _report_stuck, request.node.nodeid, code
     )

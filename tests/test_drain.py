@@ -1,6 +1,6 @@
-"""Planned maintenance: a drained replica costs no read and ends with its pool closed; a
-primary switchover with a drain pauses writes instead of failing them; the admin endpoint is
-for the admin token only."""
+"""Planned maintenance: a drained replica costs no read and ends with its pool closed; a drain
+that gives up waiting leaves no connection to the drained server; a primary switchover with a
+drain pauses writes instead of failing them; the admin endpoint is for the admin token only."""
 
 from __future__ import annotations
 

@@ -355,9 +355,10 @@ class DatabaseSettings(_Section):
     #: Seconds a server may leave a pooled connection unanswered (no TCP acknowledgement, no
     #: answer to keepalive probes) before the kernel drops it: a statement on a connection cut
     #: without a FIN fails (and is replayed where that is safe) instead of hanging. A slow
-    #: query is not cut: a live server's kernel answers while its backend works. None: the
-    #: operating system's defaults (minutes to hours). See `db/sockets.py`.
-    dead_connection_timeout: PositiveFloat | None = 10.0
+    #: query is not cut: a live server's
+    #: kernel answers while its backend works. None: the operating system's defaults (a
+    #: statement acknowledged before the cut then waits for ever). See `db/sockets.py`.
+    dead_connection_timeout: float | None = Field(default=30.0, ge=1.0, le=86400.0)
     health: HealthSettings = HealthSettings()
     routing: RoutingSettings = RoutingSettings()
     retry: RetrySettings = RetrySettings()

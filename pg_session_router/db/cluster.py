@@ -13,6 +13,7 @@ picked by the cluster's policy.
 
 from __future__ import annotations
 
+import asyncio
 import logging
 import uuid
 from collections.abc import Callable, Sequence
@@ -27,6 +28,7 @@ from sqlalchemy.ext.asyncio import (
     async_sessionmaker,
     create_async_engine,
 )
+from sqlalchemy.util import greenlet_spawn
 
 from pg_session_router.core.settings import (
     ClusterSettings,
@@ -227,7 +229,14 @@ class Node:
         }
 
     async def dispose(self) -> None:
-        await self.engine.dispose()
+        """Close the pool's idle connections; the engine goes on with a new, empty pool (see
+        `RouterPool.retired` for the connections still checked out)."""
+        # The engine gets its new pool first and the old one is closed after, shielded: a
+        # dispose cancelled midway (a drain whose caller gave up) must not leave the engine
+        # holding a retired pool, which would refuse every checkout from then on.
+        retired = self.engine.pool
+        await self.engine.dispose(close=False)
+        await asyncio.shield(greenlet_spawn(retired.dispose))
 
     def __repr__(self) -> str:
         # URL renders with the password masked; never print the raw string.

@@ -21,13 +21,15 @@ checkout-retry loop, a cost paid by every session.
   (whose dropped SYNs cost seconds), where giving up lets the statement be replayed on a node
   that is up (a live connection returned meanwhile is still used). And a slot freed by a
   connect that failed, which wakes no waiter.
-- A disposed pool (`engine.dispose()`: a drain, a tenant cluster evicted, the router disposed)
+- A disposed pool (`Node.dispose()`: a drain, a tenant cluster evicted, the router disposed)
   is retired: the engine has a new one, yet sessions that checked out before still return
   their connections to this one, and sessions waiting in its line would connect anew in it.
   SQLAlchemy's queue pool keeps such connections open until the garbage collector finds the
   pool. A retired pool closes each connection as it comes back, and its waiters give up
-  (`PoolRetiredError`): the statement is replayed on a fresh checkout, never connected to a
-  drained server.
+  (`PoolRetiredError`): the statement is replayed on a fresh checkout, on another node when
+  the server was drained. A drained server's pool (the new one) keeps no idle connection
+  either: one that comes back is closed, and its slot reconnects if it is used again (by a
+  session routed there before the drain, or after `undrain`).
 - A connection idle longer than `ping_idle_after` answers a ping within `ping_within`
   seconds, or is replaced. A connection cut without a FIN looks alive (no EOF ever comes) and
   would hang the first statement sent on it until TCP gives up, minutes later; such cuts happen
@@ -195,9 +197,14 @@ class RouterPool(AsyncAdaptedQueuePool):
         super().dispose()
 
     def _do_return_conn(self, record: ConnectionPoolEntry) -> None:
-        if self.retired:  # checked out before the dispose: closed now, not kept idle here
-            record.close()
-            return
+        health = self.health
+        if self.retired or (health is not None and health.drained):
+            # Not kept idle on a server being taken out of service. Invalidated rather than
+            # closed: SQLAlchemy's invalidation ends the connection within a bounded time (a
+            # graceful close would wait on a dead peer), and the record stays a pool slot.
+            record.invalidate()
+            if self.retired:  # nobody checks out here again: the record is let go
+                return
         record.info[_IDLE_SINCE] = time.monotonic()
         waiters = self._waiters
         if waiters:  # straight to the session that has waited longest: it stays checked out

@@ -2,21 +2,33 @@
 
 A connection whose server vanished without closing it (a host that died, a network partition,
 a NAT or firewall that dropped the mapping) looks alive: no EOF ever arrives. A statement sent
-on it waits for an answer that never comes; with the operating system's defaults, until TCP
-gives up retransmitting (about 15 minutes on Linux), or for ever when the statement was
-acknowledged before the cut (keepalive probes start after two idle hours).
+on it waits for an answer that never comes: until TCP gives up retransmitting the statement
+(about 15 minutes on Linux), or for ever when the server acknowledged the statement before the
+cut (asyncpg turns no keepalive on).
 
 `dead_connection_timeout` bounds both cases in the kernel, where a slow query and a dead server
 can be told apart (a client-side statement timeout cannot: both are silence):
 
 - TCP keepalive: a connection with nothing in flight either way is probed after a third of
-  the timeout; a live server's kernel answers at once, even while its backend runs a long query;
-- `TCP_USER_TIMEOUT`: once data (a statement, or a probe) has gone unacknowledged for the whole
-  timeout, the kernel closes the connection.
+  the timeout, then every ninth; a live server's kernel answers at once, even while its backend
+  runs a long query;
+- `TCP_USER_TIMEOUT`: once anything sent (a statement, or a probe) has gone unacknowledged for
+  the whole timeout, the kernel closes the connection (Linux then ignores the probe count).
 
 asyncpg then fails the waiting statement with `ConnectionDoesNotExistError`, which the router
 treats like any lost connection: a read is replayed on another node, a write's first statement
-too, and a later statement of a write is a `ConnectionLostError` (503), never a hang.
+too, and a later statement of a write is a `ConnectionLostError` (503).
+
+The server's end is the operator's to set (PostgreSQL's `tcp_keepalives_*` and
+`tcp_user_timeout`, in postgresql.conf or `ALTER ROLE ... SET`): sent by the router as startup
+parameters, they would make every connection fail behind a pooler the configuration does not
+declare (PgBouncer refuses parameters it does not know). Without them, the backend of a client
+that vanished mid-transaction keeps its locks until the server's own TCP gives up, and a
+replayed statement may wait on them.
+
+One case cuts a live connection: Linux ends zero-window probing at the user timeout too, so a
+statement streaming more than the server reads (a large `executemany` while its backend waits
+on a lock) for longer than the timeout loses its connection. Hence a default of 30 s.
 
 asyncpg has no option for these: they are set on its socket right after it connects (a pool
 `connect` listener, which costs nothing per checkout; `tasks.connect_direct` for the catalog
@@ -27,24 +39,36 @@ from __future__ import annotations
 
 import socket
 from collections.abc import Callable
-from typing import Any
+from typing import Any, NamedTuple
 
-#: Probes sent before the user timeout closes a silent idle connection (the first after a
-#: third of the timeout, then one every ninth, so three go out before it expires).
+#: The fraction of the timeout before the first keepalive probe (then one every ninth).
 _PROBES = 3
+
+
+class Timings(NamedTuple):
+    idle: int  #: seconds without traffic before the first probe
+    interval: int  #: seconds between probes
+    user_timeout_ms: int  #: milliseconds without an acknowledgement before the connection ends
+
+
+def timings(dead_after: float) -> Timings:
+    return Timings(
+        idle=max(1, round(dead_after / _PROBES)),
+        interval=max(1, round(dead_after / (_PROBES * _PROBES))),
+        user_timeout_ms=max(1, round(dead_after * 1000)),
+    )
 
 
 def tcp_options(dead_after: float) -> list[tuple[int, int, int]]:
     """(level, option, value) for a connection to be dropped after `dead_after` seconds of an
     unanswered server; only the options this platform has (Linux has them all)."""
-    idle = max(1, round(dead_after / _PROBES))
-    interval = max(1, round(dead_after / (_PROBES * _PROBES)))
+    t = timings(dead_after)
     wanted = [
         (socket.SOL_SOCKET, "SO_KEEPALIVE", 1),
-        (socket.IPPROTO_TCP, "TCP_KEEPIDLE", idle),
-        (socket.IPPROTO_TCP, "TCP_KEEPINTVL", interval),
+        (socket.IPPROTO_TCP, "TCP_KEEPIDLE", t.idle),
+        (socket.IPPROTO_TCP, "TCP_KEEPINTVL", t.interval),
         (socket.IPPROTO_TCP, "TCP_KEEPCNT", _PROBES),
-        (socket.IPPROTO_TCP, "TCP_USER_TIMEOUT", max(1, round(dead_after * 1000))),
+        (socket.IPPROTO_TCP, "TCP_USER_TIMEOUT", t.user_timeout_ms),
     ]
     return [
         (level, getattr(socket, name), value)

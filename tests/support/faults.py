@@ -175,33 +175,44 @@ class Partition:
     """Drops every loopback packet to or from `port` once `cut()` (iptables, as root): the
     peers stop hearing each other, and nobody closes anything. `heal()` (also on exit) lifts
     it. Used with a relay in front of a real server, so that only the test's own connections
-    are cut off."""
+    are cut off. Its rules carry a tag: rules for the same port left by a run that was killed
+    are removed first (a relay may get that port again)."""
+
+    TAG = "pg-session-router-tests"
 
     def __init__(self, port: int) -> None:
         if shutil.which("iptables") is None:
             raise RuntimeError("the partition tests need iptables (the README's test command)")
+        tagged = ["-m", "comment", "--comment", self.TAG, "-j", "DROP"]
         self._rules = [
-            ["INPUT", "-p", "tcp", direction, str(port), "-j", "DROP"]
+            ["INPUT", "-p", "tcp", direction, str(port), *tagged]
             for direction in ("--dport", "--sport")
         ]
-        self.cut_off = False
+        self._inserted: list[list[str]] = []
+        for rule in self._rules:  # stale ones: each delete removes one copy
+            while _iptables("-D", rule, check=False) == 0:
+                pass
 
     def cut(self) -> None:
         for rule in self._rules:
-            subprocess.run(["iptables", "-I", *rule], check=True)
-        self.cut_off = True
+            _iptables("-I", rule)
+            self._inserted.append(rule)
 
     def heal(self) -> None:
-        if self.cut_off:
-            for rule in self._rules:
-                subprocess.run(["iptables", "-D", *rule], check=True)
-            self.cut_off = False
+        while self._inserted:
+            _iptables("-D", self._inserted.pop(), check=False)
 
     def __enter__(self) -> Partition:
         return self
 
     def __exit__(self, *exc_info: object) -> None:
         self.heal()
+
+
+def _iptables(action: str, rule: list[str], *, check: bool = True) -> int:
+    # -w: wait for the xtables lock rather than fail when another process holds it.
+    done = subprocess.run(["iptables", "-w", "5", action, *rule], check=check, capture_output=True)
+    return done.returncode
 
 
 WHO_ANSWERS = text("SELECT inet_server_port()")
