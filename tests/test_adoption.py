@@ -136,6 +136,9 @@ async def test_a_host_app_named_app_serves_through_the_router(
         plain = await client.get(f"/notes/{created.json()['id']}")
         assert plain.json()["body"] == "edited"
         assert plain.json()["node"].startswith("main.replica")
+        # install_router alone gives the host app its health route, details for operators only.
+        health = await client.get("/health/db")
+        assert health.status_code == 200 and set(health.json()) == {"status"}
     async with router.session() as session:
         bodies = set((await session.scalars(text("SELECT body FROM notes"))).all())
         await session.execute(text("DROP TABLE notes"))

@@ -59,6 +59,28 @@ def test_environment_overrides_the_file(config_file: Path, monkeypatch: pytest.M
     assert len(main.replicas) == 1  # the rest of the file still applies
 
 
+def test_limits_turn_off_with_off_in_the_file_and_the_environment(
+    config_file: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    # TOML has no null and the environment is text: "off" is how they say None.
+    config_file.write_text(
+        GOOD.replace(
+            "[database.clusters.main.pool]",
+            '[database.clusters.main.pool]\nping_idle_after = "off"',
+        )
+        + '[database.routing]\nmax_replica_lag_seconds = "off"\nmax_replica_lag_bytes = "Off"\n'
+    )
+    monkeypatch.setenv("APP_DATABASE__DEAD_CONNECTION_TIMEOUT", "off")
+    database = load_settings().database
+    assert database.clusters["main"].pool.ping_idle_after is None
+    assert database.routing.max_replica_lag_seconds is None
+    assert database.routing.max_replica_lag_bytes is None
+    assert database.dead_connection_timeout is None
+    monkeypatch.setenv("APP_DATABASE__DEAD_CONNECTION_TIMEOUT", "never")
+    with pytest.raises(ConfigError, match="dead_connection_timeout"):
+        load_settings()
+
+
 def test_init_arguments_override_everything(config_file: Path) -> None:
     settings = load_settings(
         database={

@@ -96,6 +96,15 @@ DatabaseUrl = Annotated[
 ]
 
 
+def _off_is_none(value: object) -> object:
+    """TOML has no null, and an environment variable is text: `"off"` says None there."""
+    return None if isinstance(value, str) and value.strip().lower() == "off" else value
+
+
+#: A limit or timer that may be turned off: None in Python, `"off"` in TOML or the environment.
+Off = BeforeValidator(_off_is_none)
+
+
 class _Section(BaseModel):
     model_config = ConfigDict(extra="forbid", frozen=True, arbitrary_types_allowed=True)
 
@@ -115,7 +124,7 @@ class PoolSettings(_Section):
     #: within `connect_timeout`: a connection cut without a FIN (a NAT or firewall dropping
     #: an idle mapping, a pooler restarted on another host) is replaced at checkout instead of
     #: hanging the request's first statement. A round trip only after such a pause; None: never.
-    ping_idle_after: NonNegativeFloat | None = 30.0
+    ping_idle_after: Annotated[NonNegativeFloat | None, Off] = 30.0
 
 
 def _replica_entry(value: object) -> object:
@@ -222,9 +231,9 @@ class RoutingSettings(_Section):
     #: How reads pick among eligible replicas.
     policy: Literal["round_robin", "least_in_use", "weighted"] = "round_robin"
     #: A replica further behind than this (seconds of replay delay) receives no reads.
-    max_replica_lag_seconds: PositiveFloat | None = 10.0
+    max_replica_lag_seconds: Annotated[PositiveFloat | None, Off] = 10.0
     #: A replica further behind than this (bytes of WAL not yet replayed) receives no reads.
-    max_replica_lag_bytes: PositiveInt | None = 16 * 1024 * 1024
+    max_replica_lag_bytes: Annotated[PositiveInt | None, Off] = 16 * 1024 * 1024
     #: With no eligible replica, read from the primary (READ ONLY) instead of failing.
     fallback_to_primary: bool = True
     #: Seconds a read with a consistency token that no replica has replayed (as last probed)
@@ -358,7 +367,9 @@ class DatabaseSettings(_Section):
     #: query is not cut: a live server's
     #: kernel answers while its backend works. None: the operating system's defaults (a
     #: statement acknowledged before the cut then waits for ever). See `db/sockets.py`.
-    dead_connection_timeout: float | None = Field(default=30.0, ge=1.0, le=86400.0)
+    dead_connection_timeout: Annotated[Annotated[float, Field(ge=1.0, le=86400.0)] | None, Off] = (
+        30.0
+    )
     health: HealthSettings = HealthSettings()
     routing: RoutingSettings = RoutingSettings()
     retry: RetrySettings = RetrySettings()

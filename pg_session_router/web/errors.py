@@ -46,6 +46,10 @@ TENANT_ROUTE_RESPONSES: dict[int | str, dict[str, Any]] = {
     403: _documented("the tenant is disabled"),
     404: _documented("unknown tenant, or no such object"),
     409: _documented("the change conflicts with existing data"),
+    500: _documented(
+        "a COMMIT whose outcome is unknown (never retried: check before writing again), "
+        "or an error inside the database layer; the body names no server"
+    ),
     503: _documented("no database server can serve the request now; see Retry-After"),
 }
 

@@ -3,8 +3,9 @@
 It wraps the app's lifespan (settings checked and every server probed at startup, every pool
 closed at shutdown, around the app's own lifespan), adds the middleware that hands the router to
 the session dependencies and puts consistency tokens on write responses, installs the error
-handlers (each router error its HTTP status, never a bare 500), and builds the tenant
-resolver that `http.*` names.
+handlers (each router error its HTTP status, never a bare 500), builds the tenant resolver
+that `http.*` names, and adds the routes: `GET /health/db` (in the app's OpenAPI), and
+`/metrics`, `/status` and the admin routes (404 until their settings turn them on).
 """
 
 from __future__ import annotations
@@ -19,6 +20,7 @@ from pg_session_router.core.errors import ConfigError
 from pg_session_router.db.provider import RouterProvider, SettingsSource
 from pg_session_router.web.admin import drain_node, undrain_node
 from pg_session_router.web.errors import install_error_handlers
+from pg_session_router.web.health import health_router
 from pg_session_router.web.installation import STATE_KEY, RouterInstallation
 from pg_session_router.web.metrics import metrics_endpoint
 from pg_session_router.web.middleware import RouterMiddleware
@@ -45,6 +47,7 @@ def install_router(
     installation = RouterInstallation(provider or RouterProvider(settings), tenant_resolver)
     setattr(app.state, STATE_KEY, installation)
     app.add_middleware(RouterMiddleware, installation=installation)
+    app.include_router(health_router)  # for load balancers: details only for operators
     # Always routed, 404 unless `http.metrics` (settings are read at startup, routes now).
     app.add_api_route("/metrics", metrics_endpoint, methods=["GET"], include_in_schema=False)
     app.add_api_route("/status", status_page, methods=["GET"], include_in_schema=False)

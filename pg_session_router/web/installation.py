@@ -127,7 +127,7 @@ def installation_of(connection: HTTPConnection) -> RouterInstallation:
     installation = connection.scope.get("state", {}).get(STATE_KEY)
     if not isinstance(installation, RouterInstallation):
         raise RouterNotInstalledError(
-            "no session router on this app: call pg_session_router.install_router(app) at "
+            "no session router on this app: call pg_session_router.web.install_router(app) at "
             "startup (it adds the lifespan, middleware and error handlers that get_db needs)"
         )
     return installation
