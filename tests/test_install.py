@@ -21,6 +21,7 @@ from fastapi.exceptions import RequestValidationError
 from fastapi.responses import JSONResponse
 from sqlalchemy import text
 from sqlalchemy.ext.asyncio import AsyncSession
+from starlette.routing import Match
 
 from pg_session_router.core.errors import ConfigError, RouterNotInstalledError
 from pg_session_router.core.settings import RouterSettings
@@ -65,7 +66,10 @@ async def test_without_install_router_the_dependency_says_what_is_missing() -> N
     async def x(db: Db) -> None: ...
 
     async with client_for(app) as client:
-        with pytest.raises(RouterNotInstalledError, match=r"install_router\(app\)"):
+        # The message names a function that exists where it says.
+        with pytest.raises(
+            RouterNotInstalledError, match=r"pg_session_router\.web\.install_router"
+        ):
             await client.get("/x")
 
 
@@ -75,6 +79,28 @@ async def test_installing_twice_or_with_two_sources_is_refused(router: SessionRo
         install_router(app, RouterSettings())
     with pytest.raises(ConfigError, match="not both"):
         install_router(FastAPI(), RouterSettings(), provider=RouterProvider())
+
+
+def test_the_health_route_is_added_once_and_never_over_the_apps_own() -> None:
+    def health_routes(app: FastAPI) -> list[Any]:
+        scope = {"type": "http", "path": "/health/db", "method": "GET", "root_path": ""}
+        return [r for r in app.router.routes if r.matches(scope)[0] == Match.FULL]
+
+    plain = FastAPI()
+    install_router(plain, RouterSettings())
+    assert len(health_routes(plain)) == 1
+    own = FastAPI()
+
+    @own.get("/health/db")
+    async def mine() -> dict[str, str]:
+        return {"mine": "yes"}
+
+    install_router(own, RouterSettings())
+    assert [getattr(route, "endpoint", None) for route in health_routes(own)] == [mine]
+    without = FastAPI()
+    install_router(without, RouterSettings(), health_route=False)
+    assert health_routes(without) == []
+    plain.openapi()  # one operation per route: no duplicate-id warning (warnings are errors)
 
 
 async def test_the_router_wraps_the_apps_own_lifespan(migrated: DevCluster) -> None:

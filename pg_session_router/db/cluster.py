@@ -148,6 +148,7 @@ class Node:
                 pool_engine.sync_engine.pool,
                 "connect",
                 dead_peer_detection(dead_connection_timeout),
+                insert=True,  # before the dialect's own first round trips on the connection
             )
         # Three engines over the one pool (option engines share their parent's pool). The
         # parent itself carries no connection events, on purpose: a connection of an engine

@@ -49,12 +49,17 @@ async def drain(topology: Topology, name: str, *, within: float) -> DrainReport:
             break
         await asyncio.sleep(_POLL)
     left = sum(n.in_flight for n in nodes)
-    for drained in nodes:
-        # Idle connections close now; one still checked out closes when its session ends, and
-        # a session waiting for one goes elsewhere (`RouterPool.retired`).
-        await drained.dispose()
+    # Idle connections close now; one still checked out closes when its session ends, and a
+    # session waiting for one goes elsewhere (`RouterPool.retired`). Shielded: a drain whose
+    # caller gives up now still closes every node's pool, not only the first ones.
+    await asyncio.shield(_dispose_all(nodes))
     names = sorted(n.name for n in nodes)
     return DrainReport(os.getpid(), name, names, left, time.monotonic() - started)
+
+
+async def _dispose_all(nodes: list[Node]) -> None:
+    for node in nodes:
+        await node.dispose()
 
 
 def undrain(topology: Topology, name: str) -> list[str]:

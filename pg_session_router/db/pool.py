@@ -25,11 +25,12 @@ checkout-retry loop, a cost paid by every session.
   is retired: the engine has a new one, yet sessions that checked out before still return
   their connections to this one, and sessions waiting in its line would connect anew in it.
   SQLAlchemy's queue pool keeps such connections open until the garbage collector finds the
-  pool. A retired pool closes each connection as it comes back, and its waiters give up
+  pool. A retired pool ends each connection as it comes back, and its waiters give up
   (`PoolRetiredError`): the statement is replayed on a fresh checkout, on another node when
   the server was drained. A drained server's pool (the new one) keeps no idle connection
-  either: one that comes back is closed, and its slot reconnects if it is used again (by a
-  session routed there before the drain, or after `undrain`).
+  either: one that comes back goes to a waiter (a session routed there before the drain) or
+  is ended, and its slot reconnects if it is used again (such a session's next transaction,
+  or after `undrain`).
 - A connection idle longer than `ping_idle_after` answers a ping within `ping_within`
   seconds, or is replaced. A connection cut without a FIN looks alive (no EOF ever comes) and
   would hang the first statement sent on it until TCP gives up, minutes later; such cuts happen
@@ -40,6 +41,7 @@ checkout-retry loop, a cost paid by every session.
 from __future__ import annotations
 
 import asyncio
+import logging
 import time
 from collections import deque
 from typing import Any
@@ -48,12 +50,24 @@ from sqlalchemy.exc import DisconnectionError
 from sqlalchemy.exc import TimeoutError as PoolTimeoutError
 from sqlalchemy.pool import AsyncAdaptedQueuePool, ConnectionPoolEntry
 from sqlalchemy.util import await_only
+from sqlalchemy.util.queue import Empty
 
 from pg_session_router.db.driver_errors import EjectedWhileWaitingError, PoolRetiredError
 from pg_session_router.db.health import ServerHealth
 
 #: In a pooled connection's record: when it was last returned to the pool (monotonic).
 _IDLE_SINCE = "pg_session_router.idle_since"
+#: Why a connection is ended on its return (in SQLAlchemy's invalidation log line).
+_RETIRED = DisconnectionError("the pool was disposed")
+_DRAINED = DisconnectionError("the server is drained")
+
+# SQLAlchemy names a pool's logger after its class, so ours falls outside the "sqlalchemy"
+# logger, which SQLAlchemy sets to WARNING unless the application set a level: without the
+# same default here, an application logging at INFO would get a line per connection ended
+# (every session's end on a drained server). An explicit level of the application's stays.
+_POOL_LOGGER = logging.getLogger(f"{__name__}.RouterPool")
+if _POOL_LOGGER.level == logging.NOTSET:
+    _POOL_LOGGER.setLevel(logging.WARNING)
 
 
 def _closed_by_server(connection: Any) -> bool:
@@ -193,22 +207,38 @@ class RouterPool(AsyncAdaptedQueuePool):
         return -1 < self._max_overflow <= self._overflow
 
     def dispose(self) -> None:
+        """Retire this pool: its idle connections end now (within SQLAlchemy's bounded
+        invalidation: a graceful close would wait on a dead server), those still checked out
+        as they come back; its waiters give up. SQLAlchemy's dispose, ending each connection
+        by invalidation instead of a close."""
         self.retired = True
-        super().dispose()
+        while True:
+            try:
+                record = self._pool.get(False)
+            except Empty:
+                break
+            record.invalidate(_RETIRED)
+        self._overflow = 0 - self.size()
 
     def _do_return_conn(self, record: ConnectionPoolEntry) -> None:
-        health = self.health
-        if self.retired or (health is not None and health.drained):
-            # Not kept idle on a server being taken out of service. Invalidated rather than
-            # closed: SQLAlchemy's invalidation ends the connection within a bounded time (a
-            # graceful close would wait on a dead peer), and the record stays a pool slot.
-            record.invalidate()
-            if self.retired:  # nobody checks out here again: the record is let go
-                return
+        if self.retired:  # nobody checks out here again: ended, and the record let go
+            record.invalidate(_RETIRED)
+            return
         record.info[_IDLE_SINCE] = time.monotonic()
         waiters = self._waiters
         if waiters:  # straight to the session that has waited longest: it stays checked out
             waiters.popleft().set_result(record)
+            return
+        health = self.health
+        if health is not None and health.drained:
+            # Not kept idle on a server being taken out of service (a waiter above, routed
+            # there before the drain, used it instead). Invalidated, the record stays a slot
+            # of the pool and connects anew if used again; put back even when the bounded
+            # close is cancelled midway, or the slot would be lost for good.
+            try:
+                record.invalidate(_DRAINED)
+            finally:
+                super()._do_return_conn(record)
             return
         super()._do_return_conn(record)
 

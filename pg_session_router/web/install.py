@@ -15,6 +15,7 @@ from contextlib import asynccontextmanager
 from typing import Any
 
 from fastapi import FastAPI
+from starlette.routing import Match
 
 from pg_session_router.core.errors import ConfigError
 from pg_session_router.db.provider import RouterProvider, SettingsSource
@@ -34,12 +35,14 @@ def install_router(
     *,
     provider: RouterProvider | None = None,
     tenant_resolver: TenantResolver | None = None,
+    health_route: bool = True,
 ) -> RouterInstallation:
     """Wire the router into `app`. Give `settings` (a `RouterSettings`, or a function that
     loads them at startup), or a `provider` shared with scripts; not both.
 
     `tenant_resolver`: your own `(request) -> tenant id | None`, for tenants that come from your
-    authentication; it replaces the one `http.tenant_resolver` names."""
+    authentication; it replaces the one `http.tenant_resolver` names. `health_route=False`:
+    no `GET /health/db` (also left out when the app already has one)."""
     if settings is not None and provider is not None:
         raise ConfigError("install_router: give settings or a provider, not both")
     if isinstance(getattr(app.state, STATE_KEY, None), RouterInstallation):
@@ -47,7 +50,8 @@ def install_router(
     installation = RouterInstallation(provider or RouterProvider(settings), tenant_resolver)
     setattr(app.state, STATE_KEY, installation)
     app.add_middleware(RouterMiddleware, installation=installation)
-    app.include_router(health_router)  # for load balancers: details only for operators
+    if health_route and not _has_route(app, "/health/db"):
+        app.include_router(health_router)  # for load balancers: details only for operators
     # Always routed, 404 unless `http.metrics` (settings are read at startup, routes now).
     app.add_api_route("/metrics", metrics_endpoint, methods=["GET"], include_in_schema=False)
     app.add_api_route("/status", status_page, methods=["GET"], include_in_schema=False)
@@ -61,6 +65,13 @@ def install_router(
     install_error_handlers(app)
     _wrap_lifespan(app, installation)
     return installation
+
+
+def _has_route(app: FastAPI, path: str) -> bool:
+    """A GET of `path` is served already (routes of included routers too: asked by matching,
+    since FastAPI keeps an included router as one entry)."""
+    scope = {"type": "http", "path": path, "method": "GET", "root_path": ""}
+    return any(route.matches(scope)[0] == Match.FULL for route in app.router.routes)
 
 
 def _wrap_lifespan(app: FastAPI, installation: RouterInstallation) -> None:
