@@ -74,6 +74,12 @@ def two_slot_role(pg: DevCluster, prefix: str) -> tuple[str, str]:
     return role, pg.url(database="app", user=role)
 
 
+def relayed_primary_settings(pg: DevCluster, port: int, **overrides: Any) -> DatabaseSettings:
+    """The primary alone, reached through a loopback relay listening on `port` (fault tests)."""
+    url = f"postgresql+asyncpg://{APP_ROLE}@127.0.0.1:{port}/app"
+    return database_settings(pg, replicas=False, clusters={"main": {"primary": url}}, **overrides)
+
+
 def primary_only_settings(pg: DevCluster, url: str, **overrides: Any) -> DatabaseSettings:
     """One primary at `url`, no replicas, no tenants, no catalog (so no catalog listener
     holding a connection of its own)."""

@@ -18,7 +18,7 @@ from pg_session_router.db.catalog_listener import APPLICATION_NAME
 from pg_session_router.db.migrate import migrate
 from pg_session_router.db.router import SessionRouter
 from pg_session_router.devcluster import DevCluster
-from tests.conftest import APP_ROLE, HEALTH_INTERVAL, database_settings
+from tests.conftest import APP_ROLE, HEALTH_INTERVAL, database_settings, relayed_primary_settings
 from tests.support.faults import Partition, SilentCut, eventually
 from tests.support.routers import listening_router
 
@@ -98,13 +98,8 @@ async def test_a_listener_cut_off_without_a_fin_notices_and_subscribes_again(
     nothing acknowledged), it would stay "subscribed" to nothing for ever. The kernel drops it
     after `dead_connection_timeout`, and the listener subscribes again once the network is back."""
     async with SilentCut(migrated.primary.port) as relay:  # a plain relay: never cut()
-        url = f"postgresql+asyncpg://{APP_ROLE}@127.0.0.1:{relay.port}/app"
-        settings = database_settings(
-            migrated,
-            replicas=False,
-            clusters={"main": {"primary": url}},
-            tenancy=NO_POLLING,
-            dead_connection_timeout=2.0,
+        settings = relayed_primary_settings(
+            migrated, relay.port, tenancy=NO_POLLING, dead_connection_timeout=2.0
         )
         with Partition(relay.port) as partition:
             async with listening_router(settings) as router:

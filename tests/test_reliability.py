@@ -30,7 +30,7 @@ from pg_session_router.db.router import SessionRouter
 from pg_session_router.devcluster import DevCluster
 from tests.support.faults import BlackholeServer, Partition, SilentCut, eventually
 
-from .conftest import APP_ROLE, database_settings
+from .conftest import APP_ROLE, database_settings, relayed_primary_settings
 
 
 def test_a_replica_with_no_replayed_commit_yet_is_probed_without_error() -> None:
@@ -215,12 +215,8 @@ async def test_a_write_cut_off_mid_transaction_fails_fast_and_writes_nothing(
     a 503-class `ConnectionLostError` after the timeout, not a hang, and nothing committed."""
     primary_relay = SilentCut(migrated.primary.port)
     async with primary_relay:
-        url = f"postgresql+asyncpg://{APP_ROLE}@127.0.0.1:{primary_relay.port}/app"
-        settings = database_settings(
-            migrated,
-            replicas=False,
-            clusters={"main": {"primary": url}},
-            dead_connection_timeout=DEAD_AFTER,
+        settings = relayed_primary_settings(
+            migrated, primary_relay.port, dead_connection_timeout=DEAD_AFTER
         )
         writer = SessionRouter(settings)
         tag = f"cut-write-{time.monotonic_ns()}"
