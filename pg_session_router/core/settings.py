@@ -101,7 +101,8 @@ def _off_is_none(value: object) -> object:
     return None if isinstance(value, str) and value.strip().lower() == "off" else value
 
 
-#: A limit or timer that may be turned off: None in Python, `"off"` in TOML or the environment.
+#: A limit or timer that may be turned off ("off" in the comments of its setting): None in
+#: Python, `"off"` in TOML or the environment.
 Off = BeforeValidator(_off_is_none)
 
 
@@ -123,7 +124,7 @@ class PoolSettings(_Section):
     #: Ping a pooled connection that has been idle this long (seconds) before handing it out,
     #: within `connect_timeout`: a connection cut without a FIN (a NAT or firewall dropping
     #: an idle mapping, a pooler restarted on another host) is replaced at checkout instead of
-    #: hanging the request's first statement. A round trip only after such a pause; None: never.
+    #: hanging the request's first statement. A round trip only after such a pause; off: never.
     ping_idle_after: Annotated[NonNegativeFloat | None, Off] = 30.0
 
 
@@ -230,9 +231,11 @@ class HealthSettings(_Section):
 class RoutingSettings(_Section):
     #: How reads pick among eligible replicas.
     policy: Literal["round_robin", "least_in_use", "weighted"] = "round_robin"
-    #: A replica further behind than this (seconds of replay delay) receives no reads.
+    #: A replica further behind than this (seconds of replay delay) receives no reads (off:
+    #: no limit of this kind).
     max_replica_lag_seconds: Annotated[PositiveFloat | None, Off] = 10.0
-    #: A replica further behind than this (bytes of WAL not yet replayed) receives no reads.
+    #: A replica further behind than this (bytes of WAL not yet replayed) receives no reads
+    #: (off: no limit of this kind).
     max_replica_lag_bytes: Annotated[PositiveInt | None, Off] = 16 * 1024 * 1024
     #: With no eligible replica, read from the primary (READ ONLY) instead of failing.
     fallback_to_primary: bool = True
@@ -365,7 +368,7 @@ class DatabaseSettings(_Section):
     #: answer to keepalive probes) before the kernel drops it: a statement on a connection cut
     #: without a FIN fails (and is replayed where that is safe) instead of hanging. A slow
     #: query is not cut: a live server's
-    #: kernel answers while its backend works. None: the operating system's defaults (a
+    #: kernel answers while its backend works. Off: the operating system's defaults (a
     #: statement acknowledged before the cut then waits for ever). See `db/sockets.py`.
     dead_connection_timeout: Annotated[Annotated[float, Field(ge=1.0, le=86400.0)] | None, Off] = (
         30.0
