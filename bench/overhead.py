@@ -5,7 +5,8 @@ the same primary and the same replica with the same pool shape:
 - raw asyncpg pool (the floor: no ORM at all),
 - hand-written `async_sessionmaker` over one engine (what users write today; the baseline),
 - the same with `pool_pre_ping=True` (what they write to survive restarts),
-- the router: write target, `replica` target, and tenant targets of each placement.
+- the router (a router per variant, as each hand-written variant has an engine of its own): write
+  target, `replica` target, and tenant targets of each placement.
 
     python -m bench.overhead [--quick] [--rounds N] [--ops N]
 """
@@ -61,19 +62,27 @@ async def build_variants(
     plain_maker = async_sessionmaker(plain, expire_on_commit=False)
     pinged_maker = async_sessionmaker(pinged, expire_on_commit=False)
     primary_maker = async_sessionmaker(plain_primary, expire_on_commit=False)
-    # The router gets the same pool shape and the same single replica as the hand-written
-    # variants, so that the comparison measures the router and nothing else.
+    # Each routed variant gets a router of its own, with the same pool shape and the same
+    # single replica as the hand-written variants, as each of those has an engine of its own:
+    # with one router for all, the tenant variants would leave the untenanted ones pooled
+    # connections set up for a tenant (a reset round trip per connection at each switch),
+    # and measure each other.
     main = {
         "primary": primary_url,
         "replicas": [replica_url],
         "pool": {"size": 20, "max_overflow": 0},
     }
-    router = SessionRouter(
-        settings_for(
-            cluster, clusters={"main": main}, tenancy={"pool": {"size": 20, "max_overflow": 0}}
+    routers: list[SessionRouter] = []
+
+    async def new_router() -> SessionRouter:
+        router = SessionRouter(
+            settings_for(
+                cluster, clusters={"main": main}, tenancy={"pool": {"size": 20, "max_overflow": 0}}
+            )
         )
-    )
-    await router.start()
+        await router.start()
+        routers.append(router)
+        return router
 
     async def raw() -> None:
         async with raw_pool.acquire() as connection:
@@ -88,14 +97,14 @@ async def build_variants(
 
         return op
 
-    def routed(target: Target) -> Op:
+    def routed(router: SessionRouter, target: Target) -> Op:
         async def op() -> None:
             async with router.session(target) as session:
                 await session.execute(SELECT_1)
 
         return op
 
-    def in_turn(tenants: list[str]) -> Op:
+    def in_turn(router: SessionRouter, tenants: list[str]) -> Op:
         turns = itertools.cycle([Target(tenant=t, intent="read") for t in tenants])
 
         async def op() -> None:
@@ -108,21 +117,30 @@ async def build_variants(
         "raw asyncpg pool": raw,
         BASELINE: hand_written(plain_maker),
         "hand-written + pool_pre_ping": hand_written(pinged_maker),
-        "router, target replica": routed(Target(intent="read")),
+        "router, target replica": routed(await new_router(), Target(intent="read")),
         COMMIT_BASELINE: hand_written(primary_maker, commit=True),
-        "router, target primary (COMMIT)": routed(Target()),
-        "router, tenant database (read)": routed(Target(tenant="acme", intent="read")),
-        "router, tenant schema (read)": routed(Target(tenant="globex", intent="read")),
-        "router, tenant row (read)": routed(Target(tenant="initech", intent="read")),
+        "router, target primary (COMMIT)": routed(await new_router(), Target()),
+        "router, tenant database (read)": routed(
+            await new_router(), Target(tenant="acme", intent="read")
+        ),
+        "router, tenant schema (read)": routed(
+            await new_router(), Target(tenant="globex", intent="read")
+        ),
+        "router, tenant row (read)": routed(
+            await new_router(), Target(tenant="initech", intent="read")
+        ),
         # Pooled connections change hands between tenants: each pays the session-state reset.
-        "router, 3 schema tenants in turn (read)": in_turn(["globex", "soylent", "tyrell"]),
+        "router, 3 schema tenants in turn (read)": in_turn(
+            await new_router(), ["globex", "soylent", "tyrell"]
+        ),
     }
 
     async def close() -> None:
         await raw_pool.close()
         for engine in (plain, pinged, plain_primary):
             await engine.dispose()
-        await router.dispose()
+        for router in routers:
+            await router.dispose()
 
     return variants, close
 
