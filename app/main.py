@@ -2,8 +2,8 @@
 
 `install_router` adds the lifespan (settings checked and servers probed at startup, pools
 closed at shutdown), the middleware, the error handlers, the configured tenant resolver and
-`GET /health/db`. It
-shares `app.db.session.provider` with scripts, so `get_db` and `get_db_context` use one router.
+`GET /health/db`. It shares `app.db.session.provider` with scripts, so `get_db` and
+`get_db_context` use one router.
 """
 
 from __future__ import annotations

@@ -180,7 +180,7 @@ async def cut_while_running(pg: DevCluster, partition: Partition, node: str) -> 
 
     def running() -> bool:
         active = pg.sql(
-            "replica1" if node.endswith("replica1") else "primary",
+            node.removeprefix("main."),  # the router's node name: cluster, then server
             "SELECT count(*) FROM pg_stat_activity WHERE state = 'active' "
             f"AND query LIKE 'SELECT pg_sleep%' AND application_name = 'session-router:{node}'",
         )

@@ -104,6 +104,8 @@ def _off_is_none(value: object) -> object:
 #: A limit or timer that may be turned off ("off" in the comments of its setting): None in
 #: Python, `"off"` in TOML or the environment.
 Off = BeforeValidator(_off_is_none)
+#: From a second (the kernel counts keepalive in whole seconds) to a day.
+DeadAfterSeconds = Annotated[float, Field(ge=1.0, le=86400.0)]
 
 
 class _Section(BaseModel):
@@ -367,12 +369,10 @@ class DatabaseSettings(_Section):
     #: Seconds a server may leave a pooled connection unanswered (no TCP acknowledgement, no
     #: answer to keepalive probes) before the kernel drops it: a statement on a connection cut
     #: without a FIN fails (and is replayed where that is safe) instead of hanging. A slow
-    #: query is not cut: a live server's
-    #: kernel answers while its backend works. Off: the operating system's defaults (a
-    #: statement acknowledged before the cut then waits for ever). See `db/sockets.py`.
-    dead_connection_timeout: Annotated[Annotated[float, Field(ge=1.0, le=86400.0)] | None, Off] = (
-        30.0
-    )
+    #: query is not cut: a live server's kernel answers while its backend works. Off: the
+    #: operating system's defaults (a statement acknowledged before the cut then waits for
+    #: ever). See `db/sockets.py`.
+    dead_connection_timeout: Annotated[DeadAfterSeconds | None, Off] = 30.0
     health: HealthSettings = HealthSettings()
     routing: RoutingSettings = RoutingSettings()
     retry: RetrySettings = RetrySettings()

@@ -39,36 +39,21 @@ from __future__ import annotations
 
 import socket
 from collections.abc import Callable
-from typing import Any, NamedTuple
+from typing import Any
 
 #: The fraction of the timeout before the first keepalive probe (then one every ninth).
 _PROBES = 3
 
 
-class Timings(NamedTuple):
-    idle: int  #: seconds without traffic before the first probe
-    interval: int  #: seconds between probes
-    user_timeout_ms: int  #: milliseconds without an acknowledgement before the connection ends
-
-
-def timings(dead_after: float) -> Timings:
-    return Timings(
-        idle=max(1, round(dead_after / _PROBES)),
-        interval=max(1, round(dead_after / (_PROBES * _PROBES))),
-        user_timeout_ms=max(1, round(dead_after * 1000)),
-    )
-
-
 def tcp_options(dead_after: float) -> list[tuple[int, int, int]]:
     """(level, option, value) for a connection to be dropped after `dead_after` seconds of an
     unanswered server; only the options this platform has (Linux has them all)."""
-    t = timings(dead_after)
     wanted = [
         (socket.SOL_SOCKET, "SO_KEEPALIVE", 1),
-        (socket.IPPROTO_TCP, "TCP_KEEPIDLE", t.idle),
-        (socket.IPPROTO_TCP, "TCP_KEEPINTVL", t.interval),
+        (socket.IPPROTO_TCP, "TCP_KEEPIDLE", max(1, round(dead_after / _PROBES))),
+        (socket.IPPROTO_TCP, "TCP_KEEPINTVL", max(1, round(dead_after / _PROBES**2))),
         (socket.IPPROTO_TCP, "TCP_KEEPCNT", _PROBES),
-        (socket.IPPROTO_TCP, "TCP_USER_TIMEOUT", t.user_timeout_ms),
+        (socket.IPPROTO_TCP, "TCP_USER_TIMEOUT", max(1, round(dead_after * 1000))),
     ]
     return [
         (level, getattr(socket, name), value)
