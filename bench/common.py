@@ -87,10 +87,25 @@ class Series:
         return (max(self.values) - min(self.values)) / 2 / self.median
 
 
+def round_ratios(series: Series, base: Series) -> list[float]:
+    """Each round's figure against the baseline's in the same round, so that drift of the
+    machine between rounds (large on a shared VM) cancels."""
+    return [v / b for v, b in zip(series.values, base.values, strict=True)]
+
+
 def paired_ratio(series: Series, base: Series) -> float:
-    """The median of round-by-round ratios: each round's figure against the baseline's in the
-    same round, so that drift of the machine between rounds (large on a shared VM) cancels."""
-    return statistics.median(v / b for v, b in zip(series.values, base.values, strict=True))
+    """The median of round-by-round ratios (`round_ratios`)."""
+    return statistics.median(round_ratios(series, base))
+
+
+def middle_half(series: Series, base: Series) -> str:
+    """The range of the middle half of the round-by-round ratios (first to third quartile):
+    how far apart two runs' medians may land, to read a ratio's distance from a goal by."""
+    ratios = round_ratios(series, base)
+    if len(ratios) < 2:
+        return "-"
+    first, _, third = statistics.quantiles(ratios, n=4)
+    return f"{first:.3f}-{third:.3f}"
 
 
 def machine() -> str:

@@ -5,6 +5,8 @@ the same primary and the same replica with the same pool shape:
 - raw asyncpg pool (the floor: no ORM at all),
 - hand-written `async_sessionmaker` over one engine (what users write today; the baseline),
 - the same with `pool_pre_ping=True` (what they write to survive restarts),
+- the same code over a second engine (the A/A control: its ratio to the baseline is what the
+  harness reads for two identical variants, the resolution of every other ratio),
 - the router (a router per variant, as each hand-written variant has an engine of its own): write
   target, `replica` target, and tenant targets of each placement.
 
@@ -29,6 +31,7 @@ from bench.common import (
     APP_ROLE,
     Series,
     bench_cluster,
+    middle_half,
     paired_ratio,
     parse_args,
     publish,
@@ -41,6 +44,7 @@ from pg_session_router.devcluster import DevCluster
 
 SELECT_1 = text("SELECT 1")
 BASELINE = "hand-written sessionmaker"
+CONTROL = "the same, second engine (A/A control)"
 COMMIT_BASELINE = "hand-written, primary, COMMIT"
 #: A variant compared with a baseline other than BASELINE: a write with the hand-written write.
 COMPARED_WITH = {"router, target primary (COMMIT)": COMMIT_BASELINE}
@@ -57,9 +61,11 @@ async def build_variants(
         replica_url.replace("postgresql+asyncpg", "postgresql"), min_size=20, max_size=20
     )
     plain = create_async_engine(replica_url, pool_size=20, max_overflow=0)
+    control = create_async_engine(replica_url, pool_size=20, max_overflow=0)
     pinged = create_async_engine(replica_url, pool_size=20, max_overflow=0, pool_pre_ping=True)
     plain_primary = create_async_engine(primary_url, pool_size=20, max_overflow=0)
     plain_maker = async_sessionmaker(plain, expire_on_commit=False)
+    control_maker = async_sessionmaker(control, expire_on_commit=False)
     pinged_maker = async_sessionmaker(pinged, expire_on_commit=False)
     primary_maker = async_sessionmaker(plain_primary, expire_on_commit=False)
     # Each routed variant gets a router of its own, with the same pool shape and the same
@@ -116,6 +122,7 @@ async def build_variants(
     variants: dict[str, Op] = {
         "raw asyncpg pool": raw,
         BASELINE: hand_written(plain_maker),
+        CONTROL: hand_written(control_maker),
         "hand-written + pool_pre_ping": hand_written(pinged_maker),
         "router, target replica": routed(await new_router(), Target(intent="read")),
         COMMIT_BASELINE: hand_written(primary_maker, commit=True),
@@ -137,7 +144,7 @@ async def build_variants(
 
     async def close() -> None:
         await raw_pool.close()
-        for engine in (plain, pinged, plain_primary):
+        for engine in (plain, control, pinged, plain_primary):
             await engine.dispose()
         for router in routers:
             await router.dispose()
@@ -196,6 +203,7 @@ async def run(cluster: DevCluster, *, rounds: int, ops: int) -> str:
                         f"±{s.spread:.1%}",
                         base,
                         f"{paired_ratio(s, series[base]):.3f}",
+                        middle_half(s, series[base]),
                         f"{cpu[name].median:,.0f}",
                         f"{paired_ratio(cpu[name], cpu[base]):.3f}",
                     )
@@ -209,6 +217,7 @@ async def run(cluster: DevCluster, *, rounds: int, ops: int) -> str:
                         "spread",
                         "compared with",
                         "ratio (median of per-round ratios)",
+                        "middle half of per-round ratios",
                         "client CPU µs per unit",
                         "CPU ratio",
                     ),

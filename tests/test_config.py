@@ -71,11 +71,13 @@ def test_limits_turn_off_with_off_in_the_file_and_the_environment(
         + '[database.routing]\nmax_replica_lag_seconds = "off"\nmax_replica_lag_bytes = "Off"\n'
     )
     monkeypatch.setenv("APP_DATABASE__DEAD_CONNECTION_TIMEOUT", "off")
+    monkeypatch.setenv("APP_DATABASE__MAX_CONNECTIONS", "off")
     database = load_settings().database
     assert database.clusters["main"].pool.ping_idle_after is None
     assert database.routing.max_replica_lag_seconds is None
     assert database.routing.max_replica_lag_bytes is None
     assert database.dead_connection_timeout is None
+    assert database.max_connections is None
     monkeypatch.setenv("APP_DATABASE__DEAD_CONNECTION_TIMEOUT", "never")
     with pytest.raises(ConfigError, match="dead_connection_timeout"):
         load_settings()

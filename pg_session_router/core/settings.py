@@ -378,10 +378,10 @@ class DatabaseSettings(_Section):
     retry: RetrySettings = RetrySettings()
     tenancy: TenancySettings = TenancySettings()
     session: SessionSettings = SessionSettings()
-    #: Most connections this process may hold across every pool (None: no cap). Checked at
+    #: Most connections this process may hold across every pool (None, "off": no cap). Checked at
     #: startup against the pools' sizes, so it holds by construction. The health monitor's
     #: one connection per server, and the catalog listener's one, come on top.
-    max_connections: PositiveInt | None = None
+    max_connections: Annotated[PositiveInt | None, Off] = None
 
 
 #: HMAC-SHA256 keys shorter than the hash are brute-forceable; an empty one is no key at all.

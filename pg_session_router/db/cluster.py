@@ -118,6 +118,8 @@ class Node:
         self.url = url
         self.health = health
         self.weight = weight
+        #: Pools disposed while sessions still held their connections (counted in `in_use`).
+        self._retired_pools: list[RouterPool] = []
         pool_engine = create_async_engine(
             url,
             pool_size=pool.size,
@@ -216,8 +218,13 @@ class Node:
         return self._routed_sync_engine
 
     def in_use(self) -> int:
+        """Connections sessions hold: of the pool, and of pools disposed before they ended."""
         checked_out = getattr(self.engine.pool, "checkedout", None)
-        return int(checked_out()) if callable(checked_out) else 0
+        held = int(checked_out()) if callable(checked_out) else 0
+        if self._retired_pools:
+            self._retired_pools = [p for p in self._retired_pools if p.held_after_retirement > 0]
+            held += sum(p.held_after_retirement for p in self._retired_pools)
+        return held
 
     def pool_status(self) -> dict[str, Any]:
         pool = self.engine.pool
@@ -238,6 +245,8 @@ class Node:
         retired = self.engine.pool
         await self.engine.dispose(close=False)
         await asyncio.shield(greenlet_spawn(retired.dispose))
+        if isinstance(retired, RouterPool) and retired.held_after_retirement > 0:
+            self._retired_pools.append(retired)
 
     def __repr__(self) -> str:
         # URL renders with the password masked; never print the raw string.

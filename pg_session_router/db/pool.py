@@ -98,6 +98,8 @@ class RouterPool(AsyncAdaptedQueuePool):
     checkout_wait = 0.0
     #: Set by `dispose()`: the engine has a new pool, and nothing is pooled or connected here.
     retired = False
+    #: Of a retired pool: connections its sessions still hold (`checkedout()` counts no more).
+    held_after_retirement = 0
     #: Sessions waiting for a connection to come back, first come first; each is handed one.
     _waiters: deque[asyncio.Future[ConnectionPoolEntry]]
 
@@ -193,9 +195,10 @@ class RouterPool(AsyncAdaptedQueuePool):
         )
 
     def _withdraw(self, waiter: asyncio.Future[ConnectionPoolEntry]) -> ConnectionPoolEntry | None:
-        """The record handed to `waiter`, or None, after which it is out of the line."""
+        """The record handed to `waiter`, or None (none was, or the pool retired meanwhile),
+        after which it is out of the line."""
         if waiter.done():
-            return waiter.result()
+            return None if waiter.exception() is not None else waiter.result()
         self._waiters.remove(waiter)
         waiter.cancel()
         return None
@@ -211,7 +214,15 @@ class RouterPool(AsyncAdaptedQueuePool):
         invalidation: a graceful close would wait on a dead server), those still checked out
         as they come back; its waiters give up. SQLAlchemy's dispose, ending each connection
         by invalidation instead of a close."""
+        if not self.retired:
+            self.held_after_retirement = self.checkedout()
         self.retired = True
+        # Waiters are woken now: left to their next look (`WAIT_SLICE`), each would stand idle
+        # that long before its statement is replayed elsewhere.
+        while self._waiters:
+            self._waiters.popleft().set_exception(
+                PoolRetiredError("the pool was closed while waiting for a connection")
+            )
         while True:
             try:
                 record = self._pool.get(False)
@@ -222,6 +233,7 @@ class RouterPool(AsyncAdaptedQueuePool):
 
     def _do_return_conn(self, record: ConnectionPoolEntry) -> None:
         if self.retired:  # nobody checks out here again: ended, and the record let go
+            self.held_after_retirement -= 1
             record.invalidate(_RETIRED)
             return
         record.info[_IDLE_SINCE] = time.monotonic()
