@@ -283,6 +283,53 @@ async def test_run_replays_a_read_that_hit_a_recovery_conflict(router: SessionRo
 # -- replica eligibility and fallback -------------------------------------------------------------
 
 
+async def test_a_replica_that_lacks_no_commit_keeps_its_reads_after_the_primary_was_quiet(
+    migrated: DevCluster,
+) -> None:
+    """WAL that carries no commit (a checkpoint) reaches a replica after a quiet spell: until
+    it is replayed, the server's own figure (seconds since the last transaction it replayed) is
+    the length of the quiet spell. The replica lacks no commit, so it keeps its reads; while its
+    replay stays paused it goes stale once it has been behind for longer than the limit."""
+    pg, limit = migrated, 3.0
+    router = SessionRouter(
+        database_settings(
+            pg, routing={"max_replica_lag_seconds": limit, "max_replica_lag_bytes": None}
+        )
+    )
+
+    def state() -> dict[str, Any]:
+        return dict(router.status()["nodes"]["main.replica1"])
+
+    try:
+        await router.start()
+        health = router.node("main.replica1").health
+        async with router.session() as session:
+            await session.execute(text("INSERT INTO items (name) VALUES ('before the quiet')"))
+        await asyncio.to_thread(pg.wait_replayed)
+        await asyncio.sleep(limit + 1)  # the quiet spell itself: no commit for this long
+        await asyncio.to_thread(pg.pause_replay, "replica1")
+        written = await asyncio.to_thread(
+            pg.sql, "primary", "CHECKPOINT; SELECT pg_current_wal_insert_lsn()"
+        )
+        received = f"SELECT pg_last_wal_receive_lsn() >= '{written}'::pg_lsn"
+        await eventually(
+            lambda: pg.sql("replica1", received) == "t", within=10, what="checkpoint received"
+        )
+        probes = health.probes
+        await eventually(lambda: health.probes >= probes + 2, within=5, what="two probes")
+        seen = state()
+        assert seen["lag_bytes"] > 0, seen  # behind, by WAL without a commit
+        assert seen["fresh"] is True and seen["lag_seconds"] < limit, seen
+        await eventually(
+            lambda: not state()["fresh"], within=limit + 5, what="stale while replay is paused"
+        )
+        await asyncio.to_thread(pg.resume_replay, "replica1")
+        await eventually(lambda: state()["fresh"], within=10, what="fresh once replayed")
+    finally:
+        await asyncio.to_thread(pg.resume_replay, "replica1")
+        await router.dispose()
+
+
 async def test_replicas_behind_max_replica_lag_seconds_get_no_reads_the_primary_serves_them(
     migrated: DevCluster,
 ) -> None:

@@ -13,6 +13,14 @@ Circuit breaker: a server that fails a probe, or a connection attempt in real tr
 ejected at once. The monitor's next probe after `retry_at` is the half-open trial: success
 re-admits it. A server that flaps (is ejected again soon after re-admission) waits longer before
 each trial, doubling up to `health.max_backoff`. Transitions are logged once each.
+
+Replica lag in seconds: the server's own figure, the time since the last transaction it replayed
+while it has received WAL it has not replayed, only measures how idle the primary was when that
+WAL carries no commit (a checkpoint, a running-transactions record): a replica fully caught up
+with every commit, caught between receiving such a record and replaying it, looked 100 s
+behind after a quiet spell. So the monitor keeps its own clock of the writer's WAL positions
+(where each recent probe found it): a replica that has replayed up to the position a probe
+found is at most as stale as that probe is old. The smaller of the two bounds is the lag.
 """
 
 from __future__ import annotations
@@ -21,6 +29,7 @@ import asyncio
 import contextlib
 import logging
 import time
+from collections import deque
 from collections.abc import Callable, Iterable
 from functools import partial
 from typing import Any
@@ -40,11 +49,16 @@ logger = logging.getLogger(__name__)
 
 #: A server that stays admitted this long is forgiven its earlier ejections (backoff resets).
 STABLE_AFTER_SECONDS = 30.0
+#: A writer's WAL positions kept for the lag clock: probes, at one per `health.interval`. A
+#: replica behind all of them falls back to the server's own figure.
+POSITION_HISTORY = 600
 
+#: A primary's position is where WAL is inserted, not yet written: with synchronous_commit off a
+#: commit returns before its record is written, and the lag clock must count it.
 PROBE_SQL = """
 SELECT pg_is_in_recovery() AS in_recovery,
        pg_wal_lsn_diff(CASE WHEN pg_is_in_recovery() THEN pg_last_wal_replay_lsn()
-                            ELSE pg_current_wal_lsn() END, '0/0')::bigint AS lsn,
+                            ELSE pg_current_wal_insert_lsn() END, '0/0')::bigint AS lsn,
        CASE WHEN pg_is_in_recovery() THEN pg_is_wal_replay_paused() ELSE false END AS paused,
        CASE WHEN pg_is_in_recovery()
                  AND pg_last_wal_receive_lsn() IS DISTINCT FROM pg_last_wal_replay_lsn()
@@ -105,6 +119,9 @@ class ServerHealth:
         self.replay_paused = False
         self.lag_seconds: float | None = None
         self.lag_bytes: int | None = None
+        #: A writer's: (monotonic time its probe was sent, the WAL position it found), oldest
+        #: first; empty while the server is in recovery.
+        self.positions: deque[tuple[float, int]] = deque(maxlen=POSITION_HISTORY)
         self.server_version: str | None = None
         #: Within `routing.max_replica_lag_*`; maintained by the monitor, read on every read.
         self.fresh = True
@@ -151,6 +168,15 @@ class ServerHealth:
         logger.warning("re-admitted %s after %.1fs", self.endpoint, down_for)
         self.events.server_admitted(self.endpoint)
 
+    def staleness_bound(self, replayed: int, now: float) -> float | None:
+        """A writer's: at most how many seconds behind it a follower that replayed up to
+        `replayed` is. It has everything this writer had written when the newest probe that
+        found a position at or below `replayed` was sent. None: behind every kept position."""
+        for sent_at, position in reversed(self.positions):
+            if position <= replayed:
+                return max(0.0, now - sent_at)
+        return None
+
     def probe_due(self, now: float) -> bool:
         return self.up or now >= self.retry_at
 
@@ -158,10 +184,16 @@ class ServerHealth:
         # One interval before the first trial; doubling for a server that keeps flapping.
         return min(self.settings.interval * 2.0 ** (self.trips - 1), self.settings.max_backoff)
 
-    def record_probe(self, row: Any) -> None:
+    def record_probe(self, row: Any, sent_at: float | None = None) -> None:
+        """`sent_at`: when the probe was sent (monotonic), no later than the moment its WAL
+        position was read."""
         self.probes += 1
         self.in_recovery = bool(row["in_recovery"])
         self.lsn = int(row["lsn"])
+        if self.in_recovery:
+            self.positions.clear()  # a demoted server leads nobody with its old positions
+        else:
+            self.positions.append((time.monotonic() if sent_at is None else sent_at, self.lsn))
         self.replay_paused = bool(row["paused"])
         self.server_version = str(row["server_version"])
         # NULL on a replica that has not replayed any commit yet: the seconds are unknown (the
@@ -318,6 +350,7 @@ class HealthMonitor:
         # Any failure judges this server only: one server's odd error (asyncpg's own
         # InternalClientError on a connection the server just terminated, say) must not abort
         # the round for every other server.
+        sent_at = time.monotonic()
         try:
             row = await self._query(server, reuse=True)
         except Exception:  # incl. timeouts
@@ -331,7 +364,7 @@ class HealthMonitor:
                 server.eject(f"probe failed: {describe_error(exc)}")
                 return
         server.refused_probes = 0
-        server.record_probe(row)
+        server.record_probe(row, sent_at)
         server.admit()
 
     async def _query(self, server: ServerHealth, *, reuse: bool) -> Any:
@@ -376,18 +409,16 @@ class HealthMonitor:
     def _update_lag(self) -> None:
         max_seconds = self.routing.max_replica_lag_seconds
         max_bytes = self.routing.max_replica_lag_bytes
-        for writers, replicas in self._replica_groups():
-            writer_lsn = writers.lsn if writers.up and writers.in_recovery is False else None
+        now = time.monotonic()
+        for writer, replicas in self._replica_groups():
+            writer_lsn = writer.lsn if writer.up and writer.in_recovery is False else None
             for replica in replicas:
                 if not replica.in_recovery:
                     replica.fresh = True
                     continue
                 if writer_lsn is not None and replica.lsn is not None:
                     replica.lag_bytes = max(0, writer_lsn - replica.lsn)
-                    if replica.lag_bytes == 0:
-                        # Replayed all the primary had: the "seconds since the last replayed
-                        # transaction" figure only measures how idle the primary has been.
-                        replica.lag_seconds = 0.0
+                    _bound_lag_seconds(replica, writer, now)
                 too_far_seconds = (
                     max_seconds is not None and (replica.lag_seconds or 0.0) > max_seconds
                 )
@@ -402,3 +433,16 @@ class HealthMonitor:
                         replica.lag_seconds or 0.0,
                     )
                 replica.fresh = fresh
+
+
+def _bound_lag_seconds(replica: ServerHealth, writer: ServerHealth, now: float) -> None:
+    """The smaller of the replica's own figure and the writer's position clock (see the
+    module), both upper bounds of how stale its reads are."""
+    if replica.lag_bytes == 0:
+        # Replayed all the primary had: the "seconds since the last replayed transaction"
+        # figure only measures how idle the primary has been.
+        replica.lag_seconds = 0.0
+        return
+    bound = writer.staleness_bound(replica.lsn or 0, now)
+    if bound is not None and (replica.lag_seconds is None or bound < replica.lag_seconds):
+        replica.lag_seconds = bound

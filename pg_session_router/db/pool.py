@@ -25,12 +25,12 @@ checkout-retry loop, a cost paid by every session.
   is retired: the engine has a new one, yet sessions that checked out before still return
   their connections to this one, and sessions waiting in its line would connect anew in it.
   SQLAlchemy's queue pool keeps such connections open until the garbage collector finds the
-  pool. A retired pool ends each connection as it comes back, and its waiters give up
-  (`PoolRetiredError`): the statement is replayed on a fresh checkout, on another node when
-  the server was drained. A drained server's pool (the new one) keeps no idle connection
-  either: one that comes back goes to a waiter (a session routed there before the drain) or
-  is ended, and its slot reconnects if it is used again (such a session's next transaction,
-  or after `undrain`).
+  pool. A retired pool ends each connection as it comes back (counting those still out for
+  `Node.in_use`), and its waiters are woken and give up (`PoolRetiredError`): the statement is
+  replayed on a fresh checkout, on another node when the server was drained. A drained
+  server's pool (the new one) keeps no idle connection either: one that comes back goes to a
+  waiter (a session routed there before the drain) or is ended, and its slot reconnects if it
+  is used again (such a session's next transaction, or after `undrain`).
 - A connection idle longer than `ping_idle_after` answers a ping within `ping_within`
   seconds, or is replaced. A connection cut without a FIN looks alive (no EOF ever comes) and
   would hang the first statement sent on it until TCP gives up, minutes later; such cuts happen
