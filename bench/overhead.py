@@ -1,7 +1,7 @@
 """Session overhead: "open a session, SELECT 1, close" per variant, at concurrency 1 and 16.
 
-Variants, interleaved round by round so that drift on the machine hits them all alike, all on
-the same primary and the same replica with the same pool shape:
+Variants, all on the same primary and the same replica with the same pool shape, each measured
+right next to its baseline (`measure_pairs`), in a fresh order each round:
 - raw asyncpg pool (the floor: no ORM at all),
 - hand-written `async_sessionmaker` over one engine (what users write today; the baseline),
 - the same with `pool_pre_ping=True` (what they write to survive restarts),
@@ -10,7 +10,10 @@ the same primary and the same replica with the same pool shape:
 - the router (a router per variant, as each hand-written variant has an engine of its own): write
   target, `replica` target, and tenant targets of each placement.
 
-    python -m bench.overhead [--quick] [--rounds N] [--ops N]
+A ratio is the median, over the rounds, of the variant's figure against its baseline's in the
+measurement next to it.
+
+    python -m bench.overhead [--quick] [--rounds N]
 """
 
 from __future__ import annotations
@@ -19,8 +22,10 @@ import asyncio
 import gc
 import itertools
 import random
+import statistics
 import time
 from collections.abc import Awaitable, Callable
+from dataclasses import dataclass
 from typing import Any
 
 import asyncpg
@@ -174,59 +179,106 @@ async def measure_with_cpu(op: Op, *, ops: int, concurrency: int) -> tuple[float
     return units / (time.perf_counter() - started), cpu
 
 
+@dataclass
+class Pairs:
+    """One variant's measurements, each beside the one of its baseline taken next to it."""
+
+    rate: Series
+    base_rate: Series
+    cpu: Series
+    base_cpu: Series
+
+
+async def measure_pairs(
+    variants: dict[str, Op], *, rounds: int, ops: int, concurrency: int
+) -> dict[str, Pairs]:
+    """Every variant but the baseline, in a fresh order each round, measured right after or
+    right before its baseline (alternately): the pair shares the machine's state of the moment.
+    On this shared VM the rate drifts by tens of percent within seconds, and a baseline
+    measured once per round stood up to ten measurements (some 15 s) away from a variant."""
+    shuffler = random.Random(20261127)  # the same orders in every run
+    pairs = {
+        name: Pairs(Series(name), Series(name), Series(name), Series(name))
+        for name in variants
+        if name != BASELINE
+    }
+    for round_number in range(rounds):
+        order = list(pairs)
+        shuffler.shuffle(order)
+        for position, name in enumerate(order):
+            base = COMPARED_WITH.get(name, BASELINE)
+            first_base = (round_number + position) % 2 == 0
+            measured = {}
+            for which in (base, name) if first_base else (name, base):
+                gc.collect()  # no variant pays for garbage that another one left
+                measured[which] = await measure_with_cpu(
+                    variants[which], ops=ops, concurrency=concurrency
+                )
+            pair = pairs[name]
+            pair.rate.values.append(measured[name][0])
+            pair.cpu.values.append(measured[name][1])
+            pair.base_rate.values.append(measured[base][0])
+            pair.base_cpu.values.append(measured[base][1])
+    return pairs
+
+
+def pairs_table(pairs: dict[str, Pairs]) -> str:
+    rows = []
+    for name, pair in pairs.items():
+        base = COMPARED_WITH.get(name, BASELINE)
+        rows.append(
+            (
+                name,
+                f"{pair.rate.median:,.0f}",
+                f"±{pair.rate.spread:.1%}",
+                base,
+                f"{paired_ratio(pair.rate, pair.base_rate):.3f}",
+                middle_half(pair.rate, pair.base_rate),
+                f"{pair.cpu.median:,.0f}",
+                f"{paired_ratio(pair.cpu, pair.base_cpu):.3f}",
+            )
+        )
+    return table(
+        (
+            "variant",
+            "units/s (median)",
+            "spread",
+            "compared with (measured next to it)",
+            "ratio (median of per-pair ratios)",
+            "middle half of per-pair ratios",
+            "client CPU µs per unit",
+            "CPU ratio",
+        ),
+        rows,
+    )
+
+
 async def run(cluster: DevCluster, *, rounds: int, ops: int) -> str:
     variants, close = await build_variants(cluster)
     sections = []
     try:
         for op in variants.values():  # warm every pool and statement cache
             await measure(op, ops=50, concurrency=4)
-        shuffler = random.Random(20261127)  # the same orders in every run
         for concurrency in (1, 16):
-            series = {name: Series(name) for name in variants}
-            cpu = {name: Series(name) for name in variants}
-            for _ in range(rounds):
-                # A fresh order each round, so no variant always follows the same other one.
-                order = list(variants.items())
-                shuffler.shuffle(order)
-                for name, op in order:
-                    gc.collect()  # no variant pays for garbage that another one left
-                    rate, cpu_us = await measure_with_cpu(op, ops=ops, concurrency=concurrency)
-                    series[name].values.append(rate)
-                    cpu[name].values.append(cpu_us)
-            rows = []
-            for name, s in series.items():
-                base = COMPARED_WITH.get(name, BASELINE)
-                rows.append(
-                    (
-                        name,
-                        f"{s.median:,.0f}",
-                        f"±{s.spread:.1%}",
-                        base,
-                        f"{paired_ratio(s, series[base]):.3f}",
-                        middle_half(s, series[base]),
-                        f"{cpu[name].median:,.0f}",
-                        f"{paired_ratio(cpu[name], cpu[base]):.3f}",
-                    )
-                )
+            pairs = await measure_pairs(variants, rounds=rounds, ops=ops, concurrency=concurrency)
             sections.append(
-                f"Concurrency {concurrency} ({rounds} rounds x {ops} units of work):\n\n"
-                + table(
-                    (
-                        "variant",
-                        "units/s (median)",
-                        "spread",
-                        "compared with",
-                        "ratio (median of per-round ratios)",
-                        "middle half of per-round ratios",
-                        "client CPU µs per unit",
-                        "CPU ratio",
-                    ),
-                    rows,
-                )
+                f"Concurrency {concurrency} ({rounds} rounds x {ops} units of work per "
+                "measurement; the baseline was measured next to each variant, "
+                f"at {median_base(pairs):,.0f} units/s):\n\n" + pairs_table(pairs)
             )
     finally:
         await close()
     return "\n\n".join(sections)
+
+
+def median_base(pairs: dict[str, Pairs]) -> float:
+    """The baseline's median rate over every measurement of it beside a variant."""
+    return statistics.median(
+        v
+        for name, pair in pairs.items()
+        if COMPARED_WITH.get(name, BASELINE) == BASELINE
+        for v in pair.base_rate.values
+    )
 
 
 def main(argv: list[str] | None = None) -> str:
