@@ -379,8 +379,10 @@ class DatabaseSettings(_Section):
     tenancy: TenancySettings = TenancySettings()
     session: SessionSettings = SessionSettings()
     #: Most connections this process may hold across every pool (None, "off": no cap). Checked at
-    #: startup against the pools' sizes, so it holds by construction. The health monitor's
-    #: one connection per server, and the catalog listener's one, come on top.
+    #: startup against the pools' sizes, so it holds by construction, but for one thing: after
+    #: a drain, sessions that were still running keep their connections to the drained server
+    #: until they end, beside the pool's new ones. The health monitor's one connection per
+    #: server, and the catalog listener's one, come on top.
     max_connections: Annotated[PositiveInt | None, Off] = None
 
 

@@ -118,7 +118,8 @@ class Node:
         self.url = url
         self.health = health
         self.weight = weight
-        #: Pools disposed while sessions still held their connections (counted in `in_use`).
+        #: Pools disposed, or being disposed, while sessions may hold their connections
+        #: (counted in `in_use` until none is held).
         self._retired_pools: list[RouterPool] = []
         pool_engine = create_async_engine(
             url,
@@ -222,7 +223,9 @@ class Node:
         checked_out = getattr(self.engine.pool, "checkedout", None)
         held = int(checked_out()) if callable(checked_out) else 0
         if self._retired_pools:
-            self._retired_pools = [p for p in self._retired_pools if p.held_after_retirement > 0]
+            self._retired_pools = [
+                p for p in self._retired_pools if not p.retired or p.held_after_retirement > 0
+            ]
             held += sum(p.held_after_retirement for p in self._retired_pools)
         return held
 
@@ -244,9 +247,11 @@ class Node:
         # holding a retired pool, which would refuse every checkout from then on.
         retired = self.engine.pool
         await self.engine.dispose(close=False)
-        await asyncio.shield(greenlet_spawn(retired.dispose))
-        if isinstance(retired, RouterPool) and retired.held_after_retirement > 0:
-            self._retired_pools.append(retired)
+        try:
+            await asyncio.shield(greenlet_spawn(retired.dispose))
+        finally:  # also when cancelled: the shielded dispose goes on, and its count matters
+            if isinstance(retired, RouterPool):
+                self._retired_pools.append(retired)
 
     def __repr__(self) -> str:
         # URL renders with the password masked; never print the raw string.

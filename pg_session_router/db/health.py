@@ -53,12 +53,14 @@ STABLE_AFTER_SECONDS = 30.0
 #: replica behind all of them falls back to the server's own figure.
 POSITION_HISTORY = 600
 
-#: A primary's position is where WAL is inserted, not yet written: with synchronous_commit off a
-#: commit returns before its record is written, and the lag clock must count it.
+#: A primary's position is its WAL write position, which a replica that replayed everything
+#: reports too (the insert position may stand a page header further on after a quiet spell).
+#: With synchronous_commit off, a commit may return up to three `wal_writer_delay` before its
+#: record is written: the lag clock understates by at most that.
 PROBE_SQL = """
 SELECT pg_is_in_recovery() AS in_recovery,
        pg_wal_lsn_diff(CASE WHEN pg_is_in_recovery() THEN pg_last_wal_replay_lsn()
-                            ELSE pg_current_wal_insert_lsn() END, '0/0')::bigint AS lsn,
+                            ELSE pg_current_wal_lsn() END, '0/0')::bigint AS lsn,
        CASE WHEN pg_is_in_recovery() THEN pg_is_wal_replay_paused() ELSE false END AS paused,
        CASE WHEN pg_is_in_recovery()
                  AND pg_last_wal_receive_lsn() IS DISTINCT FROM pg_last_wal_replay_lsn()
@@ -184,7 +186,7 @@ class ServerHealth:
         # One interval before the first trial; doubling for a server that keeps flapping.
         return min(self.settings.interval * 2.0 ** (self.trips - 1), self.settings.max_backoff)
 
-    def record_probe(self, row: Any, sent_at: float | None = None) -> None:
+    def record_probe(self, row: Any, sent_at: float) -> None:
         """`sent_at`: when the probe was sent (monotonic), no later than the moment its WAL
         position was read."""
         self.probes += 1
@@ -193,7 +195,7 @@ class ServerHealth:
         if self.in_recovery:
             self.positions.clear()  # a demoted server leads nobody with its old positions
         else:
-            self.positions.append((time.monotonic() if sent_at is None else sent_at, self.lsn))
+            self.positions.append((sent_at, self.lsn))
         self.replay_paused = bool(row["paused"])
         self.server_version = str(row["server_version"])
         # NULL on a replica that has not replayed any commit yet: the seconds are unknown (the

@@ -101,7 +101,7 @@ class RouterPool(AsyncAdaptedQueuePool):
     #: Of a retired pool: connections its sessions still hold (`checkedout()` counts no more).
     held_after_retirement = 0
     #: Sessions waiting for a connection to come back, first come first; each is handed one.
-    _waiters: deque[asyncio.Future[ConnectionPoolEntry]]
+    _waiters: deque[asyncio.Future[ConnectionPoolEntry | None]]
 
     @classmethod
     def configured(
@@ -162,7 +162,8 @@ class RouterPool(AsyncAdaptedQueuePool):
     def _wait_for_return(self, started: float) -> ConnectionPoolEntry | None:
         """Wait in line (see the module) for the connection `_do_return_conn` hands over,
         within `pool.timeout`; None when a failed connect made room meanwhile."""
-        waiter: asyncio.Future[ConnectionPoolEntry] = asyncio.get_running_loop().create_future()
+        waiter: asyncio.Future[ConnectionPoolEntry | None]
+        waiter = asyncio.get_running_loop().create_future()
         self._waiters.append(waiter)
         try:
             while not waiter.done():
@@ -194,11 +195,13 @@ class RouterPool(AsyncAdaptedQueuePool):
             f"(pool size {self.size()}, overflow {self._max_overflow})"
         )
 
-    def _withdraw(self, waiter: asyncio.Future[ConnectionPoolEntry]) -> ConnectionPoolEntry | None:
+    def _withdraw(
+        self, waiter: asyncio.Future[ConnectionPoolEntry | None]
+    ) -> ConnectionPoolEntry | None:
         """The record handed to `waiter`, or None (none was, or the pool retired meanwhile),
         after which it is out of the line."""
         if waiter.done():
-            return None if waiter.exception() is not None else waiter.result()
+            return waiter.result()
         self._waiters.remove(waiter)
         waiter.cancel()
         return None
@@ -217,12 +220,13 @@ class RouterPool(AsyncAdaptedQueuePool):
         if not self.retired:
             self.held_after_retirement = self.checkedout()
         self.retired = True
-        # Waiters are woken now: left to their next look (`WAIT_SLICE`), each would stand idle
+        # Waiters are woken now (with no connection: `_connect_or_wait` then raises
+        # PoolRetiredError): left to their next look (`WAIT_SLICE`), each would stand idle
         # that long before its statement is replayed elsewhere.
         while self._waiters:
-            self._waiters.popleft().set_exception(
-                PoolRetiredError("the pool was closed while waiting for a connection")
-            )
+            waiter = self._waiters.popleft()
+            if not waiter.get_loop().is_closed():  # a pool outlived its loop: nobody waits
+                waiter.set_result(None)
         while True:
             try:
                 record = self._pool.get(False)
@@ -230,6 +234,11 @@ class RouterPool(AsyncAdaptedQueuePool):
                 break
             record.invalidate(_RETIRED)
         self._overflow = 0 - self.size()
+
+    def _dec_overflow(self) -> Any:
+        if self.retired:  # a connect begun before the retirement failed: one fewer held
+            self.held_after_retirement -= 1
+        return super()._dec_overflow()
 
     def _do_return_conn(self, record: ConnectionPoolEntry) -> None:
         if self.retired:  # nobody checks out here again: ended, and the record let go
