@@ -44,8 +44,9 @@ HEADER = """# Benchmark results
 
 Written by `python -m bench` ({mode}) on {date}. Machine: {machine}.
 Every ratio compares against a baseline measured in the same run, on the same cluster: each
-round measures every variant back to back (in a shuffled or alternating order), and a ratio is
-the median of the per-round ratios, so that drift of the machine between rounds cancels out.
+round measures every variant back to back (in a shuffled or alternating order; the session
+overhead bench measures each variant right next to its baseline), and a ratio is the median of
+the per-round (per-pair) ratios, so that drift of the machine between rounds cancels out.
 Client, servers and load generator share 2 cores of a VM whose speed drifts by tens of percent
 within minutes: spreads are wide. Read medians and ratios, not single figures.
 """
