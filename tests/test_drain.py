@@ -1,5 +1,6 @@
 """Planned maintenance: a drained replica costs no read and ends with its pool closed; a drain
-that gives up waiting leaves no connection to the drained server; a primary switchover with a
+that gives up waiting leaves no connection to the drained server; a connect under way when a
+pool is closed counts in use until it fails; a primary switchover with a
 drain pauses writes instead of failing them; the admin endpoint is for the admin token only."""
 
 from __future__ import annotations
@@ -20,7 +21,7 @@ from pg_session_router.db.provider import RouterProvider
 from pg_session_router.db.router import SessionRouter
 from pg_session_router.devcluster import DevCluster
 from tests.conftest import APP_ROLE, HEALTH_INTERVAL, database_settings
-from tests.support.faults import eventually
+from tests.support.faults import BlackholeServer, eventually
 
 ADMIN_TOKEN = "a" * 40
 
@@ -154,6 +155,38 @@ async def test_a_drain_that_gives_up_leaves_no_connection_to_the_drained_server(
         )
     finally:
         await router.dispose()
+
+
+async def test_a_connect_under_way_when_its_pool_is_closed_counts_in_use_until_it_fails(
+    migrated: DevCluster,
+) -> None:
+    """A node's pool is closed (a drain, an evicted tenant engine) while a checkout is still
+    connecting to a server that never answers: the node counts that connection in use, and
+    stops counting it when the connect fails (never for good, which would steer
+    `least_in_use` away from the node after `undrain`)."""
+    async with BlackholeServer() as blackhole:  # accepts, never answers
+        silent = f"postgresql+asyncpg://{APP_ROLE}@127.0.0.1:{blackhole.port}/app"
+        main = {"primary": migrated.url(database="app", user=APP_ROLE), "replicas": [silent]}
+        router = SessionRouter(
+            database_settings(migrated, clusters={"main": main}, connect_timeout=2.0)
+        )
+        await router.start()
+        node = router.node("main.replica1")
+
+        async def check_out() -> None:
+            async with node.engine.connect():
+                pass
+
+        try:
+            connecting = asyncio.create_task(check_out())
+            await eventually(lambda: node.in_use() == 1, within=5, what="a connect under way")
+            await node.dispose()
+            assert node.in_use() == 1
+            with pytest.raises(OSError):  # asyncpg's connect timeout, unwrapped
+                await connecting
+            assert node.in_use() == 0
+        finally:
+            await router.dispose()
 
 
 @pytest.fixture(scope="module")

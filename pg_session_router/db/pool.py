@@ -179,6 +179,8 @@ class RouterPool(AsyncAdaptedQueuePool):
                 self._do_return_conn(taken)
             raise
         record = self._withdraw(waiter)
+        if record is None and self.retired:  # woken by `dispose()`, whatever it did since
+            raise PoolRetiredError("the pool was closed while waiting for a connection")
         if self._ejected() and (record is None or _needs_connect(record)):
             # Continuing would connect anew to a server that failed (a dying one may drop the
             # SYN, which the kernel sends again only a second later): the statement is replayed
