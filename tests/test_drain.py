@@ -221,8 +221,11 @@ async def test_a_primary_switchover_with_a_drain_pauses_writes_and_fails_no_read
         await eventually(lambda: traffic.writes > 20, within=10, what="writes before")
         report = await router.drain("main.node1", within=5)  # the primary
         assert report.sessions_left == 0
-        switchable.stop_node("primary", mode="fast")
-        switchable.promote("replica1")
+        # In threads: the writers keep running (and must wait) while the old primary stops
+        # and the new one is promoted. Called on the loop, they froze it instead, and a
+        # write could start only after the monitor had already found the new primary.
+        await asyncio.to_thread(switchable.stop_node, "primary", mode="fast")
+        await asyncio.to_thread(switchable.promote, "replica1")
         before = traffic.writes
         await eventually(lambda: traffic.writes > before + 20, within=20, what="writes resumed")
     finally:
