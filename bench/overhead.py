@@ -158,7 +158,8 @@ async def build_variants(
 
 
 async def measure(op: Op, *, ops: int, concurrency: int) -> float:
-    """Units of work per second, `ops` in total spread over `concurrency` tasks."""
+    """Units of work per second, `ops` in total spread over `concurrency` tasks (also
+    `bench.consistency`'s)."""
     return (await measure_with_cpu(op, ops=ops, concurrency=concurrency))[0]
 
 
@@ -223,6 +224,7 @@ async def measure_pairs(
 
 
 def pairs_table(pairs: dict[str, Pairs]) -> str:
+    """A row per variant: its rate, its ratio to the baseline measured next to it, its CPU."""
     rows = []
     for name, pair in pairs.items():
         base = COMPARED_WITH.get(name, BASELINE)

@@ -117,15 +117,13 @@ async def test_a_drained_replica_costs_no_read_and_ends_with_its_pool_closed(
 
 
 async def test_a_drain_that_gives_up_leaves_no_connection_to_the_drained_server(
-    migrated: DevCluster, monkeypatch: pytest.MonkeyPatch
+    migrated: DevCluster,
 ) -> None:
     """The drain stops waiting while one session holds the replica's only pooled connection
     and another waits in line for it. The one in line is served by another node at once, not
     by a new connection to the drained server; the held connection is shown in use until its
     session ends, and closes then. (A pool SQLAlchemy has disposed keeps both open until the
     garbage collector finds them.)"""
-    # The waiter must be woken by the drain, not by its own periodic look at the pool.
-    monkeypatch.setattr("pg_session_router.db.pool.WAIT_SLICE", 60.0)
     main = {
         "primary": migrated.url(database="app", user=APP_ROLE),
         "replicas": [migrated.url("replica1", database="app", user=APP_ROLE)],
@@ -147,6 +145,7 @@ async def test_a_drain_that_gives_up_leaves_no_connection_to_the_drained_server(
             await eventually(lambda: len(pool._waiters) == 1, within=5, what="one in line")
             report = await router.drain("main.replica1", within=0.2)
             assert report.sessions_left == 2
+            assert not pool._waiters  # woken by the drain, not by its own next look
             assert await asyncio.wait_for(waiter, timeout=5) == migrated.primary.port
             assert in_use(router, "main.replica1") == 1
         assert in_use(router, "main.replica1") == 0

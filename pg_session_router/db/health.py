@@ -439,7 +439,7 @@ class HealthMonitor:
 
 def _bound_lag_seconds(replica: ServerHealth, writer: ServerHealth, now: float) -> None:
     """The smaller of the replica's own figure and the writer's position clock (see the
-    module), both upper bounds of how stale its reads are."""
+    module), two bounds of how stale its reads are."""
     if replica.lag_bytes == 0:
         # Replayed all the primary had: the "seconds since the last replayed transaction"
         # figure only measures how idle the primary has been.

@@ -60,6 +60,7 @@ _IDLE_SINCE = "pg_session_router.idle_since"
 #: Why a connection is ended on its return (in SQLAlchemy's invalidation log line).
 _RETIRED = DisconnectionError("the pool was disposed")
 _DRAINED = DisconnectionError("the server is drained")
+_RETIRED_WHILE_WAITING = "the pool was closed while waiting for a connection"
 
 # SQLAlchemy names a pool's logger after its class, so ours falls outside the "sqlalchemy"
 # logger, which SQLAlchemy sets to WARNING unless the application set a level: without the
@@ -151,7 +152,7 @@ class RouterPool(AsyncAdaptedQueuePool):
             if self.retired:
                 # Disposed while this session waited: its engine has a new pool, and a new
                 # connection made here would be nobody's to close.
-                raise PoolRetiredError("the pool was closed while waiting for a connection")
+                raise PoolRetiredError(_RETIRED_WHILE_WAITING)
             if (not self._pool.empty() and not self._waiters) or not self._full():
                 return super()._do_get()  # no wait inside: idle, or room for a new one
             record = self._wait_for_return(started)
@@ -171,7 +172,7 @@ class RouterPool(AsyncAdaptedQueuePool):
                 if remaining <= 0:
                     break
                 await_only(asyncio.wait((waiter,), timeout=min(WAIT_SLICE, remaining)))
-                if self._ejected() or not self._full() or self.retired:
+                if self._ejected() or not self._full():  # (`dispose()` wakes its waiters)
                     break
         except BaseException:  # cancelled: a record handed over goes on to the next waiter
             taken = self._withdraw(waiter)
@@ -180,7 +181,7 @@ class RouterPool(AsyncAdaptedQueuePool):
             raise
         record = self._withdraw(waiter)
         if record is None and self.retired:  # woken by `dispose()`, whatever it did since
-            raise PoolRetiredError("the pool was closed while waiting for a connection")
+            raise PoolRetiredError(_RETIRED_WHILE_WAITING)
         if self._ejected() and (record is None or _needs_connect(record)):
             # Continuing would connect anew to a server that failed (a dying one may drop the
             # SYN, which the kernel sends again only a second later): the statement is replayed
