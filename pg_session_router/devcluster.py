@@ -237,6 +237,14 @@ class DevCluster:
         old = self.primary
         old.role, self.nodes[name].role = "replica", "primary"
 
+    def follow(self, replica: str, upstream: str) -> None:
+        """Point `replica` at `upstream` (after a failover, say): it follows that server's
+        timeline from then on (`recovery_target_timeline` is `latest` by default)."""
+        port = self.nodes[upstream].port
+        conninfo = f"host=127.0.0.1 port={port} user=postgres"
+        self.sql(replica, f"ALTER SYSTEM SET primary_conninfo = {_literal(conninfo)}")
+        self.sql(replica, "SELECT pg_reload_conf()")
+
     # -- queries and waiting -------------------------------------------------------------
 
     def sql(self, name: str, statement: str, *, database: str = "postgres") -> str:

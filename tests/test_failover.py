@@ -553,3 +553,69 @@ async def test_roles_are_discovered_and_a_promoted_replica_takes_the_writes(
     # README: "within about two health intervals"; a loaded machine gets SLACK on top.
     assert time.monotonic() - promoted_at < 2 * HEALTH_INTERVAL + SLACK
     assert state_of(router, "main.node1")["role"] == "primary"
+
+
+@pytest.fixture(params=["timeline hidden", "timeline visible"])
+def forking_cluster(request: pytest.FixtureRequest) -> Iterator[tuple[DevCluster, bool]]:
+    """A cluster of its own with two replicas: one to promote, one left following the old
+    primary. The app role may read `pg_stat_wal_receiver` (a replica's timeline) or not."""
+    with DevCluster(replicas=2) as cluster:
+        cluster.create_role(APP_ROLE)
+        cluster.create_database("app", owner=APP_ROLE)
+        cluster.sql("primary", "CREATE TABLE notes (body text)", database="app")
+        cluster.sql("primary", f"GRANT ALL ON notes TO {APP_ROLE}", database="app")
+        visible = request.param == "timeline visible"
+        if visible:
+            cluster.sql("primary", f"GRANT pg_read_all_stats TO {APP_ROLE}")
+        cluster.wait_replayed()
+        yield cluster, visible
+
+
+async def test_a_replica_the_new_primary_does_not_feed_serves_no_read_until_it_follows(
+    forking_cluster: tuple[DevCluster, bool],
+) -> None:
+    pg, timeline_visible = forking_cluster
+    nodes = [pg.url(name, database="app", user=APP_ROLE) for name in pg.nodes]
+    router = SessionRouter(
+        database_settings(
+            pg, clusters={"main": {"nodes": nodes}}, tenants={}, retry={"deadline": 10.0}
+        )
+    )
+    await router.start()
+    orphan = pg.nodes["replica2"].port
+    read = text("SELECT inet_server_port(), count(*) FROM notes WHERE body = 'after failover'")
+
+    async def read_once() -> tuple[int, int]:
+        async with router.session("replica") as session:
+            port, seen = (await session.execute(read)).one()
+            return int(port), int(seen)
+
+    async def insert(session: Any) -> None:
+        await session.execute(text("INSERT INTO notes VALUES ('after failover')"))
+
+    try:
+        # A fast shutdown hands both replicas the last WAL: replica2 holds nothing the new
+        # primary lacks, and can follow its timeline later.
+        await asyncio.to_thread(pg.stop_node, "primary", mode="fast")
+        await asyncio.to_thread(pg.promote, "replica1")
+        await router.run(insert)
+        await router.monitor.probe_round()  # lag judged with the new writer known
+        # replica2 still waits for the old primary: its reads would never see the row. No lag
+        # figure shows it (it replayed all it received, and is bytes behind, not megabytes).
+        for _ in range(20):
+            port, seen = await read_once()
+            assert (port, seen) != (orphan, 0)
+            assert seen == 1
+        assert not router.status()["nodes"]["main.node3"]["fresh"]
+
+        await asyncio.to_thread(pg.follow, "replica2", "replica1")
+
+        async def orphan_serves_the_row() -> bool:
+            return await read_once() == (orphan, 1)
+
+        await eventually(orphan_serves_the_row, within=20, what="replica2 reads again")
+        # Where the role may see it, the replica's timeline is the new primary's: the second.
+        timeline = router.status()["nodes"]["main.node3"]["timeline"]
+        assert timeline == (2 if timeline_visible else None)
+    finally:
+        await router.dispose()

@@ -21,6 +21,16 @@ with every commit, caught between receiving such a record and replaying it, look
 behind after a quiet spell. So the monitor keeps its own clock of the writer's WAL positions
 (where each recent probe found it): a replica that has replayed up to the position a probe
 found is at most as stale as that probe is old. The smaller of the two bounds is the lag.
+
+A replica follows the cluster's writer only if it is on the writer's timeline. After a
+failover, a replica the new primary does not feed (its upstream was the old primary) replays
+nothing more: no lag figure notices, since it received everything it was sent, and the new
+primary's positions start where its own history forked, possibly below what the replica holds
+from the old timeline (so a consistency token could wrongly count as replayed there). So when the
+writer changes (another server, or a new timeline behind the same address), a replica serves
+reads again only once it shows it follows: its received timeline is the writer's (visible to a
+probe role with `pg_read_all_stats`), or, where that is hidden, its replayed position moved on
+after the change or reached the writer's own.
 """
 
 from __future__ import annotations
@@ -66,7 +76,10 @@ SELECT pg_is_in_recovery() AS in_recovery,
                  AND pg_last_wal_receive_lsn() IS DISTINCT FROM pg_last_wal_replay_lsn()
             THEN extract(epoch FROM now() - pg_last_xact_replay_timestamp())::float8
             ELSE 0.0 END AS lag_seconds,
-       current_setting('server_version') AS server_version
+       current_setting('server_version') AS server_version,
+       CASE WHEN pg_is_in_recovery() THEN (SELECT received_tli FROM pg_stat_wal_receiver)
+            ELSE ('x' || substr(pg_walfile_name(pg_current_wal_lsn()), 1, 8))::bit(32)::int
+            END AS timeline
 """
 
 
@@ -125,6 +138,13 @@ class ServerHealth:
         #: first; empty while the server is in recovery.
         self.positions: deque[tuple[float, int]] = deque(maxlen=POSITION_HISTORY)
         self.server_version: str | None = None
+        #: A writer's timeline; a replica's received timeline, when the probe's role may read
+        #: `pg_stat_wal_receiver` (else None).
+        self.timeline: int | None = None
+        #: A replica's: the writer (endpoint, timeline) it was last seen to follow, and its
+        #: replayed position when another writer was first seen (see `_follows`).
+        self.following: tuple[str, int | None] | None = None
+        self.lsn_at_writer_change: int | None = None
         #: Within `routing.max_replica_lag_*`; maintained by the monitor, read on every read.
         self.fresh = True
         self.last_probe_at: float | None = None
@@ -192,10 +212,14 @@ class ServerHealth:
         self.probes += 1
         self.in_recovery = bool(row["in_recovery"])
         self.lsn = int(row["lsn"])
-        if self.in_recovery:
-            self.positions.clear()  # a demoted server leads nobody with its old positions
-        else:
+        timeline = None if row["timeline"] is None else int(row["timeline"])
+        if self.in_recovery or timeline != self.timeline:
+            # A demoted server leads nobody with its old positions, and a new timeline behind
+            # the same address is another server's history.
+            self.positions.clear()
+        if not self.in_recovery:
             self.positions.append((sent_at, self.lsn))
+        self.timeline = timeline
         self.replay_paused = bool(row["paused"])
         self.server_version = str(row["server_version"])
         # NULL on a replica that has not replayed any commit yet: the seconds are unknown (the
@@ -219,6 +243,7 @@ class ServerHealth:
             "lag_bytes": self.lag_bytes,
             "lag_seconds": self.lag_seconds,
             "server_version": self.server_version,
+            "timeline": self.timeline,
             "fresh": self.fresh,
             "drained": self.drained,
             "last_probe_at": self.last_probe_at,
@@ -425,16 +450,41 @@ class HealthMonitor:
                     max_seconds is not None and (replica.lag_seconds or 0.0) > max_seconds
                 )
                 too_far_bytes = max_bytes is not None and (replica.lag_bytes or 0) > max_bytes
-                fresh = not (too_far_seconds or too_far_bytes)
+                follows = _follows(replica, writer)
+                fresh = follows and not (too_far_seconds or too_far_bytes)
                 if fresh != replica.fresh:
                     logger.warning(
-                        "%s %s reads (lag %s bytes, %.1fs)",
+                        "%s %s reads (%s)",
                         replica.endpoint,
                         "resumes" if fresh else "stops receiving",
-                        replica.lag_bytes,
-                        replica.lag_seconds or 0.0,
+                        f"lag {replica.lag_bytes} bytes, {replica.lag_seconds or 0.0:.1f}s"
+                        if follows
+                        else f"not following the writer on timeline {writer.timeline}",
                     )
                 replica.fresh = fresh
+
+
+def _follows(replica: ServerHealth, writer: ServerHealth) -> bool:
+    """Whether `replica` follows `writer` (see the module): its timeline says so when the probe
+    may see it; else it is assumed to follow the writer it was first seen with, and a later
+    writer once its replayed position moved on after the change or reached the writer's."""
+    identity = (writer.endpoint, writer.timeline)
+    if replica.timeline is not None and writer.timeline is not None:
+        follows = replica.timeline == writer.timeline
+    elif replica.following is None or replica.following == identity:
+        # The writer it followed at the last look, or the first one seen (there is no
+        # earlier writer to compare with).
+        follows = True
+    else:
+        if replica.lsn_at_writer_change is None:
+            replica.lsn_at_writer_change = replica.lsn
+        start = replica.lsn_at_writer_change
+        caught_up = replica.lsn is not None and replica.lsn == writer.lsn
+        moved_on = replica.lsn is not None and start is not None and replica.lsn > start
+        follows = caught_up or moved_on
+    if follows:
+        replica.following, replica.lsn_at_writer_change = identity, None
+    return follows
 
 
 def _bound_lag_seconds(replica: ServerHealth, writer: ServerHealth, now: float) -> None:
