@@ -8,7 +8,7 @@ import os
 import platform
 import statistics
 import subprocess
-from collections.abc import Iterator, Sequence
+from collections.abc import Callable, Iterator, Sequence
 from contextlib import contextmanager
 from dataclasses import dataclass, field
 from typing import Any
@@ -119,11 +119,20 @@ def machine() -> str:
     )
 
 
-def parse_args(prog: str, argv: list[str] | None, *, rounds: int) -> argparse.Namespace:
-    """The options every benchmark takes: `--quick` (one tiny round, for CI) and `--rounds`."""
+def parse_args(
+    prog: str,
+    argv: list[str] | None,
+    *,
+    rounds: int,
+    more: Callable[[argparse.ArgumentParser], None] | None = None,
+) -> argparse.Namespace:
+    """The options every benchmark takes: `--quick` (one tiny round, for CI) and `--rounds`;
+    `more` adds a benchmark's own."""
     parser = argparse.ArgumentParser(prog=prog)
     parser.add_argument("--quick", action="store_true", help="one tiny round (CI smoke run)")
     parser.add_argument("--rounds", type=int, default=rounds)
+    if more is not None:
+        more(parser)
     return parser.parse_args(argv)
 
 

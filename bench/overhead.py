@@ -18,13 +18,14 @@ measurement next to it.
 
 from __future__ import annotations
 
+import argparse
 import asyncio
 import gc
 import itertools
 import random
 import statistics
 import time
-from collections.abc import Awaitable, Callable
+from collections.abc import Awaitable, Callable, Sequence
 from dataclasses import dataclass
 from typing import Any
 
@@ -255,13 +256,24 @@ def pairs_table(pairs: dict[str, Pairs]) -> str:
     )
 
 
-async def run(cluster: DevCluster, *, rounds: int, ops: int) -> str:
+async def run(
+    cluster: DevCluster,
+    *,
+    rounds: int,
+    ops: int,
+    only: Sequence[str] = (),
+    concurrencies: Sequence[int] = (1, 16),
+) -> str:
     variants, close = await build_variants(cluster)
+    if only:  # the chosen variants, with what they are compared with
+        chosen = {name for name in variants if any(part in name for part in only)}
+        chosen |= {COMPARED_WITH.get(name, BASELINE) for name in chosen}
+        variants = {name: op for name, op in variants.items() if name in chosen}
     sections = []
     try:
         for op in variants.values():  # warm every pool and statement cache
             await measure(op, ops=50, concurrency=4)
-        for concurrency in (1, 16):
+        for concurrency in concurrencies:
             pairs = await measure_pairs(variants, rounds=rounds, ops=ops, concurrency=concurrency)
             sections.append(
                 f"Concurrency {concurrency} ({rounds} rounds x {ops} units of work per "
@@ -284,12 +296,27 @@ def median_base(pairs: dict[str, Pairs]) -> float:
 
 
 def main(argv: list[str] | None = None) -> str:
-    args = parse_args("python -m bench.overhead", argv, rounds=15)
+    args = parse_args("python -m bench.overhead", argv, rounds=15, more=_options)
     # 2,000 units: a measurement of 640 at concurrency 16 lasted about 0.13 s, short enough
     # for a probe round or a timer of the VM to move it by several percent.
     rounds, ops = (1, 64) if args.quick else (args.rounds, 2000)
+    concurrencies = args.concurrency or (1, 16)
     with bench_cluster() as cluster:
-        return publish("Session overhead", asyncio.run(run(cluster, rounds=rounds, ops=ops)))
+        body = run(cluster, rounds=rounds, ops=ops, only=args.only, concurrencies=concurrencies)
+        return publish("Session overhead", asyncio.run(body))
+
+
+def _options(parser: argparse.ArgumentParser) -> None:
+    parser.add_argument(
+        "--only",
+        action="append",
+        default=[],
+        metavar="TEXT",
+        help="only the variants whose name contains TEXT (and their baselines); repeatable",
+    )
+    parser.add_argument(
+        "--concurrency", action="append", type=int, help="repeatable; default 1 and 16"
+    )
 
 
 if __name__ == "__main__":
