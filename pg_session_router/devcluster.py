@@ -237,6 +237,17 @@ class DevCluster:
         old = self.primary
         old.role, self.nodes[name].role = "replica", "primary"
 
+    def start_as_standby(self, name: str) -> None:
+        """Start a stopped node (a former primary, say) in recovery, streaming from nobody
+        until `follow` points it somewhere: its WAL stays where it stopped."""
+        node = self.nodes[name]
+        signal = node.data_dir / "standby.signal"
+        signal.touch()
+        if self._run_as is not None:
+            shutil.chown(signal, self._run_as, self._run_as)
+        node.role = "replica"
+        self.start_node(name)
+
     def follow(self, replica: str, upstream: str) -> None:
         """Point `replica` at `upstream` (after a failover, say): it follows that server's
         timeline from then on (`recovery_target_timeline` is `latest` by default)."""

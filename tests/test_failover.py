@@ -7,7 +7,7 @@ from __future__ import annotations
 
 import asyncio
 import time
-from collections.abc import AsyncIterator, Iterator
+from collections.abc import AsyncIterator, Awaitable, Callable, Iterator
 from typing import Annotated, Any
 
 import httpx
@@ -576,13 +576,11 @@ async def test_a_replica_the_new_primary_does_not_feed_serves_no_read_until_it_f
 ) -> None:
     pg, timeline_visible = forking_cluster
     nodes = [pg.url(name, database="app", user=APP_ROLE) for name in pg.nodes]
-    router = SessionRouter(
-        database_settings(
-            pg, clusters={"main": {"nodes": nodes}}, tenants={}, retry={"deadline": 10.0}
-        )
+    settings = database_settings(
+        pg, clusters={"main": {"nodes": nodes}}, tenants={}, retry={"deadline": 10.0}
     )
+    router = SessionRouter(settings)
     await router.start()
-    orphan = pg.nodes["replica2"].port
     read = text("SELECT inet_server_port(), count(*) FROM notes WHERE body = 'after failover'")
 
     async def read_once() -> tuple[int, int]:
@@ -590,32 +588,63 @@ async def test_a_replica_the_new_primary_does_not_feed_serves_no_read_until_it_f
             port, seen = (await session.execute(read)).one()
             return int(port), int(seen)
 
+    async def no_read_misses_the_row(left_behind: str) -> None:
+        await router.monitor.probe_round()  # judged with the new writer known
+        for _ in range(20):
+            _, seen = await read_once()
+            assert seen == 1
+        assert not router.status()["nodes"][left_behind]["fresh"]
+
     async def insert(session: Any) -> None:
         await session.execute(text("INSERT INTO notes VALUES ('after failover')"))
 
     try:
-        # A fast shutdown hands both replicas the last WAL: replica2 holds nothing the new
-        # primary lacks, and can follow its timeline later.
+        # replica2 receives the old primary's last WAL without replaying it yet: replayed
+        # after the failover, that backlog moves its position on, and must not pass for
+        # following the new primary.
+        await asyncio.to_thread(pg.pause_replay, "replica2")
+        await asyncio.to_thread(pg.sql, "primary", "CREATE TABLE backlog ()", database="app")
+        # A fast shutdown hands both replicas the last WAL: neither holds anything the new
+        # primary lacks, and both can follow its timeline later.
         await asyncio.to_thread(pg.stop_node, "primary", mode="fast")
         await asyncio.to_thread(pg.promote, "replica1")
         await router.run(insert)
-        await router.monitor.probe_round()  # lag judged with the new writer known
+        await router.monitor.probe_round()  # the new writer seen
+        await asyncio.to_thread(pg.resume_replay, "replica2")
+        caught_up = "SELECT pg_last_wal_replay_lsn() = pg_last_wal_receive_lsn()"
+        await eventually(
+            lambda: pg.sql("replica2", caught_up) == "t", within=10, what="backlog replayed"
+        )
         # replica2 still waits for the old primary: its reads would never see the row. No lag
         # figure shows it (it replayed all it received, and is bytes behind, not megabytes).
-        for _ in range(20):
-            port, seen = await read_once()
-            assert (port, seen) != (orphan, 0)
-            assert seen == 1
-        assert not router.status()["nodes"]["main.node3"]["fresh"]
-
+        await no_read_misses_the_row("main.node3")
         await asyncio.to_thread(pg.follow, "replica2", "replica1")
+        await serves_the_row(read_once, pg.nodes["replica2"].port)
 
-        async def orphan_serves_the_row() -> bool:
-            return await read_once() == (orphan, 1)
+        # The old primary back in recovery, fed by nobody: once the writer, it is not trusted
+        # on sight either.
+        await asyncio.to_thread(pg.start_as_standby, "primary")
+        await eventually(
+            lambda: state_of(router, "main.node1")["in_recovery"] is True,
+            within=10,
+            what="the old primary seen in recovery",
+        )
+        await no_read_misses_the_row("main.node1")
+        await asyncio.to_thread(pg.follow, "primary", "replica1")
+        await serves_the_row(read_once, pg.nodes["primary"].port)
 
-        await eventually(orphan_serves_the_row, within=20, what="replica2 reads again")
-        # Where the role may see it, the replica's timeline is the new primary's: the second.
-        timeline = router.status()["nodes"]["main.node3"]["timeline"]
-        assert timeline == (2 if timeline_visible else None)
+        # Where the role may see them, the replicas' timelines are the new primary's.
+        for node in ("main.node1", "main.node3"):
+            timeline = router.status()["nodes"][node]["timeline"]
+            assert timeline == (2 if timeline_visible else None)
     finally:
         await router.dispose()
+
+
+async def serves_the_row(read_once: Callable[[], Awaitable[tuple[int, int]]], port: int) -> None:
+    """Until a read lands on the server at `port` and sees the row."""
+
+    async def served() -> bool:
+        return await read_once() == (port, 1)
+
+    await eventually(served, within=20, what=f"reads on {port} again")

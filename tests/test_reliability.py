@@ -36,8 +36,9 @@ from .conftest import APP_ROLE, database_settings, relayed_primary_settings
 def test_a_replica_with_no_replayed_commit_yet_is_probed_without_error() -> None:
     health = ServerHealth("db:5432", make_url("postgresql+asyncpg://u@db/x"), HealthSettings())
     # What PROBE_SQL returns then: pg_last_xact_replay_timestamp() is NULL.
-    row = {"in_recovery": True, "lsn": 1234, "paused": False, "lag_seconds": None, "timeline": None}
-    health.record_probe({**row, "server_version": "15.20"}, sent_at=0.0)
+    row = {"in_recovery": True, "lsn": 1234, "paused": False, "lag_seconds": None}
+    hidden = {"timeline": None, "sees_receiver": False}
+    health.record_probe({**row, **hidden, "server_version": "15.20"}, sent_at=0.0)
     assert health.in_recovery is True and health.lag_seconds is None and health.lsn == 1234
 
 

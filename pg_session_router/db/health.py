@@ -29,8 +29,8 @@ primary's positions start where its own history forked, possibly below what the 
 from the old timeline (so a consistency token could wrongly count as replayed there). So when the
 writer changes (another server, or a new timeline behind the same address), a replica serves
 reads again only once it shows it follows: its received timeline is the writer's (visible to a
-probe role with `pg_read_all_stats`), or, where that is hidden, its replayed position moved on
-after the change or reached the writer's own.
+probe role with `pg_read_all_stats`), or, where that is hidden, it has replayed up to where the
+new writer began writing (see `_follows`).
 """
 
 from __future__ import annotations
@@ -67,19 +67,25 @@ POSITION_HISTORY = 600
 #: reports too (the insert position may stand a page header further on after a quiet spell).
 #: With synchronous_commit off, a commit may return up to three `wal_writer_delay` before its
 #: record is written: the lag clock understates by at most that.
+#: The timeline: a writer's from the name of its current WAL file; a replica's from its WAL
+#: receiver (NULL when none is connected, and to a role without `pg_read_all_stats`).
+#: Recovery is read once (a subquery with a volatile call is not flattened): a promotion
+#: during the probe cannot give a replica's position with a primary's timeline.
 PROBE_SQL = """
-SELECT pg_is_in_recovery() AS in_recovery,
-       pg_wal_lsn_diff(CASE WHEN pg_is_in_recovery() THEN pg_last_wal_replay_lsn()
+SELECT recovery AS in_recovery,
+       pg_wal_lsn_diff(CASE WHEN recovery THEN pg_last_wal_replay_lsn()
                             ELSE pg_current_wal_lsn() END, '0/0')::bigint AS lsn,
-       CASE WHEN pg_is_in_recovery() THEN pg_is_wal_replay_paused() ELSE false END AS paused,
-       CASE WHEN pg_is_in_recovery()
+       CASE WHEN recovery THEN pg_is_wal_replay_paused() ELSE false END AS paused,
+       CASE WHEN recovery
                  AND pg_last_wal_receive_lsn() IS DISTINCT FROM pg_last_wal_replay_lsn()
             THEN extract(epoch FROM now() - pg_last_xact_replay_timestamp())::float8
             ELSE 0.0 END AS lag_seconds,
        current_setting('server_version') AS server_version,
-       CASE WHEN pg_is_in_recovery() THEN (SELECT received_tli FROM pg_stat_wal_receiver)
+       CASE WHEN recovery THEN (SELECT received_tli FROM pg_stat_wal_receiver)
             ELSE ('x' || substr(pg_walfile_name(pg_current_wal_lsn()), 1, 8))::bit(32)::int
-            END AS timeline
+            END AS timeline,
+       pg_has_role('pg_read_all_stats', 'USAGE') AS sees_receiver
+FROM (SELECT pg_is_in_recovery() AS recovery) AS server
 """
 
 
@@ -138,13 +144,14 @@ class ServerHealth:
         #: first; empty while the server is in recovery.
         self.positions: deque[tuple[float, int]] = deque(maxlen=POSITION_HISTORY)
         self.server_version: str | None = None
-        #: A writer's timeline; a replica's received timeline, when the probe's role may read
-        #: `pg_stat_wal_receiver` (else None).
+        #: A writer's timeline; a replica's received timeline (the last one seen while no
+        #: receiver is connected), or None when the probe's role may not see it.
         self.timeline: int | None = None
-        #: A replica's: the writer (endpoint, timeline) it was last seen to follow, and its
-        #: replayed position when another writer was first seen (see `_follows`).
-        self.following: tuple[str, int | None] | None = None
-        self.lsn_at_writer_change: int | None = None
+        #: A writer's position when it was first seen writing on its timeline.
+        self.writing_since: int | None = None
+        #: The writer (endpoint, timeline) this server was last known to follow (a writer
+        #: follows itself); see `_follows`.
+        self.following: tuple[str, int] | None = None
         #: Within `routing.max_replica_lag_*`; maintained by the monitor, read on every read.
         self.fresh = True
         self.last_probe_at: float | None = None
@@ -210,16 +217,12 @@ class ServerHealth:
         """`sent_at`: when the probe was sent (monotonic), no later than the moment its WAL
         position was read."""
         self.probes += 1
+        was_writing = self.in_recovery is False
         self.in_recovery = bool(row["in_recovery"])
         self.lsn = int(row["lsn"])
-        timeline = None if row["timeline"] is None else int(row["timeline"])
-        if self.in_recovery or timeline != self.timeline:
-            # A demoted server leads nobody with its old positions, and a new timeline behind
-            # the same address is another server's history.
-            self.positions.clear()
+        self._record_timeline(row, was_writing)
         if not self.in_recovery:
             self.positions.append((sent_at, self.lsn))
-        self.timeline = timeline
         self.replay_paused = bool(row["paused"])
         self.server_version = str(row["server_version"])
         # NULL on a replica that has not replayed any commit yet: the seconds are unknown (the
@@ -231,6 +234,22 @@ class ServerHealth:
         if not self.in_recovery:
             self.lag_bytes = 0
         self.last_probe_at = time.time()
+
+    def _record_timeline(self, row: Any, was_writing: bool) -> None:
+        received = None if row["timeline"] is None else int(row["timeline"])
+        if self.in_recovery:
+            # A demoted server leads nobody with its old positions. Its timeline stays the last
+            # one seen (its own as a writer, say) while no WAL receiver is connected: a
+            # replica whose upstream died shows none.
+            self.positions.clear()
+            self.writing_since = None
+            self.timeline = (received or self.timeline) if row["sees_receiver"] else None
+        elif not was_writing or received != self.timeline:
+            # Newly writing, or a new timeline behind the same address (another server's
+            # history): the lag clock starts again.
+            self.positions.clear()
+            self.writing_since = self.lsn
+            self.timeline = received
 
     def snapshot(self) -> dict[str, Any]:
         return {
@@ -293,6 +312,8 @@ class HealthMonitor:
         #: Shared by every server here: clusters re-read their readable replicas when it moves.
         self.epoch = RoutingEpoch()
         self._connections: dict[str, asyncpg.Connection] = {}
+        #: Per cluster (its servers' endpoints): the first writer seen, see `_follows`.
+        self._first_writers: dict[frozenset[str], tuple[str, int]] = {}
         self._task: asyncio.Task[None] | None = None
         self._wake = asyncio.Event()
 
@@ -439,6 +460,13 @@ class HealthMonitor:
         now = time.monotonic()
         for writer, replicas in self._replica_groups():
             writer_lsn = writer.lsn if writer.up and writer.in_recovery is False else None
+            identity = None if writer.timeline is None else (writer.endpoint, writer.timeline)
+            if identity is not None:  # else not probed yet: nothing to compare with
+                writer.following = identity
+                # The first writer seen for these servers: the one a server first seen with
+                # it is taken to follow (the monitor has no earlier writer to compare with).
+                group = frozenset((writer.endpoint, *(r.endpoint for r in replicas)))
+                first_writer = self._first_writers.setdefault(group, identity)
             for replica in replicas:
                 if not replica.in_recovery:
                     replica.fresh = True
@@ -450,7 +478,7 @@ class HealthMonitor:
                     max_seconds is not None and (replica.lag_seconds or 0.0) > max_seconds
                 )
                 too_far_bytes = max_bytes is not None and (replica.lag_bytes or 0) > max_bytes
-                follows = _follows(replica, writer)
+                follows = identity is None or _follows(replica, writer, identity, first_writer)
                 fresh = follows and not (too_far_seconds or too_far_bytes)
                 if fresh != replica.fresh:
                     logger.warning(
@@ -464,26 +492,31 @@ class HealthMonitor:
                 replica.fresh = fresh
 
 
-def _follows(replica: ServerHealth, writer: ServerHealth) -> bool:
-    """Whether `replica` follows `writer` (see the module): its timeline says so when the probe
-    may see it; else it is assumed to follow the writer it was first seen with, and a later
-    writer once its replayed position moved on after the change or reached the writer's."""
-    identity = (writer.endpoint, writer.timeline)
-    if replica.timeline is not None and writer.timeline is not None:
+def _follows(
+    replica: ServerHealth,
+    writer: ServerHealth,
+    identity: tuple[str, int],
+    first_writer: tuple[str, int],
+) -> bool:
+    """Whether `replica` follows `writer`, whose (endpoint, timeline) is `identity` (see the
+    module). Its timeline says so when the probe may see it. Else it follows the writer it
+    followed at the last look, and a server first seen follows the cluster's first writer
+    seen. Any other writer it follows once it has replayed up to where that writer began
+    writing: WAL of an older timeline, held by a replica the writer does not feed, cannot
+    reach that far unless the replica received more of it than the writer had (diverged)."""
+    if replica.timeline is not None:
         follows = replica.timeline == writer.timeline
-    elif replica.following is None or replica.following == identity:
-        # The writer it followed at the last look, or the first one seen (there is no
-        # earlier writer to compare with).
+    elif replica.following == identity or (replica.following is None and identity == first_writer):
         follows = True
     else:
-        if replica.lsn_at_writer_change is None:
-            replica.lsn_at_writer_change = replica.lsn
-        start = replica.lsn_at_writer_change
-        caught_up = replica.lsn is not None and replica.lsn == writer.lsn
-        moved_on = replica.lsn is not None and start is not None and replica.lsn > start
-        follows = caught_up or moved_on
+        follows = (
+            replica.up
+            and replica.lsn is not None
+            and writer.writing_since is not None
+            and replica.lsn >= writer.writing_since
+        )
     if follows:
-        replica.following, replica.lsn_at_writer_change = identity, None
+        replica.following = identity
     return follows
 
 
