@@ -555,6 +555,46 @@ async def test_roles_are_discovered_and_a_promoted_replica_takes_the_writes(
     assert state_of(router, "main.node1")["role"] == "primary"
 
 
+async def test_an_old_primary_started_again_as_a_primary_gets_no_write(
+    small_cluster: DevCluster,
+) -> None:
+    pg = small_cluster
+    # The old primary listed first: before timelines counted, the first writable node listed
+    # took the writes.
+    nodes = [pg.url(name, database="app", user=APP_ROLE) for name in ("primary", "replica1")]
+    settings = database_settings(
+        pg, clusters={"main": {"nodes": nodes}}, tenants={}, retry={"deadline": 10.0}
+    )
+    router = SessionRouter(settings)
+    await router.start()
+    where = text("SELECT inet_server_port()")
+
+    async def insert(session: Any) -> int:
+        await session.execute(text("INSERT INTO notes VALUES ('split brain')"))
+        return int(await session.scalar(where))
+
+    try:
+        await asyncio.to_thread(pg.stop_node, "primary", mode="fast")
+        await asyncio.to_thread(pg.promote, "replica1")
+        promoted = pg.nodes["replica1"].port
+        assert await router.run(insert) == promoted
+        # A split brain: the old primary starts again out of recovery, on the old timeline.
+        await asyncio.to_thread(pg.start_node, "primary")
+        await eventually(
+            lambda: (
+                state_of(router, "main.node1")["state"] == "up"
+                and state_of(router, "main.node1")["role"] == "primary"
+            ),
+            within=10,
+            what="the old primary seen as a primary again",
+        )
+        for _ in range(10):
+            assert await router.run(insert) == promoted
+        assert router.status()["nodes"]["main.node2"]["timeline"] == 2
+    finally:
+        await router.dispose()
+
+
 @pytest.fixture(params=["timeline hidden", "timeline visible"])
 def forking_cluster(request: pytest.FixtureRequest) -> Iterator[tuple[DevCluster, bool]]:
     """A cluster of its own with two replicas: one to promote, one left following the old

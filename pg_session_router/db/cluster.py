@@ -16,7 +16,7 @@ from __future__ import annotations
 import asyncio
 import logging
 import uuid
-from collections.abc import Callable, Sequence
+from collections.abc import Callable, Iterable, Sequence
 from functools import partial
 from typing import Any, Literal
 
@@ -258,6 +258,16 @@ class Node:
         return f"<Node {self.name} {self.role} {self.url!r}>"
 
 
+def newest_timeline(nodes: Iterable[Node]) -> Node | None:
+    """The node whose server is on the newest timeline (the first on a tie; unknown counts as
+    oldest)."""
+    chosen = None
+    for node in nodes:
+        if chosen is None or (node.health.timeline or 0) > (chosen.health.timeline or 0):
+            chosen = node
+    return chosen
+
+
 class Cluster:
     """A primary and its replicas. Chooses the node for a unit of work."""
 
@@ -280,6 +290,8 @@ class Cluster:
         self._epoch = epochs.pop() if len(epochs) == 1 else None
         self._readers: tuple[Node, ...] = ()
         self._readers_at = -1
+        self._writer: Node | None = None
+        self._writer_at = -1
         #: Sessions open on this cluster's nodes (an idle tenant cluster may be evicted).
         self.in_flight = 0
         #: Set when this tenant cluster is about to be evicted: new sessions wait for a new one.
@@ -342,10 +354,25 @@ class Cluster:
         return tuple(node for node in self.nodes if node.role == "replica")
 
     def writer(self) -> Node | None:
-        for node in self.nodes:
-            if node.writable:
-                return node
-        return None
+        """The node writes go to: up, not drained, out of recovery; answered from the last
+        look until a server's health changes, like `readable_replicas`. Two such nodes (a
+        split brain: the old primary started again as one after a failover) -> the one on
+        the newest timeline, whose history includes the promotion; the first listed on a tie."""
+        epoch = self._epoch
+        if epoch is None or epoch.value != self._writer_at:
+            candidates = [node for node in self.nodes if node.writable]
+            self._writer = newest_timeline(candidates)
+            self._writer_at = -1 if epoch is None else epoch.value
+            if len(candidates) > 1:
+                assert self._writer is not None
+                logger.warning(
+                    "%s: %d nodes are out of recovery; writes go to %s (timeline %s)",
+                    self.name,
+                    len(candidates),
+                    self._writer.name,
+                    self._writer.health.timeline,
+                )
+        return self._writer
 
     def choose_reader(self, min_lsn: int | None = None) -> tuple[Node | None, ReaderReason]:
         """A fresh, healthy replica by the policy; else the writer if falling back is allowed;

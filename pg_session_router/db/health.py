@@ -103,7 +103,7 @@ class RoutingEpoch:
 
 
 #: What a routing decision reads from `ServerHealth` (a node's role comes from `in_recovery`).
-ROUTING_FIELDS = frozenset({"up", "fresh", "drained", "in_recovery"})
+ROUTING_FIELDS = frozenset({"up", "fresh", "drained", "in_recovery", "timeline"})
 _UNSET = object()
 
 
