@@ -563,7 +563,7 @@ async def test_an_old_primary_started_again_as_a_primary_gets_no_write(
     # took the writes.
     nodes = [pg.url(name, database="app", user=APP_ROLE) for name in ("primary", "replica1")]
     settings = database_settings(
-        pg, clusters={"main": {"nodes": nodes}}, tenants={}, retry={"deadline": 10.0}
+        pg, clusters={"main": {"nodes": nodes}}, tenants={}, retry={"deadline": 5.0}
     )
     router = SessionRouter(settings)
     await router.start()
@@ -591,6 +591,12 @@ async def test_an_old_primary_started_again_as_a_primary_gets_no_write(
         for _ in range(10):
             assert await router.run(insert) == promoted
         assert router.status()["nodes"]["main.node2"]["timeline"] == 2
+        # Nor while the new primary is down: writes wait for it (here, in vain).
+        await asyncio.to_thread(pg.stop_node, "replica1")
+        with pytest.raises(DatabaseUnavailableError):
+            await router.run(insert)
+        count = "SELECT count(*) FROM notes WHERE body = 'split brain'"
+        assert pg.sql("primary", count, database="app") == "0"
     finally:
         await router.dispose()
 

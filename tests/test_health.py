@@ -81,6 +81,21 @@ def test_a_flapping_server_waits_longer_before_each_trial() -> None:
     assert waits == [1, 2, 4, 4, 4]
 
 
+def test_a_write_refused_as_read_only_does_not_restart_the_primarys_lag_clock() -> None:
+    from sqlalchemy.engine import make_url
+
+    health = ServerHealth("db:5432", make_url("postgresql+asyncpg://u@db/x"), HealthSettings())
+    row = {"in_recovery": False, "lsn": 100, "paused": False, "lag_seconds": 0.0}
+    row |= {"server_version": "15.20", "timeline": 1, "sees_receiver": False}
+    health.record_probe(row, sent_at=1.0)
+    # What a write refused with 25006 does until the next probe (a database set read-only,
+    # say): the primary is still one, and the replicas' lag is still timed by its positions.
+    health.in_recovery = True
+    health.record_probe({**row, "lsn": 200}, sent_at=2.0)
+    assert list(health.positions) == [(1.0, 100), (2.0, 200)]
+    assert health.writing_since == 100
+
+
 async def test_status_and_health_route_show_roles_lag_and_pools(router: SessionRouter) -> None:
     provider = RouterProvider(RouterSettings(http=HttpSettings(health_details_public=True)))
     provider.set(router)

@@ -292,6 +292,8 @@ class Cluster:
         self._readers_at = -1
         self._writer: Node | None = None
         self._writer_at = -1
+        #: The nodes of the last split brain warned about (logged once per change).
+        self._split_warned: tuple[str, ...] = ()
         #: Sessions open on this cluster's nodes (an idle tenant cluster may be evicted).
         self.in_flight = 0
         #: Set when this tenant cluster is about to be evicted: new sessions wait for a new one.
@@ -354,25 +356,36 @@ class Cluster:
         return tuple(node for node in self.nodes if node.role == "replica")
 
     def writer(self) -> Node | None:
-        """The node writes go to: up, not drained, out of recovery; answered from the last
-        look until a server's health changes, like `readable_replicas`. Two such nodes (a
-        split brain: the old primary started again as one after a failover) -> the one on
-        the newest timeline, whose history includes the promotion; the first listed on a tie."""
+        """The node writes go to: the leader (below) while it is up and not drained, else
+        None (writes wait for it, or for a newer one). Answered from the last look until a
+        server's health changes, like `readable_replicas`."""
         epoch = self._epoch
         if epoch is None or epoch.value != self._writer_at:
-            candidates = [node for node in self.nodes if node.writable]
-            self._writer = newest_timeline(candidates)
+            leader = self.leader()
+            self._writer = leader if leader is not None and leader.writable else None
             self._writer_at = -1 if epoch is None else epoch.value
-            if len(candidates) > 1:
-                assert self._writer is not None
-                logger.warning(
-                    "%s: %d nodes are out of recovery; writes go to %s (timeline %s)",
-                    self.name,
-                    len(candidates),
-                    self._writer.name,
-                    self._writer.health.timeline,
-                )
         return self._writer
+
+    def leader(self) -> Node | None:
+        """The primary the cluster follows: of the nodes last seen out of recovery (up or
+        not), the one on the newest timeline. Two such (a split brain: the old primary started
+        again as one after a failover): the newer one's history includes the promotion, and
+        the old one never leads again, even while the newer one is down; the first listed on
+        a tie."""
+        primaries = [node for node in self.nodes if node.role == "primary"]
+        leader = newest_timeline(primaries)
+        names = tuple(node.name for node in primaries)
+        if len(primaries) > 1 and names != self._split_warned:
+            assert leader is not None
+            logger.warning(
+                "%s: %s are out of recovery; %s on timeline %s leads",
+                self.name,
+                ", ".join(names),
+                leader.name,
+                leader.health.timeline,
+            )
+        self._split_warned = names if len(primaries) > 1 else ()
+        return leader
 
     def choose_reader(self, min_lsn: int | None = None) -> tuple[Node | None, ReaderReason]:
         """A fresh, healthy replica by the policy; else the writer if falling back is allowed;

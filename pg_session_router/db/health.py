@@ -149,6 +149,11 @@ class ServerHealth:
         self.timeline: int | None = None
         #: A writer's position when it was first seen writing on its timeline.
         self.writing_since: int | None = None
+        #: Whether the last probe found it out of recovery (`in_recovery` is also set by a
+        #: write refused as read-only, which must not restart the lag clock).
+        self.probed_writing = False
+        #: Whether the probe's role may see the WAL receiver's timeline (`pg_read_all_stats`).
+        self.sees_receiver = False
         #: The writer (endpoint, timeline) this server was last known to follow (a writer
         #: follows itself); see `_follows`.
         self.following: tuple[str, int] | None = None
@@ -217,8 +222,9 @@ class ServerHealth:
         """`sent_at`: when the probe was sent (monotonic), no later than the moment its WAL
         position was read."""
         self.probes += 1
-        was_writing = self.in_recovery is False
+        was_writing = self.probed_writing
         self.in_recovery = bool(row["in_recovery"])
+        self.probed_writing = not self.in_recovery
         self.lsn = int(row["lsn"])
         self._record_timeline(row, was_writing)
         if not self.in_recovery:
@@ -237,13 +243,14 @@ class ServerHealth:
 
     def _record_timeline(self, row: Any, was_writing: bool) -> None:
         received = None if row["timeline"] is None else int(row["timeline"])
+        self.sees_receiver = bool(row["sees_receiver"])
         if self.in_recovery:
             # A demoted server leads nobody with its old positions. Its timeline stays the last
             # one seen (its own as a writer, say) while no WAL receiver is connected: a
             # replica whose upstream died shows none.
             self.positions.clear()
             self.writing_since = None
-            self.timeline = (received or self.timeline) if row["sees_receiver"] else None
+            self.timeline = (received or self.timeline) if self.sees_receiver else None
         elif not was_writing or received != self.timeline:
             # Newly writing, or a new timeline behind the same address (another server's
             # history): the lag clock starts again.
@@ -455,48 +462,72 @@ class HealthMonitor:
             terminate()  # closed by the server already: this only releases what is left
 
     def _update_lag(self) -> None:
-        max_seconds = self.routing.max_replica_lag_seconds
-        max_bytes = self.routing.max_replica_lag_bytes
         now = time.monotonic()
-        for writer, replicas in self._replica_groups():
-            writer_lsn = writer.lsn if writer.up and writer.in_recovery is False else None
-            identity = None if writer.timeline is None else (writer.endpoint, writer.timeline)
-            if identity is not None:  # else not probed yet: nothing to compare with
-                writer.following = identity
-                # The first writer seen for these servers: the one a server first seen with
-                # it is taken to follow (the monitor has no earlier writer to compare with).
-                group = frozenset((writer.endpoint, *(r.endpoint for r in replicas)))
-                first_writer = self._first_writers.setdefault(group, identity)
+        for writer, followers in self._replica_groups():
+            replicas = list(followers)
+            follows = self._follow_check(writer, replicas)
             for replica in replicas:
                 if not replica.in_recovery:
                     replica.fresh = True
                     continue
-                if writer_lsn is not None and replica.lsn is not None:
-                    replica.lag_bytes = max(0, writer_lsn - replica.lsn)
-                    _bound_lag_seconds(replica, writer, now)
-                too_far_seconds = (
-                    max_seconds is not None and (replica.lag_seconds or 0.0) > max_seconds
-                )
-                too_far_bytes = max_bytes is not None and (replica.lag_bytes or 0) > max_bytes
-                follows = identity is None or _follows(replica, writer, identity, first_writer)
-                fresh = follows and not (too_far_seconds or too_far_bytes)
-                if fresh != replica.fresh:
-                    logger.warning(
-                        "%s %s reads (%s)",
-                        replica.endpoint,
-                        "resumes" if fresh else "stops receiving",
-                        f"lag {replica.lag_bytes} bytes, {replica.lag_seconds or 0.0:.1f}s"
-                        if follows
-                        else f"not following the writer on timeline {writer.timeline}",
-                    )
-                replica.fresh = fresh
+                self._judge(replica, writer, follows(replica), now)
+
+    def _follow_check(
+        self, writer: ServerHealth, replicas: list[ServerHealth]
+    ) -> Callable[[ServerHealth], bool]:
+        """`_follows` for this writer's group (every replica follows a writer not probed yet:
+        there is nothing to compare with)."""
+        if writer.timeline is None:
+            return lambda replica: True
+        identity = (writer.endpoint, writer.timeline)
+        writer.following = identity
+        # The first writer seen for these servers: the one a server first seen with it is
+        # taken to follow (the monitor has no earlier writer to compare with).
+        servers = frozenset((writer.endpoint, *(r.endpoint for r in replicas)))
+        first_writer = self._first_writers.setdefault(servers, identity)
+        # Another server up and out of recovery (a split brain): the old primary's WAL moves
+        # its replicas' positions on too, so only a visible timeline tells who follows whom.
+        split_brain = any(r.up and r.in_recovery is False for r in replicas)
+        return partial(
+            _follows,
+            writer=writer,
+            identity=identity,
+            first_writer=first_writer,
+            split_brain=split_brain,
+        )
+
+    def _judge(
+        self, replica: ServerHealth, writer: ServerHealth, follows: bool, now: float
+    ) -> None:
+        """Set the replica's lag against the writer, and whether it gets reads (`fresh`)."""
+        max_seconds = self.routing.max_replica_lag_seconds
+        max_bytes = self.routing.max_replica_lag_bytes
+        writer_lsn = writer.lsn if writer.up and writer.in_recovery is False else None
+        if writer_lsn is not None and replica.lsn is not None:
+            replica.lag_bytes = max(0, writer_lsn - replica.lsn)
+            _bound_lag_seconds(replica, writer, now)
+        too_far_seconds = max_seconds is not None and (replica.lag_seconds or 0.0) > max_seconds
+        too_far_bytes = max_bytes is not None and (replica.lag_bytes or 0) > max_bytes
+        fresh = follows and not (too_far_seconds or too_far_bytes)
+        if fresh != replica.fresh:
+            logger.warning(
+                "%s %s reads (%s)",
+                replica.endpoint,
+                "resumes" if fresh else "stops receiving",
+                f"lag {replica.lag_bytes} bytes, {replica.lag_seconds or 0.0:.1f}s"
+                if follows
+                else f"not following the writer on timeline {writer.timeline}",
+            )
+        replica.fresh = fresh
 
 
 def _follows(
     replica: ServerHealth,
+    *,
     writer: ServerHealth,
     identity: tuple[str, int],
     first_writer: tuple[str, int],
+    split_brain: bool,
 ) -> bool:
     """Whether `replica` follows `writer`, whose (endpoint, timeline) is `identity` (see the
     module). Its timeline says so when the probe may see it. Else it follows the writer it
@@ -506,6 +537,10 @@ def _follows(
     reach that far unless the replica received more of it than the writer had (diverged)."""
     if replica.timeline is not None:
         follows = replica.timeline == writer.timeline
+    elif replica.sees_receiver or split_brain:
+        # A receiver never seen connected (the router started after its upstream died), or
+        # positions that two writers move on: nothing shows which one it follows.
+        follows = False
     elif replica.following == identity or (replica.following is None and identity == first_writer):
         follows = True
     else:

@@ -11,7 +11,7 @@ from collections.abc import Callable, Iterator
 
 from pg_session_router.core.errors import TargetError
 from pg_session_router.core.settings import DatabaseSettings, PoolSettings, TenantSettings
-from pg_session_router.db.cluster import Cluster, Node, newest_timeline
+from pg_session_router.db.cluster import Cluster, Node
 from pg_session_router.db.credentials import provider_of
 from pg_session_router.db.health import HealthMonitor, ServerHealth
 from pg_session_router.db.keys import ClusterKey
@@ -113,12 +113,11 @@ class Topology:
         """For lag: each configured cluster's writer and the servers that follow it."""
         for name in self.settings.clusters:
             cluster = self._clusters[ClusterKey.configured(name)]
-            # The primary by health alone: a drained primary still leads its replicas. (In a
-            # split brain, the one on the newest timeline, as `Cluster.writer` chooses.)
-            up = (n for n in cluster.nodes if n.health.up and n.role == "primary")
-            writer = newest_timeline(up)
-            if writer is not None:
-                yield writer.health, [n.health for n in cluster.nodes if n is not writer]
+            # The leader by health alone: a drained primary still leads its replicas. While
+            # it is down, nothing is judged (an old primary of a split brain leads nobody).
+            leader = cluster.leader()
+            if leader is not None and leader.health.up:
+                yield leader.health, [n.health for n in cluster.nodes if n is not leader]
 
     async def dispose(self) -> None:
         for cluster in list(self._clusters.values()):
