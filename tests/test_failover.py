@@ -7,7 +7,7 @@ from __future__ import annotations
 
 import asyncio
 import time
-from collections.abc import AsyncIterator, Awaitable, Callable, Iterator
+from collections.abc import AsyncIterator, Iterator
 from typing import Annotated, Any
 
 import httpx
@@ -601,45 +601,60 @@ async def test_an_old_primary_started_again_as_a_primary_gets_no_write(
         await router.dispose()
 
 
-@pytest.fixture(params=["timeline hidden", "timeline visible"])
-def forking_cluster(request: pytest.FixtureRequest) -> Iterator[tuple[DevCluster, bool]]:
+#: A role that may read `pg_stat_wal_receiver` (a replica's timeline); `APP_ROLE` may not.
+STATS_ROLE = "app_stats"
+
+
+@pytest.fixture
+def forking_cluster() -> Iterator[DevCluster]:
     """A cluster of its own with two replicas: one to promote, one left following the old
-    primary. The app role may read `pg_stat_wal_receiver` (a replica's timeline) or not."""
+    primary."""
     with DevCluster(replicas=2) as cluster:
         cluster.create_role(APP_ROLE)
+        cluster.create_role(STATS_ROLE)
         cluster.create_database("app", owner=APP_ROLE)
         cluster.sql("primary", "CREATE TABLE notes (body text)", database="app")
-        cluster.sql("primary", f"GRANT ALL ON notes TO {APP_ROLE}", database="app")
-        visible = request.param == "timeline visible"
-        if visible:
-            cluster.sql("primary", f"GRANT pg_read_all_stats TO {APP_ROLE}")
+        cluster.sql("primary", f"GRANT ALL ON notes TO {APP_ROLE}, {STATS_ROLE}", database="app")
+        cluster.sql("primary", f"GRANT pg_read_all_stats TO {STATS_ROLE}")
         cluster.wait_replayed()
-        yield cluster, visible
+        yield cluster
 
 
 async def test_a_replica_the_new_primary_does_not_feed_serves_no_read_until_it_follows(
-    forking_cluster: tuple[DevCluster, bool],
+    forking_cluster: DevCluster,
 ) -> None:
-    pg, timeline_visible = forking_cluster
-    nodes = [pg.url(name, database="app", user=APP_ROLE) for name in pg.nodes]
-    settings = database_settings(
-        pg, clusters={"main": {"nodes": nodes}}, tenants={}, retry={"deadline": 10.0}
-    )
-    router = SessionRouter(settings)
-    await router.start()
-    read = text("SELECT inet_server_port(), count(*) FROM notes WHERE body = 'after failover'")
+    pg = forking_cluster
+    # Two routers watch the same failover: one whose role sees replicas' timelines, one not.
+    routers: dict[bool, SessionRouter] = {}
+    for visible, role in ((False, APP_ROLE), (True, STATS_ROLE)):
+        nodes = [pg.url(name, database="app", user=role) for name in pg.nodes]
+        routers[visible] = SessionRouter(
+            database_settings(
+                pg, clusters={"main": {"nodes": nodes}}, tenants={}, retry={"deadline": 10.0}
+            )
+        )
+        await routers[visible].start()
 
-    async def read_once() -> tuple[int, int]:
-        async with router.session("replica") as session:
-            port, seen = (await session.execute(read)).one()
-            return int(port), int(seen)
+    async def probe() -> None:
+        for router in routers.values():
+            await router.monitor.probe_round()
 
     async def no_read_misses_the_row(left_behind: str) -> None:
-        await router.monitor.probe_round()  # judged with the new writer known
-        for _ in range(20):
-            _, seen = await read_once()
-            assert seen == 1
-        assert not router.status()["nodes"][left_behind]["fresh"]
+        await probe()  # judged with the new writer known
+        for router in routers.values():
+            for _ in range(20):
+                _, seen = await read_once(router)
+                assert seen == 1
+            assert not router.status()["nodes"][left_behind]["fresh"]
+
+    async def serves_the_row(name: str) -> None:
+        port = pg.nodes[name].port
+        for router in routers.values():
+
+            async def served(router: SessionRouter = router) -> bool:
+                return await read_once(router) == (port, 1)
+
+            await eventually(served, within=20, what=f"reads on {name} again")
 
     async def insert(session: Any) -> None:
         await session.execute(text("INSERT INTO notes VALUES ('after failover')"))
@@ -654,8 +669,8 @@ async def test_a_replica_the_new_primary_does_not_feed_serves_no_read_until_it_f
         # primary lacks, and both can follow its timeline later.
         await asyncio.to_thread(pg.stop_node, "primary", mode="fast")
         await asyncio.to_thread(pg.promote, "replica1")
-        await router.run(insert)
-        await router.monitor.probe_round()  # the new writer seen
+        await routers[False].run(insert)
+        await probe()  # the new writer seen
         await asyncio.to_thread(pg.resume_replay, "replica2")
         caught_up = "SELECT pg_last_wal_replay_lsn() = pg_last_wal_receive_lsn()"
         await eventually(
@@ -665,32 +680,33 @@ async def test_a_replica_the_new_primary_does_not_feed_serves_no_read_until_it_f
         # figure shows it (it replayed all it received, and is bytes behind, not megabytes).
         await no_read_misses_the_row("main.node3")
         await asyncio.to_thread(pg.follow, "replica2", "replica1")
-        await serves_the_row(read_once, pg.nodes["replica2"].port)
+        await serves_the_row("replica2")
 
         # The old primary back in recovery, fed by nobody: once the writer, it is not trusted
         # on sight either.
         await asyncio.to_thread(pg.start_as_standby, "primary")
-        await eventually(
-            lambda: state_of(router, "main.node1")["in_recovery"] is True,
-            within=10,
-            what="the old primary seen in recovery",
-        )
+        for router in routers.values():
+            await eventually(
+                lambda router=router: state_of(router, "main.node1")["in_recovery"] is True,
+                within=10,
+                what="the old primary seen in recovery",
+            )
         await no_read_misses_the_row("main.node1")
         await asyncio.to_thread(pg.follow, "primary", "replica1")
-        await serves_the_row(read_once, pg.nodes["primary"].port)
+        await serves_the_row("primary")
 
         # Where the role may see them, the replicas' timelines are the new primary's.
-        for node in ("main.node1", "main.node3"):
-            timeline = router.status()["nodes"][node]["timeline"]
-            assert timeline == (2 if timeline_visible else None)
+        for visible, router in routers.items():
+            for node in ("main.node1", "main.node3"):
+                assert state_of(router, node)["timeline"] == (2 if visible else None)
     finally:
-        await router.dispose()
+        for router in routers.values():
+            await router.dispose()
 
 
-async def serves_the_row(read_once: Callable[[], Awaitable[tuple[int, int]]], port: int) -> None:
-    """Until a read lands on the server at `port` and sees the row."""
-
-    async def served() -> bool:
-        return await read_once() == (port, 1)
-
-    await eventually(served, within=20, what=f"reads on {port} again")
+async def read_once(router: SessionRouter) -> tuple[int, int]:
+    """A replica read: the server that answered, and whether it has the row."""
+    read = text("SELECT inet_server_port(), count(*) FROM notes WHERE body = 'after failover'")
+    async with router.session("replica") as session:
+        port, seen = (await session.execute(read)).one()
+        return int(port), int(seen)
