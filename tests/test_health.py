@@ -5,14 +5,20 @@ from __future__ import annotations
 import asyncio
 import logging
 import time
+from typing import Any
 
 import httpx
 import pytest
 from sqlalchemy import text
 
 from app.main import create_app
-from pg_session_router.core.settings import HealthSettings, HttpSettings, RouterSettings
-from pg_session_router.db.health import ServerHealth
+from pg_session_router.core.settings import (
+    HealthSettings,
+    HttpSettings,
+    RouterSettings,
+    RoutingSettings,
+)
+from pg_session_router.db.health import HealthMonitor, ServerHealth
 from pg_session_router.db.provider import RouterProvider
 from pg_session_router.db.router import SessionRouter
 from pg_session_router.devcluster import DevCluster
@@ -94,6 +100,47 @@ def test_a_write_refused_as_read_only_does_not_restart_the_primarys_lag_clock() 
     health.record_probe({**row, "lsn": 200}, sent_at=2.0)
     assert list(health.positions) == [(1.0, 100), (2.0, 200)]
     assert health.writing_since == 100
+
+
+def probed(
+    endpoint: str, *, lsn: int, timeline: int | None, recovery: bool = True, **row: Any
+) -> ServerHealth:
+    """A server's health after one probe that found what the arguments say."""
+    from sqlalchemy.engine import make_url
+
+    health = ServerHealth(endpoint, make_url("postgresql+asyncpg://u@db/x"), HealthSettings())
+    found = {"in_recovery": recovery, "lsn": lsn, "paused": False, "lag_seconds": 0.0}
+    found |= {"server_version": "15.20", "timeline": timeline, "sees_receiver": False} | row
+    health.record_probe(found, sent_at=time.monotonic())
+    return health
+
+
+def test_in_a_split_brain_a_replica_whose_timeline_is_hidden_gets_no_read() -> None:
+    new = probed("new:5432", lsn=1000, timeline=2, recovery=False)
+    old = probed("old:5432", lsn=5000, timeline=1, recovery=False)  # started again as a primary
+    replica = probed("replica:5432", lsn=1000, timeline=None)
+    monitor = HealthMonitor(HealthSettings(), RoutingSettings(), lambda: [(new, [old, replica])])
+    monitor._update_lag()
+    assert not replica.fresh  # the old primary's WAL could be what moves it on
+    old.eject("stopped")
+    monitor._update_lag()
+    assert replica.fresh  # one writer again, the one it was first seen with
+
+
+def test_with_the_grant_a_replica_whose_receiver_was_never_seen_gets_no_read() -> None:
+    writer = probed("primary:5432", lsn=1000, timeline=1, recovery=False)
+    replica = probed("replica:5432", lsn=1000, timeline=None, sees_receiver=True)
+    monitor = HealthMonitor(HealthSettings(), RoutingSettings(), lambda: [(writer, [replica])])
+    monitor._update_lag()
+    assert not replica.fresh  # it may follow nobody, or an old primary
+    row = {"in_recovery": True, "lsn": 1000, "paused": False, "lag_seconds": 0.0}
+    row |= {"server_version": "15.20", "timeline": 1, "sees_receiver": True}
+    replica.record_probe(row, sent_at=time.monotonic())
+    monitor._update_lag()
+    assert replica.fresh and replica.timeline == 1
+    replica.record_probe({**row, "timeline": None}, sent_at=time.monotonic())
+    monitor._update_lag()
+    assert replica.fresh and replica.timeline == 1  # its upstream restarting: the last one seen
 
 
 async def test_status_and_health_route_show_roles_lag_and_pools(router: SessionRouter) -> None:
