@@ -53,6 +53,8 @@ BASELINE = "hand-written sessionmaker"
 CONTROL = "the same, second engine (A/A control)"
 COMMIT_BASELINE = "hand-written, primary, COMMIT"
 #: A variant compared with a baseline other than BASELINE: a write with the hand-written write.
+#: Concurrencies measured unless `--concurrency` says otherwise (the issue's goals are set at both).
+CONCURRENCIES = (1, 16)
 COMPARED_WITH = {"router, target primary (COMMIT)": COMMIT_BASELINE}
 Op = Callable[[], Awaitable[Any]]
 
@@ -262,7 +264,7 @@ async def run(
     rounds: int,
     ops: int,
     only: Sequence[str] = (),
-    concurrencies: Sequence[int] = (1, 16),
+    concurrencies: Sequence[int] = CONCURRENCIES,
 ) -> str:
     variants, close = await build_variants(cluster)
     if only:  # the chosen variants, with what they are compared with
@@ -300,7 +302,7 @@ def main(argv: list[str] | None = None) -> str:
     # 2,000 units: a measurement of 640 at concurrency 16 lasted about 0.13 s, short enough
     # for a probe round or a timer of the VM to move it by several percent.
     rounds, ops = (1, 64) if args.quick else (args.rounds, 2000)
-    concurrencies = args.concurrency or (1, 16)
+    concurrencies = args.concurrency or CONCURRENCIES
     with bench_cluster() as cluster:
         body = run(cluster, rounds=rounds, ops=ops, only=args.only, concurrencies=concurrencies)
         return publish("Session overhead", asyncio.run(body))
@@ -315,7 +317,10 @@ def _options(parser: argparse.ArgumentParser) -> None:
         help="only the variants whose name contains TEXT (and their baselines); repeatable",
     )
     parser.add_argument(
-        "--concurrency", action="append", type=int, help="repeatable; default 1 and 16"
+        "--concurrency",
+        action="append",
+        type=int,
+        help=f"repeatable; default {' and '.join(map(str, CONCURRENCIES))}",
     )
 
 

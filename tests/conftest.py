@@ -13,6 +13,7 @@ import inspect
 import sys
 import uuid
 from collections.abc import AsyncIterator, Iterator
+from contextlib import contextmanager
 from typing import Any
 
 import pytest
@@ -40,6 +41,23 @@ def tenants_config(pg: DevCluster) -> dict[str, Any]:
         "hooli": {"strategy": "row"},
         "oldco": {"strategy": "row", "active": False},
     }
+
+
+@contextmanager
+def notes_cluster(replicas: int, *readers: str) -> Iterator[DevCluster]:
+    """A cluster of its own (for faults that are a one-way trip: promotion, a failover): the
+    app role owns the `app` database with a `notes (body text)` table, which `readers` (roles
+    created here) may use too; every replica has the table."""
+    with DevCluster(replicas=replicas) as cluster:
+        cluster.create_role(APP_ROLE)
+        for role in readers:
+            cluster.create_role(role)
+        cluster.create_database("app", owner=APP_ROLE)
+        cluster.sql("primary", "CREATE TABLE notes (body text)", database="app")
+        roles = ", ".join((APP_ROLE, *readers))
+        cluster.sql("primary", f"GRANT ALL ON notes TO {roles}", database="app")
+        cluster.wait_replayed()  # replication is asynchronous: the replicas must have the table
+        yield cluster
 
 
 def database_settings(

@@ -20,7 +20,7 @@ from pg_session_router.core.settings import DatabaseSettings, HttpSettings, Rout
 from pg_session_router.db.provider import RouterProvider
 from pg_session_router.db.router import SessionRouter
 from pg_session_router.devcluster import DevCluster
-from tests.conftest import APP_ROLE, HEALTH_INTERVAL, database_settings
+from tests.conftest import APP_ROLE, HEALTH_INTERVAL, database_settings, notes_cluster
 from tests.support.faults import BlackholeServer, eventually
 
 ADMIN_TOKEN = "a" * 40
@@ -190,12 +190,7 @@ async def test_a_connect_under_way_when_its_pool_is_closed_counts_in_use_until_i
 
 @pytest.fixture(scope="module")
 def switchable() -> Iterator[DevCluster]:
-    with DevCluster(replicas=2) as cluster:
-        cluster.create_role(APP_ROLE)
-        cluster.create_database("app", owner=APP_ROLE)
-        cluster.sql("primary", "CREATE TABLE notes (body text)", database="app")
-        cluster.sql("primary", f"GRANT ALL ON notes TO {APP_ROLE}", database="app")
-        cluster.wait_replayed()
+    with notes_cluster(2) as cluster:
         yield cluster
 
 

@@ -30,7 +30,7 @@ from pg_session_router.devcluster import DevCluster
 from pg_session_router.web import install_router
 from tests.support.faults import WHO_ANSWERS, BlackholeServer, CommitCutter, ReadLoad, eventually
 
-from .conftest import APP_ROLE, HEALTH_INTERVAL, database_settings
+from .conftest import APP_ROLE, HEALTH_INTERVAL, database_settings, notes_cluster
 
 # Scheduling and pg_ctl latency on a loaded 2-core machine: bounds that such a machine meets
 # (bench/failover.py measures the real figures: ejection in about 0.1 s), kept well below the
@@ -501,12 +501,7 @@ async def test_a_write_on_a_node_that_is_read_only_is_a_topology_change(
 @pytest.fixture
 def small_cluster() -> Iterator[DevCluster]:
     """A cluster of its own: promotion is a one-way trip."""
-    with DevCluster(replicas=1) as cluster:
-        cluster.create_role(APP_ROLE)
-        cluster.create_database("app", owner=APP_ROLE)
-        cluster.sql("primary", "CREATE TABLE notes (body text)", database="app")
-        cluster.sql("primary", f"GRANT ALL ON notes TO {APP_ROLE}", database="app")
-        cluster.wait_replayed()  # replication is asynchronous: the replica must have the table
+    with notes_cluster(1) as cluster:
         yield cluster
 
 
@@ -609,14 +604,8 @@ STATS_ROLE = "app_stats"
 def forking_cluster() -> Iterator[DevCluster]:
     """A cluster of its own with two replicas: one to promote, one left following the old
     primary."""
-    with DevCluster(replicas=2) as cluster:
-        cluster.create_role(APP_ROLE)
-        cluster.create_role(STATS_ROLE)
-        cluster.create_database("app", owner=APP_ROLE)
-        cluster.sql("primary", "CREATE TABLE notes (body text)", database="app")
-        cluster.sql("primary", f"GRANT ALL ON notes TO {APP_ROLE}, {STATS_ROLE}", database="app")
+    with notes_cluster(2, STATS_ROLE) as cluster:
         cluster.sql("primary", f"GRANT pg_read_all_stats TO {STATS_ROLE}")
-        cluster.wait_replayed()
         yield cluster
 
 

@@ -87,32 +87,32 @@ def test_a_flapping_server_waits_longer_before_each_trial() -> None:
     assert waits == [1, 2, 4, 4, 4]
 
 
+def probe_row(*, lsn: int, timeline: int | None, recovery: bool = True, **row: Any) -> Any:
+    """What PROBE_SQL returns for a server, as the arguments say."""
+    found = {"in_recovery": recovery, "lsn": lsn, "paused": False, "lag_seconds": 0.0}
+    return found | {"server_version": "15.20", "timeline": timeline, "sees_receiver": False} | row
+
+
+def probed(endpoint: str, **row: Any) -> ServerHealth:
+    """A server's health after one probe that found `probe_row(**row)`."""
+    from sqlalchemy.engine import make_url
+
+    health = ServerHealth(endpoint, make_url("postgresql+asyncpg://u@db/x"), HealthSettings())
+    health.record_probe(probe_row(**row), sent_at=time.monotonic())
+    return health
+
+
 def test_a_write_refused_as_read_only_does_not_restart_the_primarys_lag_clock() -> None:
     from sqlalchemy.engine import make_url
 
     health = ServerHealth("db:5432", make_url("postgresql+asyncpg://u@db/x"), HealthSettings())
-    row = {"in_recovery": False, "lsn": 100, "paused": False, "lag_seconds": 0.0}
-    row |= {"server_version": "15.20", "timeline": 1, "sees_receiver": False}
-    health.record_probe(row, sent_at=1.0)
+    health.record_probe(probe_row(lsn=100, timeline=1, recovery=False), sent_at=1.0)
     # What a write refused with 25006 does until the next probe (a database set read-only,
     # say): the primary is still one, and the replicas' lag is still timed by its positions.
     health.in_recovery = True
-    health.record_probe({**row, "lsn": 200}, sent_at=2.0)
+    health.record_probe(probe_row(lsn=200, timeline=1, recovery=False), sent_at=2.0)
     assert list(health.positions) == [(1.0, 100), (2.0, 200)]
     assert health.writing_since == 100
-
-
-def probed(
-    endpoint: str, *, lsn: int, timeline: int | None, recovery: bool = True, **row: Any
-) -> ServerHealth:
-    """A server's health after one probe that found what the arguments say."""
-    from sqlalchemy.engine import make_url
-
-    health = ServerHealth(endpoint, make_url("postgresql+asyncpg://u@db/x"), HealthSettings())
-    found = {"in_recovery": recovery, "lsn": lsn, "paused": False, "lag_seconds": 0.0}
-    found |= {"server_version": "15.20", "timeline": timeline, "sees_receiver": False} | row
-    health.record_probe(found, sent_at=time.monotonic())
-    return health
 
 
 def test_in_a_split_brain_a_replica_whose_timeline_is_hidden_gets_no_read() -> None:
@@ -133,12 +133,11 @@ def test_with_the_grant_a_replica_whose_receiver_was_never_seen_gets_no_read() -
     monitor = HealthMonitor(HealthSettings(), RoutingSettings(), lambda: [(writer, [replica])])
     monitor._update_lag()
     assert not replica.fresh  # it may follow nobody, or an old primary
-    row = {"in_recovery": True, "lsn": 1000, "paused": False, "lag_seconds": 0.0}
-    row |= {"server_version": "15.20", "timeline": 1, "sees_receiver": True}
-    replica.record_probe(row, sent_at=time.monotonic())
+    now = time.monotonic
+    replica.record_probe(probe_row(lsn=1000, timeline=1, sees_receiver=True), sent_at=now())
     monitor._update_lag()
     assert replica.fresh and replica.timeline == 1
-    replica.record_probe({**row, "timeline": None}, sent_at=time.monotonic())
+    replica.record_probe(probe_row(lsn=1000, timeline=None, sees_receiver=True), sent_at=now())
     monitor._update_lag()
     assert replica.fresh and replica.timeline == 1  # its upstream restarting: the last one seen
 

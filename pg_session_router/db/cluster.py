@@ -16,7 +16,7 @@ from __future__ import annotations
 import asyncio
 import logging
 import uuid
-from collections.abc import Callable, Iterable, Sequence
+from collections.abc import Callable, Sequence
 from functools import partial
 from typing import Any, Literal
 
@@ -258,16 +258,6 @@ class Node:
         return f"<Node {self.name} {self.role} {self.url!r}>"
 
 
-def newest_timeline(nodes: Iterable[Node]) -> Node | None:
-    """The node whose server is on the newest timeline (the first on a tie; unknown counts as
-    oldest)."""
-    chosen = None
-    for node in nodes:
-        if chosen is None or (node.health.timeline or 0) > (chosen.health.timeline or 0):
-            chosen = node
-    return chosen
-
-
 class Cluster:
     """A primary and its replicas. Chooses the node for a unit of work."""
 
@@ -373,7 +363,8 @@ class Cluster:
         the old one never leads again, even while the newer one is down; the first listed on
         a tie."""
         primaries = [node for node in self.nodes if node.role == "primary"]
-        leader = newest_timeline(primaries)
+        # max() keeps the first of equals; an unknown timeline (not probed yet) is the oldest.
+        leader = max(primaries, key=lambda node: node.health.timeline or 0, default=None)
         names = tuple(node.name for node in primaries)
         if len(primaries) > 1 and names != self._split_warned:
             assert leader is not None

@@ -154,8 +154,8 @@ class ServerHealth:
         self.probed_writing = False
         #: Whether the probe's role may see the WAL receiver's timeline (`pg_read_all_stats`).
         self.sees_receiver = False
-        #: The writer (endpoint, timeline) this server was last known to follow (a writer
-        #: follows itself); see `_follows`.
+        #: The writer (endpoint, timeline) this server was last known to follow; see
+        #: `_follows`.
         self.following: tuple[str, int] | None = None
         #: Within `routing.max_replica_lag_*`; maintained by the monitor, read on every read.
         self.fresh = True
@@ -480,7 +480,6 @@ class HealthMonitor:
         if writer.timeline is None:
             return lambda replica: True
         identity = (writer.endpoint, writer.timeline)
-        writer.following = identity
         # The first writer seen for these servers: the one a server first seen with it is
         # taken to follow (the monitor has no earlier writer to compare with).
         servers = frozenset((writer.endpoint, *(r.endpoint for r in replicas)))
